@@ -1,0 +1,139 @@
+"""Rotary position embeddings (rotate-half convention, as Llama and Hugging Face): PyTorch
+reference and Triton kernel."""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is Linux-only; the reference path must still import elsewhere
+    triton = tl = None
+
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (max_positions, head_dim // 2), fp32: shared by all heads."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64, device=device), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def apply_rope_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, T, Hq, D), k (B, T, Hk, D); positions (B, T) int, so packed documents can restart at 0."""
+    c = cos[positions].unsqueeze(2)  # (B, T, 1, D/2)
+    s = sin[positions].unsqueeze(2)
+    return _rotate(q, c, s), _rotate(k, c, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton path: one program per token rotates all q heads and all k heads; the token's cos/sin
+# row is loaded once and broadcast over heads. Inputs are read through their strides, so the
+# q/k views of a fused qkv projection are not copied.
+
+
+def _alloc(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every kernel output is allocated here (uninitialized); tests patch it to NaN-fill."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+def _check_launch(kernel, t: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError("Triton is not installed: use the torch kernels (model.kernels=torch)")
+    if t.device.type == "cpu" and isinstance(kernel, triton.runtime.JITFunction):
+        raise RuntimeError("Triton kernels need a GPU tensor; on CPU set TRITON_INTERPRET=1 "
+                           "before importing megatron_code.kernels, or use model.kernels=torch")
+
+
+@_jit
+def _rotate_heads(X, OUT, x_base, out_base, stride_xh, stride_xd, stride_oh, H, HALF, c, s,
+                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """OUT[h, :HALF] = x1 c - x2 s and OUT[h, HALF:] = x2 c + x1 s for every head h of one token."""
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (h < H) & (d < HALF)
+    x_ptr = X + x_base + h * stride_xh + d * stride_xd
+    x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    o_ptr = OUT + out_base + h * stride_oh + d
+    tl.store(o_ptr, (x1 * c - x2 * s).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + HALF, (x2 * c + x1 * s).to(OUT.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _rope_kernel(Q, K, QO, KO, COS, SIN, POS, T,
+                 stride_qb, stride_qt, stride_qh, stride_qd,
+                 stride_kb, stride_kt, stride_kh, stride_kd,
+                 stride_qob, stride_qot, stride_qoh, stride_kob, stride_kot, stride_koh,
+                 stride_pb, stride_pt, stride_cos, HQ, HK, HALF,
+                 INVERSE: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                 BLOCK_HALF: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    b = token // T
+    t = token % T
+    pos = tl.load(POS + b * stride_pb + t * stride_pt).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    c = tl.load(COS + pos * stride_cos + d, mask=d < HALF, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(SIN + pos * stride_cos + d, mask=d < HALF, other=0.0).to(tl.float32)[None, :]
+    if INVERSE:  # the backward rotates by -angle
+        s = -s
+    _rotate_heads(Q, QO, b * stride_qb + t * stride_qt, b * stride_qob + t * stride_qot,
+                  stride_qh, stride_qd, stride_qoh, HQ, HALF, c, s, BLOCK_HQ, BLOCK_HALF)
+    _rotate_heads(K, KO, b * stride_kb + t * stride_kt, b * stride_kob + t * stride_kot,
+                  stride_kh, stride_kd, stride_koh, HK, HALF, c, s, BLOCK_HK, BLOCK_HALF)
+
+
+def _launch_rope(q, k, cos, sin, positions, inverse: bool):
+    """Rotated copies of q (B, T, Hq, D) and k (B, T, Hk, D), contiguous, in their dtypes."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"expected q (B, T, Hq, D) and k (B, T, Hk, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    bsz, seq, hq, dim = q.shape
+    hk = k.shape[2]
+    if dim % 2 or cos.shape[-1] != dim // 2 or positions.shape != (bsz, seq):
+        raise ValueError(f"head_dim {dim}, cos {tuple(cos.shape)}, positions {tuple(positions.shape)} do not match")
+    _check_launch(_rope_kernel, q)
+    q_out = _alloc((bsz, seq, hq, dim), q)
+    k_out = _alloc((bsz, seq, hk, dim), k)
+    if bsz * seq == 0:
+        return q_out, k_out
+    cos, sin = cos.contiguous(), sin.contiguous()
+    half = dim // 2
+    block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
+    block_half = triton.next_power_of_2(half)
+    tile = (block_hq + block_hk) * block_half
+    warps = 1 if tile <= 256 else 2 if tile <= 512 else 4 if tile <= 2048 else 8
+    _rope_kernel[(bsz * seq,)](
+        q, k, q_out, k_out, cos, sin, positions, seq,
+        *q.stride(), *k.stride(), *q_out.stride()[:3], *k_out.stride()[:3],
+        *positions.stride(), cos.stride(0), hq, hk, half,
+        INVERSE=inverse, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
+        num_warps=warps)
+    return q_out, k_out
+
+
+class _RopeFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, positions):
+        ctx.save_for_backward(cos, sin, positions)
+        return _launch_rope(q, k, cos, sin, positions, inverse=False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin, positions = ctx.saved_tensors
+        dq_in, dk_in = _launch_rope(dq, dk, cos, sin, positions, inverse=True)
+        return dq_in, dk_in, None, None, None
+
+
+def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `apply_rope_torch`; q and k are rotated in one launch, into new tensors."""
+    return _RopeFunction.apply(q, k, cos, sin, positions)

@@ -1,0 +1,359 @@
+"""The one config tree: dataclasses, YAML files and `--section.field=value` overrides on top.
+
+Every field is typed; unknown or ill-typed fields fail at start-up with a message naming the
+field (and the file it came from). Model sizes are named presets (`model.preset: 125m`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem the user must fix; the message names the field."""
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = None
+    """Named size (see PRESETS); explicit fields in YAML or overrides win over it."""
+    vocab_size: int = 0
+    """0 = take it from the tokenizer (padded to `pad_vocab_to_multiple_of`)."""
+    pad_vocab_to_multiple_of: int = 128
+    """Megatron pads the embedding so it splits evenly over tensor-parallel ranks; export cuts it."""
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 0
+    """Grouped-query attention: 0 = same as num_heads (plain multi-head attention)."""
+    ffn_hidden_size: int = 0
+    """0 = Llama's rule: 8/3 * hidden rounded up to a multiple of 64 (4 * hidden for GELU)."""
+    max_seq_len: int = 2048
+    norm: str = "rmsnorm"
+    """rmsnorm (Llama) | layernorm (GPT-2 / PanGu)."""
+    norm_eps: float = 1e-5
+    activation: str = "swiglu"
+    """swiglu (gated) | gelu (GPT-2 / PanGu, tanh approximation)."""
+    position_embedding: str = "rope"
+    """rope | learned (absolute positions, GPT-2 / PanGu)."""
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    kernels: str = "auto"
+    """auto | triton | torch: who computes norms, RoPE, activations and the loss."""
+    attention: str = "auto"
+    """auto | sdpa | flash_attn | triton."""
+
+    def validate(self) -> None:
+        _choice("model.norm", self.norm, ("rmsnorm", "layernorm"))
+        _choice("model.activation", self.activation, ("swiglu", "gelu"))
+        _choice("model.position_embedding", self.position_embedding, ("rope", "learned"))
+        _choice("model.kernels", self.kernels, ("auto", "triton", "torch"))
+        _choice("model.attention", self.attention, ("auto", "sdpa", "flash_attn", "triton"))
+        for name in ("hidden_size", "num_layers", "num_heads", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
+        if self.num_heads % self.kv_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads={self.kv_heads}")
+        if self.position_embedding == "rope" and self.head_dim % 2:
+            raise ConfigError(f"RoPE needs an even head dim, got {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.activation == "gelu":
+            return 4 * self.hidden_size
+        return -(-int(8 * self.hidden_size / 3) // 64) * 64
+
+    def padded_vocab(self, tokenizer_vocab: int) -> int:
+        m = self.pad_vocab_to_multiple_of
+        return -(-tokenizer_vocab // m) * m
+
+
+def _llama(hidden: int, layers: int, heads: int, kv: int, ffn: int, seq: int, tie: bool = False) -> dict:
+    return dict(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
+                ffn_hidden_size=ffn, max_seq_len=seq, tie_embeddings=tie)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests: runs in milliseconds on CPU; GQA on so every code path is exercised.
+    "tiny": _llama(64, 2, 4, 2, 192, 256, tie=True),
+    # The quickstart: ~7M parameters with a 8K vocabulary, trains on 2 CPU cores in minutes.
+    "quickstart": _llama(256, 6, 8, 4, 704, 256, tie=True),
+    "125m": _llama(768, 12, 12, 12, 2048, 2048, tie=True),
+    # Cohere's "To Code, or Not To Code?" sizes (seq 8192).
+    "470m": _llama(1024, 24, 16, 16, 2816, 8192),
+    "1.3b": _llama(2048, 24, 16, 16, 5632, 2048),
+    "2.8b": _llama(2560, 32, 32, 32, 6912, 8192),
+    # PanGu-alpha 2.6B as in Ma et al. (ICLR 2024): the older GPT architecture.
+    "2.6b-pangu": dict(hidden_size=2560, num_layers=32, num_heads=32, num_kv_heads=32,
+                       ffn_hidden_size=10240, max_seq_len=1024, norm="layernorm",
+                       activation="gelu", position_embedding="learned"),
+    "7b": _llama(4096, 32, 32, 32, 11008, 4096),
+}
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""
+    """Short name used in logs and reports (text, code, ...)."""
+    prefix: str = ""
+    """Indexed dataset path prefix: `<prefix>.bin` and `<prefix>.idx`."""
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    """The blend: one entry per indexed dataset; weights are normalized."""
+    tokenizer: str = ""
+    """SentencePiece `.model` file (or a Hugging Face tokenizer folder)."""
+    seq_length: int = 256
+    split: str = "98,2,0"
+    """Train/valid/test split of each source's documents, as in Megatron."""
+    cache_dir: str = ""
+    """Where GPTDataset index caches go; empty = `<train.output_dir>/data_cache`."""
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ConfigError("data.sources is empty: give at least one {name, prefix, weight}")
+        for i, s in enumerate(self.sources):
+            if not s.name or not s.prefix:
+                raise ConfigError(f"data.sources[{i}] needs both a name and a prefix")
+            if s.weight < 0:
+                raise ConfigError(f"data.sources[{i}].weight must be >= 0, got {s.weight}")
+        if sum(s.weight for s in self.sources) <= 0:
+            raise ConfigError("data.sources weights sum to zero")
+        if not self.tokenizer:
+            raise ConfigError("data.tokenizer is empty: give the tokenizer model file")
+        parts = self.split.split(",")
+        if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
+            raise ConfigError(f"data.split={self.split!r} must be three numbers like '98,2,0'")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables."""
+    schedule: str = "cosine"
+    """cosine | wsd (warmup-stable-decay) | linear (anneal to min_lr, used for cooldowns) | constant."""
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2
+    """wsd: the last fraction of steps that decays linearly to min_lr."""
+
+    def validate(self) -> None:
+        _choice("optim.schedule", self.schedule, ("cosine", "wsd", "linear", "constant"))
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"need 0 <= optim.min_lr <= optim.lr, got lr={self.lr} min_lr={self.min_lr}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ConfigError(f"optim.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    """Samples per optimizer step; micro batches are accumulated up to it."""
+    seed: int = 1234
+    device: str = "auto"
+    """auto (CUDA when present) | cpu | cuda."""
+    dtype: str = "auto"
+    """auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."""
+    log_interval: int = 10
+    eval_interval: int = 100
+    """Validation every N steps (and at the end); 0 disables periodic validation."""
+    eval_batches: int = 4
+    """Micro batches per source per validation."""
+    output_dir: str = "runs/default"
+    tensorboard: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.dtype", self.dtype, ("auto", "bf16", "fp32"))
+        for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size={self.micro_batch_size}")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0
+    """Save every N steps (0: only at the end)."""
+    keep_last: int = 2
+    load: str = ""
+    """Resume from this checkpoint directory (a run dir's `checkpoints/` or one `step_N` in it)."""
+    save: bool = True
+
+    def validate(self) -> None:
+        if self.interval < 0 or self.keep_last < 1:
+            raise ConfigError("checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        if self.data.seq_length > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_length={self.data.seq_length} exceeds "
+                              f"model.max_seq_len={self.model.max_seq_len}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the tree from dicts, YAML and overrides, with field-named errors.
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        try:
+            out = tp(value) if not isinstance(value, str) else tp(float(value)) if tp is float else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be {'an integer' if tp is int else 'a number'}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, values: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown field {where}.{unknown[0]} (known: {', '.join(sorted(names))})")
+    values = dict(values)
+    if cls is ModelConfig and values.get("preset"):
+        preset = values["preset"]
+        if preset not in PRESETS:
+            raise ConfigError(f"{where}.preset={preset!r} is not one of {', '.join(PRESETS)}")
+        values = {**PRESETS[preset], **values}
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(arg: str) -> tuple[list[str], Any]:
+    """`--train.steps=100` -> (['train', 'steps'], 100). Values are read as YAML scalars."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"override {arg!r} must look like --section.field=value")
+    key, raw = arg[2:].split("=", 1)
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> Config:
+    """Config from an optional YAML file, then dotted overrides; validated before returning."""
+    values: dict = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        values = _merge(values, loaded)
+    for arg in overrides or []:
+        keys, value = parse_override(arg)
+        node = values
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {arg!r}: {k} is not a section")
+        node[keys[-1]] = value
+    where = str(path) if path is not None else "config"
+    try:
+        config = _build(Config, values, "config")
+        config.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return config
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuild a saved config (e.g. from a checkpoint)."""
+    config = _build(Config, values, "config")
+    config.validate()
+    return config

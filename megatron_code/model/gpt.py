@@ -1,0 +1,158 @@
+"""The GPT decoder: Llama-style by default (RMSNorm, RoPE, SwiGLU, GQA), GPT-2/PanGu by config.
+
+Math only. Linear and embedding layers come from an injected `LayerFactory` (plain torch on one
+rank, tensor-parallel layers otherwise); kernels and attention come from injected `KernelOps`
+and attention function. A pipeline stage is this model with some modules set to None.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_code.config import ModelConfig
+from megatron_code.kernels import TORCH_OPS, KernelOps, attention_torch, rope_tables
+
+
+@dataclass(frozen=True)
+class LayerFactory:
+    """Builds the layers tensor parallelism replaces. `parallel` is "column" (output dim split,
+    e.g. qkv, up projection, output head) or "row" (input dim split, e.g. attention/MLP output)."""
+
+    def linear(self, in_features: int, out_features: int, parallel: str, init_std: float) -> nn.Module:
+        layer = nn.Linear(in_features, out_features, bias=False)
+        nn.init.normal_(layer.weight, std=init_std)
+        return layer
+
+    def embedding(self, num: int, dim: int, init_std: float) -> nn.Module:
+        layer = nn.Embedding(num, dim)
+        nn.init.normal_(layer.weight, std=init_std)
+        return layer
+
+
+class Norm(nn.Module):
+    def __init__(self, config: ModelConfig, ops: KernelOps):
+        super().__init__()
+        self.ops, self.eps, self.kind = ops, config.norm_eps, config.norm
+        self.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(config.hidden_size)) if config.norm == "layernorm" else None
+
+    def forward(self, x, residual=None):
+        """norm(x), or with `residual`: (norm(x + residual), x + residual) in one fused pass."""
+        if self.kind == "rmsnorm":
+            return self.ops.rms_norm(x, self.weight, self.eps, residual)
+        if residual is None:
+            return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+        x = x + residual
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps), x
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layers: LayerFactory, out_std: float,
+                 ops: KernelOps, attention: Callable):
+        super().__init__()
+        self.ops, self.attention, self.config = ops, attention, config
+        self.head_dim = config.head_dim
+        self.q_per_kv = config.num_heads // config.kv_heads
+        # Fused qkv, grouped per kv head as [q_1..q_g, k, v], so a column split keeps groups whole.
+        qkv_out = (config.num_heads + 2 * config.kv_heads) * config.head_dim
+        self.qkv = layers.linear(config.hidden_size, qkv_out, "column", config.init_std)
+        self.out = layers.linear(config.num_heads * config.head_dim, config.hidden_size, "row", out_std)
+
+    def forward(self, x, rope, positions, document_ids):
+        B, T, _ = x.shape
+        # Local head counts follow from the layer's width, so a tensor-parallel shard just works.
+        qkv = self.qkv(x).view(B, T, -1, self.q_per_kv + 2, self.head_dim)  # (B, T, Hk, g+2, D)
+        q = qkv[:, :, :, : self.q_per_kv].reshape(B, T, -1, self.head_dim)  # (B, T, Hq, D)
+        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # (B, T, Hk, D)
+        if rope is not None:
+            q, k = self.ops.apply_rope(q, k, rope[0], rope[1], positions)
+        y = self.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), document_ids)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, layers: LayerFactory, out_std: float, ops: KernelOps):
+        super().__init__()
+        self.gated = config.activation == "swiglu"
+        self.activation = ops.swiglu if self.gated else ops.gelu
+        # SwiGLU: one projection to [gate | up]; each tensor-parallel shard holds its own pair.
+        up_out = config.ffn_size * (2 if self.gated else 1)
+        self.up = layers.linear(config.hidden_size, up_out, "column", config.init_std)
+        self.down = layers.linear(config.ffn_size, config.hidden_size, "row", out_std)
+
+    def forward(self, x):
+        return self.down(self.activation(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layers: LayerFactory, ops: KernelOps, attention: Callable):
+        super().__init__()
+        out_std = config.init_std / math.sqrt(2 * config.num_layers)  # GPT-2: residual branches scaled
+        self.attention_norm = Norm(config, ops)
+        self.attention = Attention(config, layers, out_std, ops, attention)
+        self.mlp_norm = Norm(config, ops)
+        self.mlp = MLP(config, layers, out_std, ops)
+
+    def forward(self, x, rope, positions, document_ids):
+        attn_out = self.attention(self.attention_norm(x), rope, positions, document_ids)
+        normed, x = self.mlp_norm(attn_out, residual=x)
+        return x + self.mlp(normed)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig, layers: LayerFactory | None = None,
+                 ops: KernelOps = TORCH_OPS, attention: Callable = attention_torch):
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
+        layers = layers or LayerFactory()
+        self.config = config
+        self.embedding = layers.embedding(config.vocab_size, config.hidden_size, config.init_std)
+        self.position_embedding = (layers.embedding(config.max_seq_len, config.hidden_size, config.init_std)
+                                   if config.position_embedding == "learned" else None)
+        self.layers = nn.ModuleDict({str(i): Block(config, layers, ops, attention)
+                                     for i in range(config.num_layers)})
+        self.norm = Norm(config, ops)
+        self.output = (None if config.tie_embeddings else
+                       layers.linear(config.hidden_size, config.vocab_size, "column", config.init_std))
+        if config.position_embedding == "rope":
+            cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """tokens (B, T) ids (or (B, T, H) hidden states on a later pipeline stage).
+        Returns logits (B, T, V) on the last stage, else hidden states; `return_hidden` stops
+        after the final norm (for a fused linear + cross-entropy loss)."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[:2])
+        h = self.embedding(tokens) if self.embedding is not None else tokens
+        if self.position_embedding is not None and self.embedding is not None:
+            h = h + self.position_embedding(positions)
+        rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+        for layer in self.layers.values():
+            h = layer(h, rope, positions, document_ids)
+        if self.norm is None:
+            return h
+        h = self.norm(h)
+        if return_hidden:
+            return h
+        return F.linear(h, self.output_weight)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embedding.weight if self.output is None else self.output.weight
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= sum(m.weight.numel() for m in (self.embedding, self.position_embedding) if m is not None)
+        return n

@@ -1,0 +1,1 @@
+"""Process groups and the apply_* functions that parallelize a model from outside."""

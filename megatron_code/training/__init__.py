@@ -1,0 +1,1 @@
+"""The training loop and its components: optimizer, LR schedule, checkpointing, metrics."""

@@ -1,0 +1,64 @@
+"""Run metrics: a JSONL file per run (always), TensorBoard when installed and asked for, and the
+FLOP estimate behind MFU. Only rank 0 writes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megatron_code.config import ModelConfig
+
+# Dense bf16 peak (no sparsity), from the vendors' data sheets.
+_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+                    "L40S": 362e12, "B200": 2250e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(config: ModelConfig, seq_length: int) -> float:
+    """Training FLOPs per token: 6 x parameters in matmuls, plus causal attention scores."""
+    h, L, hd = config.hidden_size, config.num_layers, config.head_dim
+    qkv = h * (config.num_heads + 2 * config.kv_heads) * hd
+    attn_out = config.num_heads * hd * h
+    mlp = h * config.ffn_size * (3 if config.activation == "swiglu" else 2)
+    head = h * config.vocab_size
+    matmul_params = L * (qkv + attn_out + mlp) + head
+    attention = L * 2 * 2 * config.num_heads * hd * seq_length / 2  # QK^T and AV, causal half
+    return 6 * matmul_params + 3 * attention
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    print("train.tensorboard=true but tensorboard is not installed; "
+                          "logging to metrics.jsonl only (pip install tensorboard)")
+                else:
+                    self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

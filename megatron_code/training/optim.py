@@ -1,0 +1,48 @@
+"""AdamW with decoupled weight decay on matrices only, and the LR schedules."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from megatron_code.config import OptimConfig
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """Weight decay only on matrices: norms, biases (1-D) are left alone, as in Megatron."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+                             fused=device.type == "cuda")
+
+
+def lr_at(step: int, total_steps: int, config: OptimConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the schedule.
+
+    cosine: half-cosine from lr to min_lr over the remaining steps.
+    wsd: constant lr, then a linear decay to min_lr over the last `decay_fraction` of steps.
+    linear: linear anneal from lr to min_lr (Cohere's cooldown).
+    constant: lr after warmup.
+    """
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "wsd":
+        decay_steps = max(1, round(config.decay_fraction * total_steps))
+        decay_start = total_steps - decay_steps
+        if step < decay_start:
+            return config.lr
+        progress = (step - decay_start + 1) / decay_steps
+    else:
+        span = max(1, total_steps - config.warmup_steps)
+        progress = (step - config.warmup_steps + 1) / span
+    progress = min(1.0, progress)
+    if config.schedule == "cosine":
+        return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+    return config.lr + (config.min_lr - config.lr) * progress

@@ -1,0 +1,187 @@
+"""The training loop. Components are built first (every user error surfaces before any expensive
+work), then `train()` runs; everything stateful goes through the checkpointer."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from megatron_code.config import Config
+from megatron_code.data.datasets import (MixtureLoader, SourceData, build_source_datasets, check_prefix,
+                                         default_cache_dir)
+from megatron_code.data.mixture import Mixture
+from megatron_code.data.preprocess import check_dataset_matches_tokenizer
+from megatron_code.data.tokenizer import load_tokenizer
+from megatron_code.kernels import build_attention, build_ops
+from megatron_code.model import GPT
+from megatron_code.parallel.distributed import Runtime, init_distributed
+from megatron_code.training.checkpoint import Checkpointer, read_trainer_state
+from megatron_code.training.metrics import MetricsLogger, flops_per_token, peak_flops
+from megatron_code.training.optim import build_optimizer, lr_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    losses: list[float] = field(default_factory=list)
+    """Training loss of every step this process ran."""
+    valid_losses: dict[str, float] = field(default_factory=dict)
+    tokens_per_source: dict[str, int] = field(default_factory=dict)
+    checkpoint: Path | None = None
+
+
+def loss_fn(model: torch.nn.Module, batch: dict, cross_entropy, token_count: int) -> torch.Tensor:
+    """Sum of per-token losses over loss-masked tokens, divided by the global batch's count, so
+    accumulated micro batches add up to the global mean."""
+    logits = model(batch["tokens"], batch["position_ids"])
+    losses = cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+    return (losses * batch["loss_mask"].flatten()).sum() / token_count
+
+
+class Trainer:
+    def __init__(self, config: Config):
+        self.config = config
+        # Cheap checks first: files and resume state, before datasets or the model are built.
+        for source in config.data.sources:
+            check_prefix(source.name, source.prefix)
+        self.tokenizer = load_tokenizer(config.data.tokenizer)
+        for source in config.data.sources:
+            check_dataset_matches_tokenizer(source.prefix, self.tokenizer)
+        self.resume_state = read_trainer_state(config.checkpoint.load) if config.checkpoint.load else None
+
+        self.runtime: Runtime = init_distributed(config.train.device)
+        if self.runtime.world_size > 1:
+            raise RuntimeError(f"this build trains in one process; got WORLD_SIZE={self.runtime.world_size}")
+        device = self.runtime.device
+        self.run_dir = Path(config.train.output_dir)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if device.type == "cuda" and config.train.dtype in ("auto", "bf16")
+                         else contextlib.nullcontext())
+
+        config.model.vocab_size = config.model.vocab_size or config.model.padded_vocab(self.tokenizer.vocab_size)
+        if config.model.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+                             f"{self.tokenizer.vocab_size} ({config.data.tokenizer})")
+        self.ops = build_ops(config.model.kernels, device)
+        attention = build_attention(config.model.attention, device)
+
+        torch.manual_seed(config.train.seed)
+        np.random.seed(config.train.seed)
+        self.model = GPT(config.model, ops=self.ops, attention=attention).to(device)
+        self.optimizer = build_optimizer(self.model, config.optim, device)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint.keep_last)
+
+        valid_samples = config.train.eval_batches * config.train.micro_batch_size
+        self.sources: list[SourceData] = build_source_datasets(
+            config.data, self.tokenizer, config.train.seed, valid_samples,
+            default_cache_dir(config.train.output_dir, config.data))
+        mixture = Mixture([s.name for s in config.data.sources], [s.weight for s in config.data.sources])
+        self.loader = MixtureLoader(self.sources, mixture, config.train.micro_batch_size, device)
+
+        self.step = 0
+        if config.checkpoint.load:
+            state = Checkpointer.load(config.checkpoint.load, self.model, self.optimizer)
+            self.step = state["step"]
+            mixture.load_state_dict(state["mixture"])
+        self.metrics = MetricsLogger(self.run_dir, self.runtime.is_main, config.train.tensorboard)
+        if self.runtime.is_main:
+            (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+
+    def trainer_state(self) -> dict:
+        return {"mixture": self.loader.mixture.state_dict(), "config": self.config.to_dict()}
+
+    def train_step(self) -> dict:
+        cfg = self.config
+        lr = lr_at(self.step, cfg.train.steps, cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches, per_source = self.loader.global_batch(cfg.train.global_batch_size)
+        token_count = int(sum(b["loss_mask"].sum() for b in micro_batches))
+        loss_sum = 0.0
+        for batch in micro_batches:
+            with self.autocast:
+                loss = loss_fn(self.model, batch, self.ops.cross_entropy, max(token_count, 1))
+            loss.backward()
+            loss_sum += loss.item()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                **{f"samples/{s.name}": int(n) for s, n in zip(self.sources, per_source)}}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss per source on a fixed set of held-out samples."""
+        self.model.eval()
+        out = {}
+        for source in self.sources:
+            if source.valid is None:
+                continue
+            total, count = 0.0, 0
+            for batch in self.loader.valid_batches(source, self.config.train.eval_batches):
+                with self.autocast:
+                    n = int(batch["loss_mask"].sum())
+                    total += loss_fn(self.model, batch, self.ops.cross_entropy, 1).item()
+                    count += n
+            out[source.name] = total / max(count, 1)
+        self.model.train()
+        return out
+
+    def save(self) -> Path | None:
+        if not self.config.checkpoint.save:
+            return None
+        return self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
+
+    def tokens_per_source(self) -> dict[str, int]:
+        return {s.name: int(c) * self.config.data.seq_length
+                for s, c in zip(self.sources, self.loader.mixture.consumed)}
+
+    def train(self) -> TrainResult:
+        cfg, main = self.config, self.runtime.is_main
+        tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
+        flops_per_step = flops_per_token(cfg.model, cfg.data.seq_length) * tokens_per_step
+        peak = peak_flops(self.runtime.device)
+        result = TrainResult(self.run_dir, self.step)
+        bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not (main and cfg.train.progress),
+                   desc="train", unit="step", dynamic_ncols=True)
+        self.model.train()
+        while self.step < cfg.train.steps:
+            start = time.perf_counter()
+            metrics = self.train_step()
+            seconds = time.perf_counter() - start
+            metrics["tokens_per_s"] = tokens_per_step / seconds
+            if peak:
+                metrics["mfu"] = flops_per_step / seconds / peak
+            result.losses.append(metrics["loss"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            last = self.step == cfg.train.steps
+            if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or last):
+                result.valid_losses = self.evaluate()
+                metrics.update({f"valid_loss/{k}": v for k, v in result.valid_losses.items()})
+                if main:
+                    bar.write(f"step {self.step}: valid loss " +
+                              ", ".join(f"{k} {v:.3f}" for k, v in result.valid_losses.items()))
+            if self.step % cfg.train.log_interval == 0 or last:
+                self.metrics.log(self.step, metrics)
+            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and not last:
+                self.save()
+        bar.close()
+        result.step = self.step
+        result.checkpoint = self.save()
+        result.tokens_per_source = self.tokens_per_source()
+        self.metrics.close()
+        return result

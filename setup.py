@@ -1,0 +1,43 @@
+"""megatron_code: a Megatron-style GPT pretraining framework for studying code data."""
+from setuptools import setup
+
+PACKAGES = [
+    "megatron_code",
+    "megatron_code.data",
+    "megatron_code.model",
+    "megatron_code.parallel",
+    "megatron_code.training",
+    "megatron_code.evaluation",
+    "megatron_code.kernels",
+]
+
+setup(
+    name="megatron_code",
+    version="0.1.0",
+    description="Megatron-style pretraining of GPT models on text+code mixtures",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    # kernels/ installs as megatron_code.kernels: a PyPI package named `kernels` exists and
+    # transformers probes `import kernels`, so it must never be a top-level package here.
+    package_dir={"megatron_code.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4,<2.14",
+        "megatron-core>=0.16,<0.17",
+        "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "sentencepiece>=0.2",
+        "numpy>=1.24",
+        "PyYAML>=6.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-timeout", "transformers>=4.45", "tokenizers>=0.19", "safetensors"],
+        "hf": ["transformers>=4.45", "tokenizers>=0.19", "datasets"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={
+        "console_scripts": [
+            "megatron-code=megatron_code.train:main",
+            "megatron-code-quickstart=megatron_code.quickstart:main",
+        ]
+    },
+)

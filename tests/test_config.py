@@ -1,0 +1,70 @@
+"""The config tree: YAML + dotted overrides, presets, and field-named errors."""
+import pytest
+
+from megatron_code.config import PRESETS, ConfigError, load_config
+
+BASE = ["--data.sources=[{name: text, prefix: /x/text}]", "--data.tokenizer=/x/spm.model"]
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  preset: tiny\n  hidden_size: 96\ntrain:\n  steps: 5\n"
+                    "data:\n  tokenizer: t.model\n  sources:\n    - {name: code, prefix: /p/code, weight: 0.25}\n")
+    config = load_config(path, ["--train.steps=7", "--optim.lr=1e-3", "--model.tie_embeddings=false"])
+    assert config.train.steps == 7 and config.optim.lr == 1e-3
+    assert config.model.hidden_size == 96  # explicit field beats the preset
+    assert config.model.num_layers == PRESETS["tiny"]["num_layers"]
+    assert config.model.tie_embeddings is False
+    assert config.data.sources[0].weight == 0.25 and config.data.sources[0].name == "code"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--train.stepz=3", "unknown field config.train.stepz"),
+    ("--modle.hidden_size=3", "unknown field config.modle"),
+    ("--train.steps=abc", "config.train.steps must be an integer, got 'abc'"),
+    ("--train.steps=2.5", "config.train.steps must be an integer"),
+    ("--model.norm=batchnorm", "model.norm='batchnorm' is not one of rmsnorm, layernorm"),
+    ("--model.preset=huge", "config.model.preset='huge' is not one of"),
+    ("--model.num_kv_heads=3", "model.num_heads=8 is not divisible by model.num_kv_heads=3"),
+    ("--train.global_batch_size=12", "train.global_batch_size=12 is not a multiple of train.micro_batch_size=8"),
+    ("--optim.schedule=step", "optim.schedule='step' is not one of"),
+    ("--train.tensorboard=maybe", "config.train.tensorboard must be true or false"),
+])
+def test_bad_fields_are_named(override, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(None, BASE + [override])
+    assert message in str(err.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match=f"{bad}: invalid YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("trainer:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=f"{unknown}: unknown field config.trainer"):
+        load_config(unknown)
+
+
+def test_empty_sources_rejected():
+    with pytest.raises(ConfigError, match="data.sources is empty"):
+        load_config(None, ["--data.tokenizer=x"])
+
+
+def test_presets_are_valid_and_sized():
+    from megatron_code.config import ModelConfig
+    from megatron_code.model import GPT
+    import torch
+    for name, fields in PRESETS.items():
+        ModelConfig(**fields).validate()
+    # Parameter counts of the named sizes, from the config alone (meta device: no memory).
+    with torch.device("meta"):
+        counts = {n: GPT(ModelConfig(**PRESETS[n], vocab_size=32000)).num_parameters() / 1e9
+                  for n in ("125m", "1.3b", "2.6b-pangu", "7b")}
+    assert 0.10 < counts["125m"] < 0.16
+    assert 1.2 < counts["1.3b"] < 1.5
+    assert 2.5 < counts["2.6b-pangu"] < 2.8
+    assert 6.5 < counts["7b"] < 7.0

@@ -1,0 +1,121 @@
+"""The GPT decoder: shapes, causality, agreement with transformers' Llama, and learning."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_code.config import PRESETS, ModelConfig
+from megatron_code.model import GPT
+
+
+def tiny(**overrides) -> ModelConfig:
+    config = ModelConfig(**{**PRESETS["tiny"], "vocab_size": 128, **overrides})
+    config.validate()
+    return config
+
+
+ARCHS = {
+    "llama": {},
+    "llama-mha-untied": {"num_kv_heads": 4, "tie_embeddings": False},
+    "pangu": {"norm": "layernorm", "activation": "gelu", "position_embedding": "learned"},
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shapes_and_causality(arch):
+    torch.manual_seed(0)
+    model = GPT(tiny(**ARCHS[arch]))
+    tokens = torch.randint(0, 128, (2, 24))
+    logits = model(tokens)
+    assert logits.shape == (2, 24, 128)
+    changed = tokens.clone()
+    changed[:, 15:] = torch.randint(0, 128, (2, 9))
+    other = model(changed)
+    torch.testing.assert_close(other[:, :15], logits[:, :15])  # future tokens change nothing before
+    assert not torch.allclose(other[:, 15:], logits[:, 15:])
+    assert model(tokens, return_hidden=True).shape == (2, 24, 64)
+
+
+def test_pipeline_stage_is_the_model_with_modules_removed():
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    tokens = torch.randint(0, 128, (2, 10))
+    full = model(tokens)
+    first, last = GPT(tiny()), GPT(tiny())
+    first.load_state_dict(model.state_dict())
+    last.load_state_dict(model.state_dict())
+    del first.layers["1"]
+    first.norm = None
+    del last.layers["0"]
+    last.embedding.requires_grad_(False)  # tied head still reads the embedding weight
+    hidden = first(tokens)
+    last_embedding, last.embedding = last.embedding, None
+    last_out = F.linear(last.norm(last.layers["1"](hidden, (last.rope_cos, last.rope_sin),
+                                                   torch.arange(10).expand(2, 10), None)),
+                        last_embedding.weight)
+    torch.testing.assert_close(last_out, full)
+    assert set(first.state_dict()) < set(model.state_dict())  # names unchanged by the split
+
+
+def to_hf_llama(model: GPT):
+    """transformers' LlamaForCausalLM with our weights: q/k/v split out of the grouped qkv."""
+    transformers = pytest.importorskip("transformers")
+    c = model.config
+    hf_config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.ffn_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.kv_heads,
+        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    g, d = c.num_heads // c.kv_heads, c.head_dim
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.copy_(model.embedding.weight)
+        for i, layer in model.layers.items():
+            hl = hf.model.layers[int(i)]
+            qkv = layer.attention.qkv.weight.view(c.kv_heads, g + 2, d, c.hidden_size)
+            hl.self_attn.q_proj.weight.copy_(qkv[:, :g].reshape(-1, c.hidden_size))
+            hl.self_attn.k_proj.weight.copy_(qkv[:, g].reshape(-1, c.hidden_size))
+            hl.self_attn.v_proj.weight.copy_(qkv[:, g + 1].reshape(-1, c.hidden_size))
+            hl.self_attn.o_proj.weight.copy_(layer.attention.out.weight)
+            gate, up = layer.mlp.up.weight.chunk(2, dim=0)
+            hl.mlp.gate_proj.weight.copy_(gate)
+            hl.mlp.up_proj.weight.copy_(up)
+            hl.mlp.down_proj.weight.copy_(layer.mlp.down.weight)
+            hl.input_layernorm.weight.copy_(layer.attention_norm.weight)
+            hl.post_attention_layernorm.weight.copy_(layer.mlp_norm.weight)
+        hf.model.norm.weight.copy_(model.norm.weight)
+        if not c.tie_embeddings:
+            hf.lm_head.weight.copy_(model.output.weight)
+    return hf
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-mha-untied"])
+def test_matches_transformers_llama(arch):
+    torch.manual_seed(0)
+    model = GPT(tiny(**ARCHS[arch])).double().eval()
+    with torch.no_grad():  # non-trivial norm weights so a swapped norm would show
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    hf = to_hf_llama(model).double()
+    tokens = torch.randint(0, 128, (2, 33))
+    with torch.no_grad():  # both keep fp32 RoPE tables, computed differently: ~1e-7 apart
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    tokens = torch.randint(0, 128, (4, 33))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 0.05  # from ln(128) = 4.85: memorized
+
+
+def test_vocab_must_be_known():
+    with pytest.raises(ValueError, match="vocab_size must be set"):
+        GPT(tiny(vocab_size=0))
