@@ -16,7 +16,6 @@ document with its own block and skips the others; scores across documents are ma
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -180,7 +179,7 @@ if triton is not None:
         if HAS_DOC:
             q_doc = tl.load(DOC_b + offs_m * stride_dt, mask=valid_m, other=0)
             q_doc_min = tl.min(tl.where(valid_m, q_doc, 2147483647), axis=0)
-            q_doc_max = tl.max(tl.where(valid_m, q_doc, -2147483648), axis=0)
+            q_doc_max = tl.max(tl.where(valid_m, q_doc, -2147483647), axis=0)
             lo = _first_key_block(DOC_b, stride_dt, T, q_doc_min, q_doc_max, m0, BLOCK_N)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -279,7 +278,7 @@ if triton is not None:
         if HAS_DOC:
             k_doc = tl.load(DOC_b + offs_n * stride_dt, mask=valid_n, other=0)
             k_doc_min = tl.min(tl.where(valid_n, k_doc, 2147483647), axis=0)
-            k_doc_max = tl.max(tl.where(valid_n, k_doc, -2147483648), axis=0)
+            k_doc_max = tl.max(tl.where(valid_n, k_doc, -2147483647), axis=0)
             # end of the last query block below the diagonal that shares a document with these keys
             q_end = diag_end
             for start_m in range(n0 + BLOCK_N, T, BLOCK_M):
@@ -370,7 +369,7 @@ if triton is not None:
         if HAS_DOC:
             q_doc = tl.load(DOC_b + offs_m * stride_dt, mask=valid_m, other=0)
             q_doc_min = tl.min(tl.where(valid_m, q_doc, 2147483647), axis=0)
-            q_doc_max = tl.max(tl.where(valid_m, q_doc, -2147483648), axis=0)
+            q_doc_max = tl.max(tl.where(valid_m, q_doc, -2147483647), axis=0)
             lo = _first_key_block(DOC_b, stride_dt, T, q_doc_min, q_doc_max, m0, BLOCK_N)
 
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -404,13 +403,18 @@ def _check_inputs(q, k, v, document_ids):
         raise ValueError(f"q, k, v must share one dtype among fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError("q, k, v must be on the same device")
-    if q.device.type != "cuda" and not os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("flash_attention_triton runs on CUDA tensors, or on CPU under TRITON_INTERPRET=1 "
-                           "(set before triton kernels are imported); use attention_torch on CPU")
+    if q.device.type != "cuda" and not _interpreted():
+        raise RuntimeError("flash_attention_triton runs on CUDA tensors, or on CPU when TRITON_INTERPRET=1 was "
+                           "set before megatron_code.kernels was imported; use attention_torch on CPU")
     if document_ids is not None:
         if document_ids.shape != (B, T) or document_ids.dtype.is_floating_point or document_ids.dtype == torch.bool:
             raise ValueError(f"document_ids must be an integer (B, T) = ({B}, {T}) tensor; "
                              f"got {document_ids.dtype} {tuple(document_ids.shape)}")
+
+
+def _interpreted() -> bool:
+    """True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    return type(_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def _precision(dtype: torch.dtype) -> str:
