@@ -331,8 +331,8 @@ def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     """Same contract as `cross_entropy_torch`, with Triton kernels: the forward streams each row once
     (online max / sum-exp and the target logit), the backward writes the gradient in one pass.
     Saved for backward: the logits and one fp32 log-sum-exp per token.
-    inplace_backward=True writes grad_logits into the logits' storage (saves N x V memory); only
-    when nothing else reads those logits after the loss."""
+    inplace_backward=True writes grad_logits into the logits' storage (saves N x V memory): only
+    when nothing else reads those logits after the loss, and the graph is backpropagated once."""
     _check_triton()
     v_local = logits.shape[-1]
     rows = _as_rows(logits)
