@@ -7,18 +7,22 @@ attention function built from `model.attention`.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .cross_entropy import IGNORE_INDEX, cross_entropy_torch
-from .flash_attention import attention_torch
-from .rms_norm import layer_norm_torch, rms_norm_torch
-from .rope import apply_rope_torch, rope_tables
-from .swiglu import gelu_torch, swiglu_torch
+from .cross_entropy import (IGNORE_INDEX, cross_entropy_torch, cross_entropy_triton,
+                            fused_linear_cross_entropy_torch, fused_linear_cross_entropy_triton)
+from .flash_attention import attention_torch, flash_attention_triton
+from .rms_norm import layer_norm_torch, layer_norm_triton, rms_norm_torch, rms_norm_triton
+from .rope import apply_rope_torch, apply_rope_triton, rope_tables
+from .swiglu import gelu_torch, gelu_triton, swiglu_torch, swiglu_triton
 
-__all__ = ["IGNORE_INDEX", "KernelOps", "TORCH_OPS", "attention_torch", "build_ops", "build_attention", "rope_tables"]
+__all__ = ["IGNORE_INDEX", "KernelOps", "KernelUnavailable", "TORCH_OPS", "TRITON_OPS", "attention_torch",
+           "build_ops", "build_attention", "rope_tables"]
 
 
 class KernelUnavailable(RuntimeError):
@@ -34,21 +38,89 @@ class KernelOps:
     swiglu: Callable
     gelu: Callable
     cross_entropy: Callable
+    fused_linear_cross_entropy: Callable
 
 
 TORCH_OPS = KernelOps("torch", rms_norm_torch, layer_norm_torch, apply_rope_torch, swiglu_torch,
-                      gelu_torch, cross_entropy_torch)
+                      gelu_torch, cross_entropy_torch, fused_linear_cross_entropy_torch)
+TRITON_OPS = KernelOps("triton", rms_norm_triton, layer_norm_triton, apply_rope_triton, swiglu_triton,
+                       gelu_triton, cross_entropy_triton, fused_linear_cross_entropy_triton)
+
+
+def _triton_problem(device: torch.device) -> str | None:
+    """Why Triton kernels cannot run on `device`, or None when they can."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None  # the interpreter runs them on CPU tensors (tests)
+    return f"Triton kernels need a CUDA device (this run is on {device.type}; TRITON_INTERPRET=1 runs them on CPU for tests)"
 
 
 def build_ops(choice: str, device: torch.device) -> KernelOps:
-    """`auto` is the PyTorch reference path on CPU (Triton kernels arrive with the kernels issue)."""
-    if choice in ("auto", "torch"):
+    """`auto`: Triton on CUDA when available, else the PyTorch reference path."""
+    device = torch.device(device)
+    problem = _triton_problem(device)
+    if choice == "torch" or (choice == "auto" and (problem or device.type != "cuda")):
         return TORCH_OPS
-    raise KernelUnavailable(f"model.kernels={choice!r} is not available in this build; available: auto, torch")
+    if choice in ("auto", "triton") and problem is None:
+        return TRITON_OPS
+    if choice == "triton":
+        raise KernelUnavailable(f"model.kernels=triton is unavailable: {problem}; available: auto, torch")
+    raise KernelUnavailable(f"model.kernels={choice!r} is unknown; choose auto, triton or torch")
+
+
+def _flash_attn_problem(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"flash-attn needs a CUDA device (this run is on {device.type})"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash_attn package is not installed (it has no PyPI wheel; build it from source)"
+    return None
+
+
+def _is_hopper_or_newer(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def flash_attn_attention(q, k, v, document_ids=None, scale=None):
+    """The flash-attn package behind our attention contract: (B, H, T, D) in and out; packed
+    documents go through its variable-length entry point."""
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    B, Hq, T, D = q.shape
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn wants (B, T, H, D)
+    if document_ids is None:
+        return flash_attn_func(q, k, v, softmax_scale=scale, causal=True).transpose(1, 2)
+    # Each contiguous run of one document id within a row becomes its own sequence.
+    starts = torch.ones(B, T, dtype=torch.bool, device=q.device)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    positions = torch.nonzero(starts.flatten()).flatten()
+    cu_seqlens = torch.cat([positions, positions.new_tensor([B * T])]).to(torch.int32)
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    out = flash_attn_varlen_func(q.reshape(B * T, Hq, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
+                                 cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=scale, causal=True)
+    return out.view(B, T, Hq, D).transpose(1, 2)
 
 
 def build_attention(choice: str, device: torch.device) -> Callable:
-    """`auto` and `sdpa` use torch's scaled_dot_product_attention (cuDNN / flash backends on GPU)."""
-    if choice in ("auto", "sdpa"):
+    """`auto`: cuDNN SDPA on Hopper, flash-attn elsewhere on CUDA when installed, else SDPA."""
+    device = torch.device(device)
+    if choice == "auto":
+        if _flash_attn_problem(device) is None and not _is_hopper_or_newer(device):
+            return flash_attn_attention
         return attention_torch
-    raise KernelUnavailable(f"model.attention={choice!r} is not available in this build; available: auto, sdpa")
+    if choice == "sdpa":
+        return attention_torch
+    if choice == "flash_attn":
+        problem = _flash_attn_problem(device)
+        if problem:
+            raise KernelUnavailable(f"model.attention=flash_attn is unavailable: {problem}; available: auto, sdpa"
+                                    + (", triton" if _triton_problem(device) is None else ""))
+        return flash_attn_attention
+    if choice == "triton":
+        problem = _triton_problem(device)
+        if problem:
+            raise KernelUnavailable(f"model.attention=triton is unavailable: {problem}; available: auto, sdpa")
+        return flash_attention_triton
+    raise KernelUnavailable(f"model.attention={choice!r} is unknown; choose auto, sdpa, flash_attn or triton")

@@ -57,34 +57,34 @@ def _tiles(rows: int, cols: int) -> tuple[tuple[int, int], int, int, int]:
 
 
 @_jit
-def _swiglu_fwd_kernel(GU, OUT, M, F, stride_gu, stride_out,
+def _swiglu_fwd_kernel(GU, OUT, M, FF, stride_gu, stride_out,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = (tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
-    mask = (rows < M) & (cols < F)
+    mask = (rows < M) & (cols < FF)
     gate_ptr = GU + rows * stride_gu + cols
     gate = tl.load(gate_ptr, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_ptr + F, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_ptr + FF, mask=mask, other=0.0).to(tl.float32)
     out = gate * tl.sigmoid(gate) * up
     tl.store(OUT + rows * stride_out + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @_jit
-def _swiglu_bwd_kernel(DOUT, GU, DGU, M, F, stride_dout, stride_gu, stride_dgu,
+def _swiglu_bwd_kernel(DOUT, GU, DGU, M, FF, stride_dout, stride_gu, stride_dgu,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = (tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
-    mask = (rows < M) & (cols < F)
+    mask = (rows < M) & (cols < FF)
     gate_ptr = GU + rows * stride_gu + cols
     gate = tl.load(gate_ptr, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_ptr + F, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_ptr + FF, mask=mask, other=0.0).to(tl.float32)
     dout = tl.load(DOUT + rows * stride_dout + cols, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
     dgate = dout * up * (sig + silu * (1.0 - sig))
     dgu_ptr = DGU + rows * stride_dgu + cols
     tl.store(dgu_ptr, dgate.to(DGU.dtype.element_ty), mask=mask)
-    tl.store(dgu_ptr + F, (dout * silu).to(DGU.dtype.element_ty), mask=mask)
+    tl.store(dgu_ptr + FF, (dout * silu).to(DGU.dtype.element_ty), mask=mask)
 
 
 class _SwiGLUFunction(torch.autograd.Function):
