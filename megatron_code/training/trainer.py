@@ -24,6 +24,7 @@ from megatron_code.kernels import build_attention, build_ops
 from megatron_code.model import GPT
 from megatron_code.parallel.distributed import Runtime, init_distributed
 from megatron_code.training.checkpoint import Checkpointer, read_trainer_state
+from megatron_code.training.loss import loss_fn
 from megatron_code.training.metrics import MetricsLogger, flops_per_token, peak_flops
 from megatron_code.training.optim import build_optimizer, lr_at
 
@@ -39,14 +40,6 @@ class TrainResult:
     valid_losses: dict[str, float] = field(default_factory=dict)
     tokens_per_source: dict[str, int] = field(default_factory=dict)
     checkpoint: Path | None = None
-
-
-def loss_fn(model: torch.nn.Module, batch: dict, cross_entropy, token_count: int) -> torch.Tensor:
-    """Sum of per-token losses over loss-masked tokens, divided by the global batch's count, so
-    accumulated micro batches add up to the global mean."""
-    logits = model(batch["tokens"], batch["position_ids"])
-    losses = cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
-    return (losses * batch["loss_mask"].flatten()).sum() / token_count
 
 
 class Trainer:
@@ -175,8 +168,11 @@ class Trainer:
                 if main:
                     bar.write(f"step {self.step}: valid loss " +
                               ", ".join(f"{k} {v:.3f}" for k, v in result.valid_losses.items()))
-            if self.step % cfg.train.log_interval == 0 or last:
-                self.metrics.log(self.step, metrics)
+            self.metrics.log(self.step, metrics)
+            if main and (self.step % cfg.train.log_interval == 0 or last):
+                bar.write(f"step {self.step}: loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                          f"grad norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f}"
+                          + (f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""))
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and not last:
                 self.save()
         bar.close()
