@@ -193,6 +193,7 @@ class TrainConfig:
     dtype: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."""
     log_interval: int = 10
+    """Print a line every N steps; metrics.jsonl gets every step."""
     eval_interval: int = 100
     """Validation every N steps (and at the end); 0 disables periodic validation."""
     eval_batches: int = 4

@@ -37,6 +37,7 @@ def overrides_for(args, tokenizer: Path, prefixes: dict[str, str]) -> list[str]:
         f"--data.sources=[{sources}]",
         f"--data.tokenizer={tokenizer}",
         f"--data.seq_length={args.seq_length}",
+        "--data.split=95,5,0",  # a few code files make up many samples: hold out enough of them
         f"--train.steps={args.steps}",
         f"--train.micro_batch_size={args.batch_size}",
         f"--train.global_batch_size={args.batch_size}",

@@ -12,13 +12,10 @@ import numpy as np
 import torch
 
 from megatron_code.config import DataConfig
+from megatron_code.data.errors import DataError
 from megatron_code.data.mixture import Mixture
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A dataset problem the user must fix; the message names the file or source."""
 
 
 @dataclass
@@ -54,15 +51,13 @@ def check_prefix(name: str, prefix: str) -> None:
                             f"(build it with tools/preprocess_data.py)")
 
 
-def build_source_datasets(config: DataConfig, tokenizer, seed: int, num_valid_samples: int,
-                          cache_dir: str) -> list[SourceData]:
+def build_source_datasets(config: DataConfig, tokenizer, seed: int, cache_dir: str) -> list[SourceData]:
     """One train and one valid GPTDataset per source: a single epoch each, in megatron-core's
     deterministic shuffled order, index caches under `cache_dir`. The loader wraps epochs, so
     the data order never depends on the run length (a resumed run may change `train.steps`)."""
     Builder, GPTDataset, GPTDatasetConfig = _quiet_megatron_imports()
     view = _MegatronTokenizerView(tokenizer.eod_id, tokenizer.pad_id, tokenizer.vocab_size,
                                   {"class": "megatron_code", "vocab_size": tokenizer.vocab_size})
-    has_valid = float(config.split.split(",")[1]) > 0
     out = []
     for source in config.sources:
         check_prefix(source.name, source.prefix)
@@ -71,12 +66,13 @@ def build_source_datasets(config: DataConfig, tokenizer, seed: int, num_valid_sa
             split=config.split, path_to_cache=cache_dir, tokenizer=view,
             reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
             create_attention_mask=False, mid_level_dataset_surplus=0.005)
-        train, valid, _ = Builder(GPTDataset, [None, num_valid_samples if has_valid else None, None],
-                                  lambda: True, gpt_config).build()
+        # One epoch per split (num_samples=None): megatron-core loops forever when asked for
+        # samples from a split that holds no tokens, and the loader wraps epochs itself.
+        train, valid, _ = Builder(GPTDataset, [None, None, None], lambda: True, gpt_config).build()
         if train is None or len(train) == 0:
             raise DataError(f"data source {source.name!r} ({source.prefix}) has no training samples of "
                             f"length {config.seq_length}: it needs more tokens or a shorter data.seq_length")
-        out.append(SourceData(source.name, train, valid if has_valid and valid is not None and len(valid) else None))
+        out.append(SourceData(source.name, train, valid if valid is not None and len(valid) else None))
     return out
 
 

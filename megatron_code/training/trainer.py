@@ -75,10 +75,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config.optim, device)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint.keep_last)
 
-        valid_samples = config.train.eval_batches * config.train.micro_batch_size
         self.sources: list[SourceData] = build_source_datasets(
-            config.data, self.tokenizer, config.train.seed, valid_samples,
-            default_cache_dir(config.train.output_dir, config.data))
+            config.data, self.tokenizer, config.train.seed, default_cache_dir(config.train.output_dir, config.data))
+        empty_valid = [s.name for s in self.sources if s.valid is None]
+        if empty_valid and self.runtime.is_main and config.train.eval_interval:
+            print(f"note: sources {empty_valid} have no validation documents with data.split={config.data.split}; "
+                  "their validation loss is not reported")
         mixture = Mixture([s.name for s in config.data.sources], [s.weight for s in config.data.sources])
         self.loader = MixtureLoader(self.sources, mixture, config.train.micro_batch_size, device)
 

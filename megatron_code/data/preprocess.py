@@ -1,0 +1,423 @@
+"""JSONL -> Megatron indexed datasets: `<prefix>_<key>_document.bin/.idx`.
+
+For the same input and tokenizer the files are byte for byte those Megatron-LM's
+`tools/preprocess_data.py` writes (one sequence per document, empty documents kept as
+documents without sequences, EOD appended to non-empty documents, uint16 below a vocabulary
+of 65,500 and int32 above, a JSON list value taken as pre-split sentences), so Megatron-LM
+and megatron-core read them unchanged. It gets there faster: the main process only reads raw
+chunks of lines and writes; workers parse and batch-encode whole chunks and send back numpy
+arrays. Outputs are written under temporary names and renamed when complete, `.idx` last.
+
+Next to each dataset, `<dataset>.meta.json` records the tokenizer's fingerprint;
+`check_dataset_matches_tokenizer` compares it at training start-up.
+
+Megatron-LM's tokenizer here is megatron-core's SentencePiece wrapper (plain encode, eod = the
+model's eos), which current Megatron-LM builds. Its older `_SentencePieceTokenizer` also turned
+the literal strings <CLS>, <SEP>, <EOD>, <MASK>, <PAD> and <BOS> inside a document into those
+ids; documents holding such strings are the only ones where the two differ.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from megatron_code.data.corpus import open_binary, parse_json_line
+from megatron_code.data.errors import DataError
+from megatron_code.data.tokenizer import Tokenizer, load_tokenizer
+
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+DTYPE_CODES: dict[type[np.number], int] = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5,
+                                           np.float64: 6, np.float32: 7, np.uint16: 8}
+_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, documents + 1
+META_FORMAT = 1
+
+
+def optimal_dtype(vocab_size: int) -> type[np.integer]:
+    """Megatron's choice of token dtype for a vocabulary size."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+def dataset_prefix(output_prefix: Path | str, key: str) -> Path:
+    """Megatron's name for one JSON key's dataset: `<output_prefix>_<key>_document`."""
+    return Path(f"{output_prefix}_{key}_document")
+
+
+# --------------------------------------------------------------------------- indexed datasets
+
+
+@dataclass
+class IndexedData:
+    """A Megatron indexed dataset read back: the index arrays and the tokens (memory-mapped)."""
+
+    prefix: Path
+    dtype: np.dtype
+    sequence_lengths: np.ndarray
+    sequence_pointers: np.ndarray
+    document_indices: np.ndarray
+    tokens: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.document_indices) - 1
+
+    def document(self, i: int) -> np.ndarray:
+        """Tokens of document i (all its sequences)."""
+        first, last = self.document_indices[i], self.document_indices[i + 1]
+        if first == last:
+            return self.tokens[:0]
+        start = self.sequence_pointers[first] // self.dtype.itemsize
+        return self.tokens[start: start + int(self.sequence_lengths[first:last].sum())]
+
+
+def read_indexed(prefix: Path | str) -> IndexedData:
+    """Open `<prefix>.idx/.bin`, checking the header and that both files are complete."""
+    idx_path, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    for p in (idx_path, bin_path):
+        if not p.is_file():
+            raise DataError(f"{p}: no such file")
+    raw = idx_path.read_bytes()
+    if len(raw) < _HEADER.size or raw[:9] != INDEX_MAGIC:
+        raise DataError(f"{idx_path}: not a Megatron index file (bad magic)")
+    _, version, code, n_seq, n_doc = _HEADER.unpack_from(raw)
+    codes = {c: t for t, c in DTYPE_CODES.items()}
+    if version != INDEX_VERSION or code not in codes:
+        raise DataError(f"{idx_path}: unsupported index (version {version}, dtype code {code})")
+    expected = _HEADER.size + 12 * n_seq + 8 * n_doc
+    if len(raw) not in (expected, expected + n_seq):  # + one mode byte per sequence when multimodal
+        raise DataError(f"{idx_path}: {len(raw)} bytes but its header describes {expected} (truncated?)")
+    dtype = np.dtype(codes[code])
+    lengths = np.frombuffer(raw, np.int32, n_seq, _HEADER.size)
+    pointers = np.frombuffer(raw, np.int64, n_seq, _HEADER.size + 4 * n_seq)
+    documents = np.frombuffer(raw, np.int64, n_doc, _HEADER.size + 12 * n_seq)
+    bin_bytes = int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize if n_seq else 0
+    if bin_path.stat().st_size != bin_bytes:
+        raise DataError(f"{bin_path}: {bin_path.stat().st_size} bytes but {idx_path.name} describes {bin_bytes} "
+                        "(truncated, or the two files come from different runs)")
+    tokens = np.memmap(bin_path, dtype, mode="r") if bin_bytes else np.empty(0, dtype)
+    return IndexedData(Path(prefix), dtype, lengths, pointers, documents, tokens)
+
+
+class IndexedWriter:
+    """Writes `<prefix>.bin/.idx` under temporary names; `commit` renames them into place
+    (the .idx last, so a pair with an .idx is always complete). Use as a context manager:
+    an exception removes the temporary files."""
+
+    def __init__(self, prefix: Path | str, dtype: type[np.integer]) -> None:
+        self.prefix, self.dtype = Path(prefix), np.dtype(dtype)
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        tag = f".tmp-{os.getpid()}"
+        self._bin_tmp = Path(f"{prefix}.bin{tag}")
+        self._idx_tmp = Path(f"{prefix}.idx{tag}")
+        self._meta_tmp = Path(f"{prefix}.meta.json{tag}")
+        self._bin = open(self._bin_tmp, "wb")
+        self._lengths: list[np.ndarray] = []
+        self._per_document: list[np.ndarray] = []
+
+    def add(self, tokens: np.ndarray, sequence_lengths: np.ndarray, sequences_per_document: np.ndarray) -> None:
+        """Append documents in bulk: their tokens, each sequence's length, and how many
+        sequences each document has (0 for an empty document)."""
+        self._bin.write(np.ascontiguousarray(tokens, self.dtype).data)
+        self._lengths.append(np.asarray(sequence_lengths, np.int32))
+        self._per_document.append(np.asarray(sequences_per_document, np.int64))
+
+    def add_document(self, tokens: Sequence[int] | np.ndarray, sequence_lengths: Sequence[int] | None = None) -> None:
+        """Append one document; by default it is one sequence (none when empty)."""
+        tokens = np.asarray(tokens, self.dtype)
+        lengths = [len(tokens)] if sequence_lengths is None and len(tokens) else list(sequence_lengths or [])
+        self.add(tokens, np.asarray(lengths, np.int32), np.asarray([len(lengths)], np.int64))
+
+    @property
+    def documents(self) -> int:
+        return sum(len(d) for d in self._per_document)
+
+    def commit(self, meta: dict[str, Any] | None = None) -> Path:
+        """Write the index and move everything into place; returns the prefix."""
+        self._bin.close()
+        lengths = np.concatenate([np.zeros(0, np.int32), *self._lengths])
+        pointers = np.zeros(len(lengths), np.int64)
+        np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        documents = np.concatenate([[0], np.cumsum(np.concatenate([np.zeros(0, np.int64), *self._per_document]))])
+        with open(self._idx_tmp, "wb") as f:
+            code = DTYPE_CODES[self.dtype.type]
+            f.write(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, code, len(lengths), len(documents)))
+            for array in (lengths, pointers, documents.astype(np.int64)):
+                f.write(array.data)
+        if meta is not None:
+            self._meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        final_idx, final_meta = Path(f"{self.prefix}.idx"), Path(f"{self.prefix}.meta.json")
+        final_idx.unlink(missing_ok=True)  # from here on, the old pair no longer looks complete
+        final_meta.unlink(missing_ok=True)
+        os.replace(self._bin_tmp, f"{self.prefix}.bin")
+        if meta is not None:
+            os.replace(self._meta_tmp, final_meta)
+        os.replace(self._idx_tmp, final_idx)
+        return self.prefix
+
+    def abort(self) -> None:
+        self._bin.close()
+        for p in (self._bin_tmp, self._idx_tmp, self._meta_tmp):
+            p.unlink(missing_ok=True)
+
+    def __enter__(self) -> IndexedWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+# ---------------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class _Chunk:
+    """One chunk of input lines, encoded: per JSON key (tokens, sequence lengths,
+    sequences per document), plus counts for progress."""
+
+    arrays: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+    documents: int
+    bytes: int
+
+
+class _ChunkEncoder:
+    """Parses and encodes chunks of JSONL lines (runs in each worker process)."""
+
+    def __init__(self, tokenizer: Tokenizer, source: str, json_keys: Sequence[str], append_eod: bool) -> None:
+        self.tokenizer, self.source, self.json_keys = tokenizer, source, tuple(json_keys)
+        self.eod = tokenizer.eod_id if append_eod else None
+        self.vocab_size = tokenizer.vocab_size
+        self.dtype = optimal_dtype(self.vocab_size)
+
+    def __call__(self, task: tuple[int, bytes]) -> _Chunk:
+        first_line, raw = task
+        objects, line_numbers = [], []
+        for n, line in enumerate(raw.split(b"\n"), start=first_line):
+            if line.strip():  # Megatron fails on blank lines; skipping them keeps the same documents
+                objects.append(parse_json_line(line, self.source, n))
+                line_numbers.append(n)
+        arrays = {key: self._encode_key(objects, line_numbers, key) for key in self.json_keys}
+        return _Chunk(arrays, len(objects), len(raw))
+
+    def _encode_key(self, objects: list[dict], line_numbers: list[int],
+                    key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        texts: list[str] = []
+        sentences = np.ones(len(objects), np.int64)  # sentences per document: 1 unless a list
+        for i, obj in enumerate(objects):
+            value = obj.get(key)
+            if isinstance(value, str):
+                texts.append(value)
+            elif isinstance(value, list) and all(isinstance(s, str) for s in value):
+                texts += value  # pre-split sentences, as Megatron's --split-sentences writes them
+                sentences[i] = len(value)
+            elif key not in obj:
+                present = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
+                raise DataError(f"{self.source}:{line_numbers[i]}: missing key {key!r} (keys present: {present})")
+            else:
+                raise DataError(f"{self.source}:{line_numbers[i]}: key {key!r} holds {type(value).__name__}, "
+                                "expected a string or a list of strings")
+        tokens, lengths = self.tokenizer.encode_flat(texts)
+        self._check_ids(tokens, lengths, sentences, line_numbers)
+        return self._megatron_layout(tokens, lengths, sentences)
+
+    def _megatron_layout(self, tokens: np.ndarray, lengths: np.ndarray,
+                         sentences: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Megatron's rules: empty sentences are dropped, EOD follows the last non-empty
+        sentence of a non-empty document, a document with no tokens has no sequences."""
+        document = np.repeat(np.arange(len(sentences)), sentences)
+        kept = lengths > 0
+        kept_document = document[kept]
+        per_document = np.bincount(kept_document, minlength=len(sentences))
+        lengths = lengths[kept].astype(np.int32)
+        if self.eod is not None and len(lengths):
+            last = np.flatnonzero(np.append(kept_document[1:] != kept_document[:-1], True))
+            tokens = np.insert(tokens, np.cumsum(lengths)[last], self.eod)
+            lengths[last] += 1
+        return tokens.astype(self.dtype), lengths, per_document
+
+    def _check_ids(self, tokens: np.ndarray, lengths: np.ndarray, sentences: np.ndarray,
+                   line_numbers: list[int]) -> None:
+        if not len(tokens) or int(tokens.max()) < self.vocab_size:
+            return
+        first = int(np.argmax(tokens >= self.vocab_size))
+        text = int(np.searchsorted(np.cumsum(lengths), first, side="right"))
+        document = int(np.searchsorted(np.cumsum(sentences), text, side="right"))
+        raise DataError(f"{self.source}:{line_numbers[document]}: token id {tokens[first]} does not fit: the tokenizer "
+                        f"{self.tokenizer.path} declares {self.vocab_size:,} ids and the dataset dtype is "
+                        f"{np.dtype(self.dtype).name}")
+
+
+_WORKER: _ChunkEncoder | None = None
+"""The encoder a forked pool worker inherits from the parent."""
+
+
+def _encode_in_worker(task: tuple[int, bytes]) -> _Chunk:
+    assert _WORKER is not None
+    return _WORKER(task)
+
+
+def _encoded_chunks(encoder: _ChunkEncoder, tasks: Iterator[tuple[int, bytes]], workers: int) -> Iterator[_Chunk]:
+    """Encoded chunks in input order, using `workers` processes."""
+    global _WORKER
+    if workers <= 1:
+        yield from map(encoder, tasks)
+        return
+    # The first chunk is encoded here, before forking: every worker then inherits warm
+    # segment caches and the loaded tokenizer instead of building its own.
+    first = next(tasks, None)
+    if first is None:
+        return
+    yield encoder(first)
+    _WORKER = encoder
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:  # leaving terminates it
+            yield from pool.imap(_encode_in_worker, tasks)
+    finally:
+        _WORKER = None
+
+
+class _ChunkReader:
+    """Yields (first line number, whole lines) of about chunk_bytes each.
+
+    With `in_flight`, at most that many chunks are out at once (`done` returns a slot):
+    Pool.imap would otherwise read the whole file into its task queue."""
+
+    def __init__(self, path: Path, chunk_bytes: int, in_flight: int | None = None) -> None:
+        self.path, self.chunk_bytes = path, chunk_bytes
+        self._slots = threading.Semaphore(in_flight) if in_flight else None
+        self._stopped = False
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        line = 1
+        with open_binary(self.path) as f:
+            rest = b""
+            while block := f.read(self.chunk_bytes):
+                block = rest + block
+                cut = block.rfind(b"\n") + 1
+                if cut == 0:  # one line longer than a chunk: keep reading
+                    rest = block
+                    continue
+                rest = block[cut:]
+                if not self._wait():
+                    return
+                yield line, block[:cut]
+                line += block.count(b"\n", 0, cut)
+            if rest and self._wait():
+                yield line, rest
+
+    def _wait(self) -> bool:
+        if self._slots is not None:
+            self._slots.acquire()
+        return not self._stopped
+
+    def done(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+
+    def stop(self) -> None:
+        """Unblock and end the iteration (so a pool's feeder thread can exit)."""
+        self._stopped = True
+        if self._slots is not None:
+            for _ in range(1 << 10):
+                self._slots.release()
+
+
+def preprocess(input_path: Path | str, output_prefix: Path | str, tokenizer_path: Path | str,
+               json_keys: Sequence[str] = ("text",), append_eod: bool = True, workers: int = 1,
+               chunk_bytes: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Tokenize a JSONL file (plain or .gz) into one Megatron dataset per JSON key.
+
+    Returns a summary: documents, tokens per key, bytes, seconds, and `outputs` mapping each
+    key to its dataset prefix (`<output_prefix>_<key>_document`, without .bin/.idx).
+    `chunk_bytes` (input per task) defaults to 1 MiB, less for small files so that every
+    worker gets several chunks.
+    """
+    started = time.perf_counter()
+    input_path = Path(input_path)
+    if not input_path.is_file():
+        raise DataError(f"{input_path}: no such file")
+    if not json_keys:
+        raise DataError("preprocess: no JSON keys given")
+    tokenizer = load_tokenizer(tokenizer_path)
+    if hasattr(tokenizer, "num_threads"):
+        tokenizer.num_threads = 1  # parallelism comes from worker processes
+    encoder = _ChunkEncoder(tokenizer, str(input_path), json_keys, append_eod)
+    size = input_path.stat().st_size if input_path.suffix != ".gz" else None
+    if chunk_bytes is None:
+        chunk_bytes = min(1 << 20, max(1 << 16, (size or 1 << 30) // (8 * workers)))
+    reader = _ChunkReader(input_path, chunk_bytes, in_flight=2 * workers + 2 if workers > 1 else None)
+    writers = {key: IndexedWriter(dataset_prefix(output_prefix, key), encoder.dtype) for key in json_keys}
+    tokens = dict.fromkeys(json_keys, 0)
+    documents = total_bytes = 0
+    chunks = _encoded_chunks(encoder, iter(reader), workers)
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"preprocess {input_path.name}", disable=not progress)
+    try:
+        for chunk in chunks:
+            reader.done()
+            for key, (chunk_tokens, lengths, per_document) in chunk.arrays.items():
+                writers[key].add(chunk_tokens, lengths, per_document)
+                tokens[key] += len(chunk_tokens)
+            documents += chunk.documents
+            total_bytes += chunk.bytes
+            bar.update(chunk.bytes)
+            bar.set_postfix_str(f"{documents / max(bar.format_dict['elapsed'], 1e-9):,.0f} docs/s", refresh=False)
+        if documents == 0:
+            raise DataError(f"{input_path}: no documents (the file has no non-blank line)")
+        tokenizer_meta = {"path": str(tokenizer_path), "vocab_size": tokenizer.vocab_size,
+                          "eod_id": tokenizer.eod_id, "fingerprint": tokenizer.fingerprint}
+        outputs = {key: writer.commit({"format": META_FORMAT, "input": str(input_path), "json_key": key,
+                                       "append_eod": append_eod, "documents": documents, "tokens": tokens[key],
+                                       "dtype": writer.dtype.name, "tokenizer": tokenizer_meta})
+                   for key, writer in writers.items()}
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        reader.stop()
+        chunks.close()
+        bar.close()
+    seconds = time.perf_counter() - started
+    if progress:
+        print(f"preprocess: {documents:,} documents, {sum(tokens.values()):,} tokens, {total_bytes / 1e6:.1f} MB in "
+              f"{seconds:.1f} s ({total_bytes / 1e6 / seconds:.1f} MB/s, {documents / seconds:,.0f} docs/s) -> "
+              + ", ".join(f"{p}.{{bin,idx}}" for p in outputs.values()), file=sys.stderr)
+    return {"input": str(input_path), "documents": documents, "tokens": tokens, "bytes": total_bytes,
+            "seconds": seconds, "workers": workers, "outputs": outputs}
+
+
+def check_dataset_matches_tokenizer(prefix: Path | str, tokenizer: Tokenizer) -> None:
+    """Fail (DataError) when the dataset at `prefix` was not made with `tokenizer`.
+
+    With the `.meta.json` sidecar preprocess writes, the tokenizers' fingerprints (their
+    vocabularies) must match; without one (files from Megatron-LM), every token id must be
+    below the tokenizer's vocab size. Also fails on missing or truncated files.
+    """
+    data = read_indexed(prefix)
+    meta_path = Path(f"{prefix}.meta.json")
+    if meta_path.exists():
+        try:
+            made_with = json.loads(meta_path.read_text())["tokenizer"]
+            fingerprint = made_with["fingerprint"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{meta_path}: unreadable ({type(e).__name__}: {e}); "
+                            "delete it to check the dataset by its token ids") from None
+        if fingerprint != tokenizer.fingerprint:
+            raise DataError(f"{prefix}: tokenized with {made_with['path']} (vocab {made_with['vocab_size']:,}) but the "
+                            f"tokenizer is {tokenizer.path} (vocab {tokenizer.vocab_size:,}), a different vocabulary; "
+                            "re-run tools/preprocess_data.py with it")
+        return
+    if len(data.tokens) and (high := int(data.tokens.max())) >= tokenizer.vocab_size:
+        raise DataError(f"{prefix}.bin: holds token id {high} but the tokenizer {tokenizer.path} has only "
+                        f"{tokenizer.vocab_size:,} ids; the dataset was made with another tokenizer")
