@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # Triton is Linux-only; the reference path must still import elsewhere
-    triton = tl = None
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from ._launch import alloc as _alloc  # a module-level name, so tests can patch it per kernel
+from ._launch import check_launch as _check_launch
+from ._launch import jit as _jit
+from ._launch import tl, triton
 
 
 def rope_tables(head_dim: int, max_positions: int, theta: float,
@@ -42,19 +39,6 @@ def apply_rope_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
 
 _TILE_BUDGET = 2048  # elements per program and half-rotation on a GPU
 _INTERPRETER_TILE_BUDGET = 32768
-
-
-def _alloc(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Every kernel output is allocated here (uninitialized); tests patch it to NaN-fill."""
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-
-
-def _check_launch(kernel, t: torch.Tensor) -> None:
-    if triton is None:
-        raise RuntimeError("Triton is not installed: use the torch kernels (model.kernels=torch)")
-    if t.device.type == "cpu" and isinstance(kernel, triton.runtime.JITFunction):
-        raise RuntimeError("Triton kernels need a GPU tensor; on CPU set TRITON_INTERPRET=1 "
-                           "before importing megatron_code.kernels, or use model.kernels=torch")
 
 
 @_jit

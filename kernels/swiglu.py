@@ -4,13 +4,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # Triton is Linux-only; the reference path must still import elsewhere
-    triton = tl = None
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from ._launch import alloc as _alloc  # a module-level name, so tests can patch it per kernel
+from ._launch import as_rows as _as_rows
+from ._launch import check_launch as _check_launch
+from ._launch import jit as _jit
+from ._launch import tl, triton
 
 
 def swiglu_torch(gate_up: torch.Tensor) -> torch.Tensor:
@@ -27,25 +25,6 @@ def gelu_torch(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Triton path: 2D grids of (row block, column block) tiles over the input viewed as rows; math in
 # fp32, one rounding to the output dtype. The backward recomputes from the saved input.
-
-
-def _alloc(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Every kernel output is allocated here (uninitialized); tests patch it to NaN-fill."""
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-
-
-def _check_launch(kernel, t: torch.Tensor) -> None:
-    if triton is None:
-        raise RuntimeError("Triton is not installed: use the torch kernels (model.kernels=torch)")
-    if t.device.type == "cpu" and isinstance(kernel, triton.runtime.JITFunction):
-        raise RuntimeError("Triton kernels need a GPU tensor; on CPU set TRITON_INTERPRET=1 "
-                           "before importing megatron_code.kernels, or use model.kernels=torch")
-
-
-def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """(..., n) -> (rows, n) with unit column stride; a view whenever possible."""
-    t = t.reshape(-1, n)
-    return t if t.stride(-1) == 1 or t.shape[0] == 0 else t.contiguous()
 
 
 def _tiles(rows: int, cols: int) -> tuple[tuple[int, int], int, int, int]:
