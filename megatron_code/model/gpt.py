@@ -67,8 +67,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         # Local head counts follow from the layer's width, so a tensor-parallel shard just works.
         qkv = self.qkv(x).view(B, T, -1, self.q_per_kv + 2, self.head_dim)  # (B, T, Hk, g+2, D)
-        q = qkv[:, :, :, : self.q_per_kv].reshape(B, T, -1, self.head_dim)  # (B, T, Hq, D)
-        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # (B, T, Hk, D)
+        # split (not indexing): its backward is one cat, not a zero-filled qkv-sized grad per piece
+        q, k, v = qkv.split([self.q_per_kv, 1, 1], dim=3)
+        q = q.reshape(B, T, -1, self.head_dim)  # (B, T, Hq, D)
+        k, v = k.squeeze(3), v.squeeze(3)  # (B, T, Hk, D)
         if rope is not None:
             q, k = self.ops.apply_rope(q, k, rope[0], rope[1], positions)
         y = self.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), document_ids)

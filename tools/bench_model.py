@@ -1,0 +1,221 @@
+"""Training-step throughput of our GPT against transformers' LlamaForCausalLM of the same config.
+
+What it measures: one full training step per model -- forward, cross-entropy over the shifted
+tokens, backward, AdamW step, zero_grad -- in fp32 on CPU (and under bf16 autocast on CUDA when a
+GPU is present). Both models get the same config (vocab, sizes, GQA, tied embeddings, RoPE theta,
+norm eps; HF with attn_implementation="sdpa") and the same weights (ours are copied into HF, and
+the first step's losses must agree, so the two really compute the same function). Parameter counts
+must be equal. After warm-up the two models' steps are interleaved (A B A B ...) so machine noise
+hits both alike; the table reports median and min step time, tokens/s at the median, and the ratio
+ours / HF in tokens/s (> 1 means ours is faster), both of the medians and as the median over rounds
+of each round's ratio.
+
+Ours runs as the trainer builds it: kernels and attention from `build_ops` / `build_attention`
+(`--kernels`, `--attention`, default auto: on CPU that is `TORCH_OPS` and torch SDPA). Loss: by
+default each model uses its own training path -- ours the per-token `ops.cross_entropy`
+(`TORCH_OPS.cross_entropy` on CPU) over flattened logits with a masked mean (as
+`training.trainer.loss_fn`), HF `torch.nn.functional.cross_entropy` (mean). `--loss torch` uses
+`F.cross_entropy` for both. CPU threads: the machine's core count (`--threads`).
+
+Run it:
+    python tools/bench_model.py                       # quickstart: ~7M params, seq 256, batch 8
+    python tools/bench_model.py --preset tiny --rounds 10 --json bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from megatron_code.config import PRESETS, ModelConfig
+from megatron_code.kernels import KernelOps, build_attention, build_ops
+from megatron_code.model import GPT
+
+
+def build_config(preset: str, vocab_size: int, seq_length: int) -> ModelConfig:
+    config = ModelConfig(**{**PRESETS[preset], "vocab_size": vocab_size,
+                            "max_seq_len": max(seq_length, PRESETS[preset].get("max_seq_len", 0))})
+    config.validate()
+    return config
+
+
+def build_hf_llama(model: GPT, device: torch.device):
+    """LlamaForCausalLM with our config and our weights (q/k/v and gate/up split out of ours)."""
+    import transformers
+
+    c = model.config
+    hf_config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.ffn_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.kv_heads,
+        head_dim=c.head_dim, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, hidden_act="silu",
+        attention_bias=False, mlp_bias=False, attn_implementation="sdpa")
+    hf = transformers.LlamaForCausalLM(hf_config)
+    g, d, h = c.num_heads // c.kv_heads, c.head_dim, c.hidden_size
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.copy_(model.embedding.weight)
+        for i, layer in model.layers.items():
+            hl = hf.model.layers[int(i)]
+            qkv = layer.attention.qkv.weight.view(c.kv_heads, g + 2, d, h)  # grouped [q_1..q_g, k, v]
+            hl.self_attn.q_proj.weight.copy_(qkv[:, :g].reshape(-1, h))
+            hl.self_attn.k_proj.weight.copy_(qkv[:, g].reshape(-1, h))
+            hl.self_attn.v_proj.weight.copy_(qkv[:, g + 1].reshape(-1, h))
+            hl.self_attn.o_proj.weight.copy_(layer.attention.out.weight)
+            gate, up = layer.mlp.up.weight.chunk(2, dim=0)
+            hl.mlp.gate_proj.weight.copy_(gate)
+            hl.mlp.up_proj.weight.copy_(up)
+            hl.mlp.down_proj.weight.copy_(layer.mlp.down.weight)
+            hl.input_layernorm.weight.copy_(layer.attention_norm.weight)
+            hl.post_attention_layernorm.weight.copy_(layer.mlp_norm.weight)
+        hf.model.norm.weight.copy_(model.norm.weight)
+        if not c.tie_embeddings:
+            hf.lm_head.weight.copy_(model.output.weight)
+    return hf.to(device).train()
+
+
+def make_step(name: str, model: torch.nn.Module, tokens: torch.Tensor, loss: str, autocast,
+              ops: KernelOps | None = None):
+    """A closure running one training step and returning the loss (a tensor, not synced)."""
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    positions = torch.arange(inputs.shape[1], device=tokens.device).expand(inputs.shape)
+    loss_mask = torch.ones(labels.numel(), device=tokens.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
+                                  fused=tokens.device.type == "cuda")
+
+    def forward_loss() -> torch.Tensor:
+        if name == "ours":
+            logits = model(inputs, positions)  # as the trainer: explicit positions
+        else:
+            logits = model(input_ids=inputs, use_cache=False).logits
+        flat_logits, flat_labels = logits.flatten(0, 1), labels.flatten()
+        if name == "ours" and loss == "native":  # training.trainer.loss_fn
+            return (ops.cross_entropy(flat_logits, flat_labels) * loss_mask).sum() / loss_mask.sum()
+        return F.cross_entropy(flat_logits.float(), flat_labels)
+
+    def step() -> torch.Tensor:
+        with autocast():
+            value = forward_loss()
+        value.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return value.detach()
+
+    return step
+
+
+def bench_device(args, device: torch.device) -> dict:
+    dtype_name = "bf16-autocast" if device.type == "cuda" else "fp32"
+
+    def autocast():
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    config = build_config(args.preset, args.vocab_size, args.seq_length)
+    torch.manual_seed(args.seed)
+    ops = build_ops(args.kernels, device)
+    ours = GPT(config, ops=ops, attention=build_attention(args.attention, device)).to(device).train()
+    hf = build_hf_llama(ours, device)
+    n_ours = ours.num_parameters()
+    n_hf = sum(p.numel() for p in hf.parameters())  # parameters() counts a tied weight once
+    assert n_ours == n_hf, f"parameter counts differ: ours {n_ours:,} vs HF {n_hf:,}"
+
+    tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_length + 1), device=device)
+    steps = {"ours": make_step("ours", ours, tokens, args.loss, autocast, ops),
+             "hf": make_step("hf", hf, tokens, args.loss, autocast)}
+
+    # Same weights, same batch: the first losses must agree (before any optimizer step diverges them).
+    first = {name: step().float().item() for name, step in steps.items()}
+    tol = 1e-4 if device.type == "cpu" else 2e-2
+    if abs(first["ours"] - first["hf"]) > tol * max(1.0, abs(first["hf"])):
+        raise AssertionError(f"first-step losses differ: ours {first['ours']:.6f} vs HF {first['hf']:.6f}")
+
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):  # interleaved A B A B ...: noise hits both models alike
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times[name].append(time.perf_counter() - start)
+
+    tokens_per_step = args.batch_size * args.seq_length
+    result = {"device": str(device), "dtype": dtype_name, "ops": ops.name, "params_ours": n_ours,
+              "params_hf": n_hf, "first_loss": first, "models": {}}
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        result["models"][name] = {"median_step_s": median, "min_step_s": min(ts),
+                                  "tokens_per_s": tokens_per_step / median, "step_times_s": ts}
+    result["ratio_ours_over_hf"] = (result["models"]["ours"]["tokens_per_s"]
+                                    / result["models"]["hf"]["tokens_per_s"])
+    # Each round's two steps ran back to back: their ratio cancels slow drifts in machine load.
+    result["ratio_paired_median"] = statistics.median(h / o for o, h in zip(times["ours"], times["hf"]))
+    return result
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"{'device':<8} {'dtype':<14} {'model':<6} {'median ms':>10} {'min ms':>9} {'tokens/s':>10}")
+    for r in results:
+        for name, m in r["models"].items():
+            print(f"{r['device']:<8} {r['dtype']:<14} {name:<6} {1e3 * m['median_step_s']:>10.1f} "
+                  f"{1e3 * m['min_step_s']:>9.1f} {m['tokens_per_s']:>10.0f}")
+        print(f"{r['device']:<8} {r['dtype']:<14} ours / HF tokens/s = {r['ratio_ours_over_hf']:.3f} "
+              f"(of medians), {r['ratio_paired_median']:.3f} (median per round); "
+              f"params {r['params_ours']:,} each")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="quickstart", choices=sorted(PRESETS))
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
+    parser.add_argument("--rounds", type=int, default=20, help="timed steps per model, interleaved")
+    parser.add_argument("--loss", default="native", choices=("native", "torch"),
+                        help="native: ours TORCH_OPS.cross_entropy, HF F.cross_entropy; torch: F.cross_entropy for both")
+    parser.add_argument("--kernels", default="auto", help="ours: model.kernels (auto | triton | torch)")
+    parser.add_argument("--attention", default="auto", help="ours: model.attention (auto | sdpa | flash_attn | triton)")
+    parser.add_argument("--devices", default="auto", help="comma list of cpu,cuda; auto = cpu (+ cuda if present)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = the machine's core count")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(args.threads or cores)
+    devices = (["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto"
+               else args.devices.split(","))
+    print(f"preset={args.preset} vocab={args.vocab_size} seq={args.seq_length} batch={args.batch_size} "
+          f"loss={args.loss} threads={torch.get_num_threads()} torch={torch.__version__}", flush=True)
+    results = [bench_device(args, torch.device(d)) for d in devices]
+    print_table(results)
+    if args.json:
+        import transformers
+        meta = {k: v for k, v in vars(args).items() if k != "json"}
+        meta.update(threads=torch.get_num_threads(), torch=torch.__version__,
+                    transformers=transformers.__version__, python=sys.version.split()[0],
+                    machine=platform.machine(), processor=platform.processor(),
+                    cuda_device=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+        with open(args.json, "w") as f:
+            json.dump({"config": meta, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
