@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from megatron_code.config import PRESETS, ModelConfig
 from megatron_code.model import GPT
+from megatron_code.model.hf import to_hf_llama
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -56,38 +57,6 @@ def test_pipeline_stage_is_the_model_with_modules_removed():
     assert set(first.state_dict()) < set(model.state_dict())  # names unchanged by the split
 
 
-def to_hf_llama(model: GPT):
-    """transformers' LlamaForCausalLM with our weights: q/k/v split out of the grouped qkv."""
-    transformers = pytest.importorskip("transformers")
-    c = model.config
-    hf_config = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.ffn_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.kv_heads,
-        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-        tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False)
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    g, d = c.num_heads // c.kv_heads, c.head_dim
-    with torch.no_grad():
-        hf.model.embed_tokens.weight.copy_(model.embedding.weight)
-        for i, layer in model.layers.items():
-            hl = hf.model.layers[int(i)]
-            qkv = layer.attention.qkv.weight.view(c.kv_heads, g + 2, d, c.hidden_size)
-            hl.self_attn.q_proj.weight.copy_(qkv[:, :g].reshape(-1, c.hidden_size))
-            hl.self_attn.k_proj.weight.copy_(qkv[:, g].reshape(-1, c.hidden_size))
-            hl.self_attn.v_proj.weight.copy_(qkv[:, g + 1].reshape(-1, c.hidden_size))
-            hl.self_attn.o_proj.weight.copy_(layer.attention.out.weight)
-            gate, up = layer.mlp.up.weight.chunk(2, dim=0)
-            hl.mlp.gate_proj.weight.copy_(gate)
-            hl.mlp.up_proj.weight.copy_(up)
-            hl.mlp.down_proj.weight.copy_(layer.mlp.down.weight)
-            hl.input_layernorm.weight.copy_(layer.attention_norm.weight)
-            hl.post_attention_layernorm.weight.copy_(layer.mlp_norm.weight)
-        hf.model.norm.weight.copy_(model.norm.weight)
-        if not c.tie_embeddings:
-            hf.lm_head.weight.copy_(model.output.weight)
-    return hf
-
-
 @pytest.mark.parametrize("arch", ["llama", "llama-mha-untied"])
 def test_matches_transformers_llama(arch):
     torch.manual_seed(0)
@@ -96,7 +65,8 @@ def test_matches_transformers_llama(arch):
         for p in model.parameters():
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
-    hf = to_hf_llama(model).double()
+    pytest.importorskip("transformers")
+    hf = to_hf_llama(model).eval()
     tokens = torch.randint(0, 128, (2, 33))
     with torch.no_grad():  # both keep fp32 RoPE tables, computed differently: ~1e-7 apart
         torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-6, atol=1e-6)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from megatron_code.config import PRESETS, ModelConfig
 from megatron_code.kernels import KernelOps, build_attention, build_ops
 from megatron_code.model import GPT
+from megatron_code.model.hf import to_hf_llama
 
 
 def build_config(preset: str, vocab_size: int, seq_length: int) -> ModelConfig:
@@ -47,37 +48,8 @@ def build_config(preset: str, vocab_size: int, seq_length: int) -> ModelConfig:
 
 
 def build_hf_llama(model: GPT, device: torch.device):
-    """LlamaForCausalLM with our config and our weights (q/k/v and gate/up split out of ours)."""
-    import transformers
-
-    c = model.config
-    hf_config = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.ffn_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.kv_heads,
-        head_dim=c.head_dim, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, hidden_act="silu",
-        attention_bias=False, mlp_bias=False, attn_implementation="sdpa")
-    hf = transformers.LlamaForCausalLM(hf_config)
-    g, d, h = c.num_heads // c.kv_heads, c.head_dim, c.hidden_size
-    with torch.no_grad():
-        hf.model.embed_tokens.weight.copy_(model.embedding.weight)
-        for i, layer in model.layers.items():
-            hl = hf.model.layers[int(i)]
-            qkv = layer.attention.qkv.weight.view(c.kv_heads, g + 2, d, h)  # grouped [q_1..q_g, k, v]
-            hl.self_attn.q_proj.weight.copy_(qkv[:, :g].reshape(-1, h))
-            hl.self_attn.k_proj.weight.copy_(qkv[:, g].reshape(-1, h))
-            hl.self_attn.v_proj.weight.copy_(qkv[:, g + 1].reshape(-1, h))
-            hl.self_attn.o_proj.weight.copy_(layer.attention.out.weight)
-            gate, up = layer.mlp.up.weight.chunk(2, dim=0)
-            hl.mlp.gate_proj.weight.copy_(gate)
-            hl.mlp.up_proj.weight.copy_(up)
-            hl.mlp.down_proj.weight.copy_(layer.mlp.down.weight)
-            hl.input_layernorm.weight.copy_(layer.attention_norm.weight)
-            hl.post_attention_layernorm.weight.copy_(layer.mlp_norm.weight)
-        hf.model.norm.weight.copy_(model.norm.weight)
-        if not c.tie_embeddings:
-            hf.lm_head.weight.copy_(model.output.weight)
-    return hf.to(device).train()
+    """LlamaForCausalLM with our config and our weights."""
+    return to_hf_llama(model).to(device).train()
 
 
 def make_step(name: str, model: torch.nn.Module, tokens: torch.Tensor, loss: str, autocast,
