@@ -54,6 +54,9 @@ class ModelConfig:
     """auto | triton | torch: who computes norms, RoPE, activations and the loss."""
     attention: str = "auto"
     """auto | sdpa | flash_attn | triton."""
+    fused_linear_cross_entropy: bool = False
+    """Compute the output projection and the loss together in token chunks, so the full
+    [tokens, vocab] logits are never held (5-20x less loss memory at large vocabularies)."""
 
     def validate(self) -> None:
         _choice("model.norm", self.norm, ("rmsnorm", "layernorm"))

@@ -26,7 +26,7 @@ def train_losses(kernels: str, attention: str, arch: dict, steps: int = 20) -> l
         positions = torch.arange(16).expand(2, 16)
         mask = (labels != -100).float()
         loss = loss_fn(model, {"tokens": tokens, "labels": labels, "position_ids": positions, "loss_mask": mask},
-                       ops.cross_entropy, int(mask.sum()))
+                       ops, int(mask.sum()))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -55,3 +55,10 @@ def test_unavailable_choices_say_why(monkeypatch):
     with pytest.raises(KernelUnavailable, match="flash-attn needs a CUDA device.*available: auto, sdpa"):
         build_attention("flash_attn", torch.device("cpu"))
     assert build_ops("auto", torch.device("cpu")).name == "torch"
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_fused_linear_cross_entropy_trains_like_plain_loss(kernels):
+    plain = train_losses(kernels, "sdpa", {}, steps=5)
+    fused = train_losses(kernels, "sdpa", {"fused_linear_cross_entropy": True}, steps=5)
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ Ours runs as the trainer builds it: kernels and attention from `build_ops` / `bu
 (`--kernels`, `--attention`, default auto: on CPU that is `TORCH_OPS` and torch SDPA). Loss: by
 default each model uses its own training path -- ours the per-token `ops.cross_entropy`
 (`TORCH_OPS.cross_entropy` on CPU) over flattened logits with a masked mean (as
-`training.trainer.loss_fn`), HF `torch.nn.functional.cross_entropy` (mean). `--loss torch` uses
+`training.loss.loss_fn`), HF `torch.nn.functional.cross_entropy` (mean). `--loss torch` uses
 `F.cross_entropy` for both. CPU threads: the machine's core count (`--threads`).
 
 Run it:
@@ -38,6 +38,7 @@ from megatron_code.config import PRESETS, ModelConfig
 from megatron_code.kernels import KernelOps, build_attention, build_ops
 from megatron_code.model import GPT
 from megatron_code.model.hf import to_hf_llama
+from megatron_code.training.loss import loss_fn
 
 
 def build_config(preset: str, vocab_size: int, seq_length: int) -> ModelConfig:
@@ -57,19 +58,19 @@ def make_step(name: str, model: torch.nn.Module, tokens: torch.Tensor, loss: str
     """A closure running one training step and returning the loss (a tensor, not synced)."""
     inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     positions = torch.arange(inputs.shape[1], device=tokens.device).expand(inputs.shape)
-    loss_mask = torch.ones(labels.numel(), device=tokens.device)
+    batch = {"tokens": inputs, "labels": labels, "position_ids": positions,
+             "loss_mask": torch.ones_like(labels, dtype=torch.float32)}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
                                   fused=tokens.device.type == "cuda")
 
     def forward_loss() -> torch.Tensor:
+        if name == "ours" and loss == "native":
+            return loss_fn(model, batch, ops, labels.numel())  # exactly the trainer's loss
         if name == "ours":
             logits = model(inputs, positions)  # as the trainer: explicit positions
         else:
             logits = model(input_ids=inputs, use_cache=False).logits
-        flat_logits, flat_labels = logits.flatten(0, 1), labels.flatten()
-        if name == "ours" and loss == "native":  # training.trainer.loss_fn
-            return (ops.cross_entropy(flat_logits, flat_labels) * loss_mask).sum() / loss_mask.sum()
-        return F.cross_entropy(flat_logits.float(), flat_labels)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
     def step() -> torch.Tensor:
         with autocast():

@@ -106,7 +106,7 @@ class Trainer:
         loss_sum = 0.0
         for batch in micro_batches:
             with self.autocast:
-                loss = loss_fn(self.model, batch, self.ops.cross_entropy, max(token_count, 1))
+                loss = loss_fn(self.model, batch, self.ops, max(token_count, 1))
             loss.backward()
             loss_sum += loss.item()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
@@ -129,7 +129,7 @@ class Trainer:
             for batch in self.loader.valid_batches(source, self.config.train.eval_batches):
                 with self.autocast:
                     n = int(batch["loss_mask"].sum())
-                    total += loss_fn(self.model, batch, self.ops.cross_entropy, 1).item()
+                    total += loss_fn(self.model, batch, self.ops, 1).item()
                     count += n
             out[source.name] = total / max(count, 1)
         self.model.train()
