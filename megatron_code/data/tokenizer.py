@@ -169,12 +169,20 @@ def _char_class(c: str) -> str:
     return "S" if c in _SPACES else "D" if _DIGIT.match(c) else "L" if _LETTER.match(c) else "O"
 
 
-def _cuts_are_safe(pieces: Sequence[str], allowed: Callable[[str, str], bool]) -> bool:
+def _class_pairs(pieces: Sequence[str]) -> set[tuple[str, str]]:
+    """The (_char_class, _char_class) of every pair of adjacent characters inside the pieces."""
+    joined = "\x00".join(pieces)  # spelled in classes, pieces apart: every adjacent pair in one string
+    classes = joined.translate({ord(c): _char_class(c) for c in set(joined) - {"\x00"}})
+    return {(a, b) for a in "SDLO" for b in "SDLO" if a + b in classes}
+
+
+def _cuts_are_safe(pieces: Sequence[str] | set[tuple[str, str]], allowed: Callable[[str, str], bool]) -> bool:
     """True when every pair of adjacent characters inside every piece is `allowed`: a regex
     that cuts text only between pairs that are not allowed then never separates characters
-    one BPE merge could join, so each segment encodes alone exactly as inside the text."""
-    pairs = {piece[i: i + 2] for piece in pieces for i in range(len(piece) - 1)}
-    return all(allowed(_char_class(pair[0]), _char_class(pair[1])) for pair in pairs)
+    one BPE merge could join, so each segment encodes alone exactly as inside the text.
+    `pieces` may also be their `_class_pairs`."""
+    pairs = pieces if isinstance(pieces, set) else _class_pairs(pieces)
+    return all(allowed(a, b) for a, b in pairs)
 
 
 def _no_tokens() -> tuple[np.ndarray, np.ndarray]:
@@ -241,12 +249,15 @@ class _SegmentCache:
         than `min_hit_rate` of a batch's segments were cached, the next batches go straight
         to `lower` (this level costs more than it saves until its cache has warmed up)."""
         self.regex, self.ascii_regex = regexes
+        # ASCII-only text is cut as bytes: Python's re finds the same segments about twice as
+        # fast in bytes, and the cache keeps them as bytes (decoded only when first seen).
+        self.bytes_regex = re.compile(self.ascii_regex.pattern.encode("ascii"))
         self.lower, self.nul_id, self.min_hit_rate, self.max_tokens = lower, nul_id, min_hit_rate, max_tokens
         self._skip = 0
         self._reset()
 
     def _reset(self) -> None:
-        self.index: dict[str, int] = {"\x00": 0}
+        self.index: dict[str | bytes, int] = {"\x00": 0, b"\x00": 0}
         self.starts, self.lengths, self.tokens = _Growable(np.int64), _Growable(np.int64), _Growable(np.int32)
         self.starts.extend(np.zeros(1, np.int64))
         self.lengths.extend(np.ones(1, np.int64))
@@ -269,7 +280,11 @@ class _SegmentCache:
                        (other, self._encode([texts[i] for i in other], self.regex))], len(texts))
 
     def _encode(self, texts: Sequence[str], regex: re.Pattern[str]) -> tuple[np.ndarray, np.ndarray]:
-        segments = regex.findall("\x00".join(texts))
+        as_bytes = regex is self.ascii_regex
+        if as_bytes:
+            segments = self.bytes_regex.findall("\x00".join(texts).encode("ascii"))
+        else:
+            segments = regex.findall("\x00".join(texts))
         # One C-level pass looks every segment up and gives each unseen one a provisional
         # row (first + its position); unseen segments then get consecutive rows.
         first = self.starts.size
@@ -285,12 +300,24 @@ class _SegmentCache:
             if len(new) > (1 - self.min_hit_rate) * len(segments):
                 self._skip = _SKIP_BATCHES
             self.index.update(zip(new, range(first, first + len(new))))
-            tokens, lengths = self.lower(new)
+            tokens, lengths = self.lower([b.decode("ascii") for b in new] if as_bytes else new)
             self.starts.extend(self.tokens.size + np.cumsum(lengths) - lengths)
             self.lengths.extend(lengths)
             self.tokens.extend(tokens)
         gather = _ranges(self.starts.view()[rows], self.lengths.view()[rows])
         return _split_at(self.tokens.view()[gather], self.nul_id)
+
+
+def _for_ids(method: Callable[[Any], Any], ids: list[int]) -> list[Any]:
+    """`method` applied to each id: in one call where SentencePiece takes a list (one C++
+    loop instead of a Python call per id), else id by id."""
+    if not ids:
+        return []
+    try:
+        out = method(ids)
+    except TypeError:  # an old SentencePiece without list arguments
+        return [method(i) for i in ids]
+    return list(out)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -305,17 +332,20 @@ class SentencePieceTokenizer(Tokenizer):
         except (OSError, RuntimeError) as e:
             raise DataError(f"{self.path}: not a SentencePiece model ({e})") from None
         n = self.sp.get_piece_size()
-        self._pieces = [self.sp.id_to_piece(i) for i in range(n)]
+        ids = list(range(n))
+        self._pieces = _for_ids(self.sp.id_to_piece, ids)
         self._ids = {p: i for i, p in enumerate(self._pieces)}
-        self._control = {i for i in range(n) if self.sp.is_control(i)}
+        control = _for_ids(self.sp.is_control, ids)
+        self._control = {i for i in ids if control[i]}
+        self._not_learned = [a or b or c for a, b, c in zip(control, _for_ids(self.sp.is_byte, ids),
+                                                             _for_ids(self.sp.is_unknown, ids))]
         self.num_threads = os.cpu_count() or 1
         """Threads SentencePiece may use per call (preprocess workers set 1)."""
         self._encoder = self._build_encoder()
 
     def _build_encoder(self) -> Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]:
         """The fastest exact encoder this vocabulary allows (see _cuts_are_safe)."""
-        learned = [p for i, p in enumerate(self._pieces)
-                   if not (self.sp.is_byte(i) or self.sp.is_control(i) or self.sp.is_unknown(i))]
+        learned = [p for p, skip in zip(self._pieces, self._not_learned) if not skip]
         # Several texts become one by joining them with NUL when no piece holds NUL and NUL
         # encodes to its own byte id, which then marks where each text's ids end.
         nul = self._ids.get("<0x00>")
@@ -323,9 +353,10 @@ class SentencePieceTokenizer(Tokenizer):
         encoder = self._encode_exact
         if self._nul is None or not self._is_verbatim():
             return encoder
-        if _cuts_are_safe(learned, lambda a, b: a == "S" or a == b != "D"):
+        pairs = _class_pairs(learned)
+        if _cuts_are_safe(pairs, lambda a, b: a == "S" or a == b != "D"):
             encoder = _SegmentCache((_FINE, _FINE_ASCII), encoder, self._nul).encode
-        if _cuts_are_safe(learned, lambda a, b: a == "S" or b != "S"):
+        if _cuts_are_safe(pairs, lambda a, b: a == "S" or b != "S"):
             encoder = _SegmentCache((_COARSE, _COARSE_ASCII), encoder, self._nul, _COARSE_MIN_HIT_RATE).encode
         return encoder
 
