@@ -20,11 +20,7 @@ TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16:
 EPS = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def nan_outputs(monkeypatch):
-    def alloc(shape, like, dtype=None):
-        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
-    monkeypatch.setattr(K, "_alloc", alloc)
+pytestmark = pytest.mark.usefixtures("nan_outputs")  # tests/kernels/conftest.py
 
 
 def assert_close(actual, expected, dtype):

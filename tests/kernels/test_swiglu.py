@@ -15,15 +15,9 @@ from megatron_code.kernels import swiglu as K  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels need a GPU")
 # sigmoid(z) = 1 / (1 + exp(-z)) overflows exp to inf for very negative z, giving the right 0
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
+              pytest.mark.usefixtures("nan_outputs")]  # tests/kernels/conftest.py
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
-
-
-@pytest.fixture(autouse=True)
-def nan_outputs(monkeypatch):
-    def alloc(shape, like, dtype=None):
-        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
-    monkeypatch.setattr(K, "_alloc", alloc)
 
 
 def assert_close(actual, expected, dtype):
