@@ -60,10 +60,6 @@ def resolve(path: str | Path) -> Path:
                           f"with trainer_state.json, or a directory with a `latest` file)")
 
 
-def read_trainer_state(path: str | Path) -> dict:
-    return json.loads((resolve(path) / "trainer_state.json").read_text())
-
-
 class Checkpointer:
     def __init__(self, directory: Path, keep_last: int):
         self.directory, self.keep_last = directory, keep_last
@@ -96,19 +92,13 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     @staticmethod
-    def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-        """Load model (and optimizer) state in place; returns the trainer state."""
+    def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Load model and optimizer state in place; returns the trainer state."""
         step_dir = resolve(path)
-        model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else (
-            get_state_dict(model, [])[0], None)
-        state = {"model": model_state}
-        if optimizer is not None:
-            state["optim"] = optim_state
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=step_dir)
-        if optimizer is not None:
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        else:
-            model.load_state_dict(state["model"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng_file = step_dir / f"rng_rank{dist.get_rank()}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -23,7 +23,7 @@ from megatron_code.data.tokenizer import load_tokenizer
 from megatron_code.kernels import build_attention, build_ops
 from megatron_code.model import GPT
 from megatron_code.parallel.distributed import Runtime, init_distributed
-from megatron_code.training.checkpoint import Checkpointer, read_trainer_state
+from megatron_code.training.checkpoint import Checkpointer, resolve
 from megatron_code.training.loss import loss_fn
 from megatron_code.training.metrics import MetricsLogger, flops_per_token, peak_flops
 from megatron_code.training.optim import build_optimizer, lr_at
@@ -51,7 +51,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(config.data.tokenizer)
         for source in config.data.sources:
             check_dataset_matches_tokenizer(source.prefix, self.tokenizer)
-        self.resume_state = read_trainer_state(config.checkpoint.load) if config.checkpoint.load else None
+        self.resume_from = resolve(config.checkpoint.load) if config.checkpoint.load else None
 
         self.runtime: Runtime = init_distributed(config.train.device)
         if self.runtime.world_size > 1:
@@ -85,8 +85,8 @@ class Trainer:
         self.loader = MixtureLoader(self.sources, mixture, config.train.micro_batch_size, device)
 
         self.step = 0
-        if config.checkpoint.load:
-            state = Checkpointer.load(config.checkpoint.load, self.model, self.optimizer)
+        if self.resume_from is not None:
+            state = Checkpointer.load(self.resume_from, self.model, self.optimizer)
             self.step = state["step"]
             mixture.load_state_dict(state["mixture"])
         self.metrics = MetricsLogger(self.run_dir, self.runtime.is_main, config.train.tensorboard)
