@@ -18,13 +18,29 @@ from megatron_code.config import ModelConfig
 from megatron_code.kernels import TORCH_OPS, KernelOps, attention_torch, rope_tables
 
 
+class FusedLinear(nn.Module):
+    """`parts` projections of the same input in one matmul (SwiGLU's gate and up). The weight is
+    (parts, out, in): a tensor-parallel column split of dim 1 gives every rank a slice of each
+    part, and the saved tensor is the same whatever the number of ranks."""
+
+    def __init__(self, in_features: int, out_features: int, parts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(parts, out_features, in_features))
+
+    def forward(self, x):
+        return F.linear(x, self.weight.flatten(0, 1))  # (..., parts * out): [part_0 | part_1 | ...]
+
+
 @dataclass(frozen=True)
 class LayerFactory:
     """Builds the layers tensor parallelism replaces. `parallel` is "column" (output dim split,
-    e.g. qkv, up projection, output head) or "row" (input dim split, e.g. attention/MLP output)."""
+    e.g. qkv, up projection, output head) or "row" (input dim split, e.g. attention/MLP output).
+    `parts` > 1 fuses that many column projections of one input (see FusedLinear)."""
 
-    def linear(self, in_features: int, out_features: int, parallel: str, init_std: float) -> nn.Module:
-        layer = nn.Linear(in_features, out_features, bias=False)
+    def linear(self, in_features: int, out_features: int, parallel: str, init_std: float,
+               parts: int = 1) -> nn.Module:
+        layer = (nn.Linear(in_features, out_features, bias=False) if parts == 1
+                 else FusedLinear(in_features, out_features, parts))
         nn.init.normal_(layer.weight, std=init_std)
         return layer
 
@@ -82,9 +98,9 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = config.activation == "swiglu"
         self.activation = ops.swiglu if self.gated else ops.gelu
-        # SwiGLU: one projection to [gate | up]; each tensor-parallel shard holds its own pair.
-        up_out = config.ffn_size * (2 if self.gated else 1)
-        self.up = layers.linear(config.hidden_size, up_out, "column", config.init_std)
+        # SwiGLU: one matmul to [gate | up]; each tensor-parallel shard holds its own pair.
+        self.up = layers.linear(config.hidden_size, config.ffn_size, "column", config.init_std,
+                                parts=2 if self.gated else 1)
         self.down = layers.linear(config.ffn_size, config.hidden_size, "row", out_std)
 
     def forward(self, x):

@@ -2,7 +2,7 @@
 
 The fused qkv weight is grouped per kv head as [q_1..q_g, k, v] (so a tensor-parallel split keeps
 groups whole); a naive split into thirds would scramble grouped-query models. The fused MLP up
-projection is [gate | up]. Vocab padding stays: callers that export cut it themselves.
+projection's weight is (2, ffn, hidden): gate, then up. Vocab padding stays: callers that export cut it themselves.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def to_hf_llama(model: GPT):
             hl.self_attn.k_proj.weight.copy_(qkv[:, g].reshape(-1, h))
             hl.self_attn.v_proj.weight.copy_(qkv[:, g + 1].reshape(-1, h))
             hl.self_attn.o_proj.weight.copy_(layer.attention.out.weight)
-            gate, up = layer.mlp.up.weight.chunk(2, dim=0)
+            gate, up = layer.mlp.up.weight  # (2, ffn, hidden)
             hl.mlp.gate_proj.weight.copy_(gate)
             hl.mlp.up_proj.weight.copy_(up)
             hl.mlp.down_proj.weight.copy_(layer.mlp.down.weight)
