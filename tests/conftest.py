@@ -35,3 +35,14 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> TinyCorpus:
     model = train_tokenizer([corpus["text"], corpus["code"]], root / "tokenizer" / "spm", vocab_size=1024,
                             progress=False)
     return TinyCorpus(corpus["text"], corpus["code"], model, hf_tokenizer_dir(model))
+
+
+@pytest.fixture(scope="session")
+def tiny_indexed(tiny_corpus, tmp_path_factory) -> dict[str, str]:
+    """The tiny corpus preprocessed: {"text": prefix, "code": prefix} of Megatron .bin/.idx."""
+    from megatron_code.data.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("indexed")
+    return {name: str(preprocess(getattr(tiny_corpus, name), out / name, tiny_corpus.tokenizer,
+                                 progress=False)["outputs"]["text"])
+            for name in ("text", "code")}
