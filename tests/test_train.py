@@ -88,5 +88,16 @@ def test_quickstart_tiny(tmp_path, capsys):
     assert result.tokens_per_source["text"] > result.tokens_per_source["code"] > 0
     report = capsys.readouterr().out
     assert "quickstart report" in report and "tokens seen" in report and str(result.checkpoint) in report
-    again = quickstart(args)  # everything is reused; training resumes at its last step
-    assert again["result"].step == 40 and again["result"].losses == []
+    assert f"train loss       {result.losses[0]:.3f} (step 1) -> {result.losses[-1]:.3f} (step 40)" in report
+    binaries = sorted(tmp_path.glob("data/*.bin"))
+    written = [p.stat().st_mtime_ns for p in binaries]
+    again = quickstart(args)  # nothing changed: no preprocessing, no training, the same numbers
+    assert again["result"] is None and again["summary"] == first["summary"]
+    assert [p.stat().st_mtime_ns for p in binaries] == written
+    report = capsys.readouterr()
+    assert "is up to date" in report.err and "nothing to train, the checkpoint is at step 40" in report.out
+    assert (f"to train further: python -m megatron_code.quickstart --out {tmp_path} --size tiny --vocab-size 1024 "
+            "--max-bytes 200000 --seq-length 64 --no-progress --steps 80") in report.out
+    assert f"train loss       {result.losses[0]:.3f} (step 1) -> {result.losses[-1]:.3f} (step 40)" in report.out
+    further = quickstart([*args, "--steps", "44"])  # trains on from the checkpoint
+    assert further["result"].step == 44 and len(further["result"].losses) == 4
