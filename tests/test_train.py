@@ -45,7 +45,12 @@ def test_resume_is_exact(tiny_corpus, datasets, tmp_path):
         full.tokens_per_source == {"text": 21 * 64, "code": 11 * 64}
     lines = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == list(range(1, 9))
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "valid_loss/text", "valid_loss/code"} <= set(lines[3])
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "valid_loss/text", "valid_loss/code", "samples/text",
+            "tokens/code", "weight/text", "loss/text", "loss/code"} <= set(lines[3])
+    for line in lines:  # the per-source losses split the batch loss (every sample has 64 loss tokens)
+        assert line["samples/text"] + line["samples/code"] == 4 and line["weight/text"] == pytest.approx(2 / 3)
+        assert (line["loss/text"] * line["samples/text"] + line["loss/code"] * line["samples/code"]) / 4 == \
+            pytest.approx(line["loss"], rel=1e-5)
 
 
 def test_checkpoints_keep_last_and_atomic(tiny_corpus, datasets, tmp_path):
