@@ -185,3 +185,38 @@ def test_bad_schedules_name_the_field(tiny_corpus, tiny_indexed, tmp_path, extra
 def test_missing_prefix_names_the_source(tiny_corpus, tiny_indexed, tmp_path):
     with pytest.raises(DataError, match=r"data source 'web': /nope/web.bin does not exist"):
         make(tiny_corpus, {"web": "/nope/web"}, tmp_path, weights=(1,))
+
+
+def _draw_on_rank(rank, world_size, tokenizer, prefixes, out_dir, schedule_file):
+    """Each rank reads its own copy of the schedule file at start-up; only rank 0's is edited
+    mid-run, so rank 1 can switch only through what rank 0 broadcasts."""
+    from pathlib import Path
+    mine = Path(schedule_file).with_suffix(f".rank{rank}.yaml")
+    mine.write_text(Path(schedule_file).read_text())
+    sources = ", ".join(f"{{name: {n}, prefix: '{p}'}}" for n, p in prefixes.items())
+    config = load_config(None, [f"--data.sources=[{sources}]", f"--data.tokenizer={tokenizer}", "--data.seq_length=32",
+                                "--data.split=80,20,0", "--train.micro_batch_size=2", "--train.global_batch_size=8",
+                                "--train.steps=40", f"--train.output_dir={out_dir}", f"--data.schedule_file={mine}",
+                                "--data.schedule_reload_interval=4"])
+    pipeline = DataPipeline(config, load_tokenizer(tokenizer), dp_rank=rank, dp_size=world_size, log=lambda _: None)
+    head = draw(pipeline, 6)
+    if rank == 0:
+        mine.write_text("- {start: 0, weights: {text: 1, code: 1}}\n- {start: 8, weights: {code: 1}}\n")
+    tail = draw(pipeline, 6)
+    pipeline.close()
+    return head + tail
+
+
+def test_data_parallel_ranks_switch_together_on_a_live_edit(tiny_corpus, tiny_indexed, tmp_path):
+    from distributed_utils import run_distributed
+
+    schedule = tmp_path / "schedule.yaml"
+    schedule.write_text("- {start: 0, weights: {text: 1, code: 1}}\n")
+    ranks = run_distributed(_draw_on_rank, world_size=2, args=(str(tiny_corpus.tokenizer), tiny_indexed,
+                                                               str(tmp_path / "run"), str(schedule)))
+    planned = tmp_path / "planned.yaml"
+    planned.write_text("- {start: 0, weights: {text: 1, code: 1}}\n- {start: 8, weights: {code: 1}}\n")
+    whole = draw(make(tiny_corpus, tiny_indexed, tmp_path / "one", f"--data.schedule_file={planned}"), 12)
+    for step, (a, b) in enumerate(zip(*ranks)):
+        assert a + b == whole[step] and not set(a) & set(b)
+    assert {s for s, _ in ranks[1][-1]} == {1}

@@ -68,7 +68,7 @@ class DataPipeline:
         self.device = torch.device(device)
         self.log = log or (lambda text: print(text) if not dist.is_initialized() or dist.get_rank() == 0 else None)
         self.names = [s.name for s in data.sources]
-        self.phases, self.explicit = sched.configured_schedule(data, train.steps)
+        phases, self.explicit = sched.configured_schedule(data, train.steps)
         for source in data.sources:  # cheap checks before any index is built
             check_prefix(source.name, source.prefix)
             check_dataset_matches_tokenizer(source.prefix, tokenizer)
@@ -80,14 +80,14 @@ class DataPipeline:
                             "tokenizer": tokenizer.fingerprint,
                             "sources": {s.name: {"prefix": c.prefix, "files": s.fingerprint}
                                         for s, c in zip(self.sources, data.sources)}}
-        self.cursor = _Cursor(0, MixtureSampler(self.names, self.phases), dict.fromkeys(self.names, 0))
+        self.cursor = _Cursor(0, MixtureSampler(self.names, phases), dict.fromkeys(self.names, 0))
         self.changes: list[dict] = []
         self._valid: dict[int, list[dict]] = {}
         self._loader: _Loader | None = None
         self._started_at = 0
         self._noted: set[str] = set()
-        self.log("data schedule:\n  " + "\n  ".join(sched.describe(self.phases)))
-        self._check_plan(self.phases)
+        self.log("data schedule:\n  " + "\n  ".join(sched.describe(phases)))
+        self._check_plan(phases)
 
     # ---------------------------------------------------------------------- the step's batches
 
@@ -199,7 +199,6 @@ class DataPipeline:
         self.log(f"step {now}: schedule changed ({reason}), applies from this step:\n{sched.diff(old, phases)}")
         self._stop_loader()
         self.cursor.sampler.set_phases(phases)
-        self.phases = phases
         self.changes.append({"step": now, "reason": reason, "schedule": sched.phases_to_json(phases)})
 
     # ---------------------------------------------------------------------- resume
@@ -226,23 +225,22 @@ class DataPipeline:
         self.cursor = _Cursor(now, sampler, {n: int(state["tokens"].get(n, 0)) for n in self.names})
         self.changes = list(state.get("changes", []))
         self._started_at = now
-        self.phases = saved
         if self.explicit:
             try:
-                configured = sched.merge(saved, self.phases_configured(), now)
+                configured = sched.merge(saved, self._configured_phases(), now)
             except sched.ScheduleError as e:
                 self.log(f"data.schedule: edit rejected on resume, continuing on the checkpoint's schedule: {e}")
                 configured = saved
         else:  # the sources' weights: a change applies from the resume step
             past = [p for p in saved if p.start < now]
-            weights = self.phases_configured()[0].weights
+            weights = self._configured_phases()[0].weights
             active = past[-1] if past else None
             configured = past if active and active.weights == weights and not (
                 active.ramp and now < active.start + active.ramp) else past + [sched.Phase(now, weights)]
         self._check_plan(configured)
         self._adopt(configured, now, "configuration on resume")
 
-    def phases_configured(self) -> list[sched.Phase]:
+    def _configured_phases(self) -> list[sched.Phase]:
         return sched.configured_schedule(self.data, self.total_steps)[0]
 
     def _check_fingerprint(self, saved: dict, positions: dict) -> None:

@@ -47,8 +47,9 @@ def summarize(run_dir: str | Path) -> dict:
         step_dir = None
     if step_dir is not None:
         state = json.loads((step_dir / "trainer_state.json").read_text())
-        out.update(step=state["step"], checkpoint=str(step_dir), tokens=state["data"]["tokens"],
-                   schedule=state["data"]["schedule"])
+        data = state.get("data", {})  # absent in checkpoints from before mixture schedules
+        out.update(step=state["step"], checkpoint=str(step_dir), tokens=data.get("tokens", {}),
+                   schedule=data.get("schedule", []))
         records = [r for r in records if r["step"] <= state["step"]]
     if records:
         out.update(first_loss=records[0]["loss"], last_loss=records[-1]["loss"])

@@ -53,7 +53,7 @@ class Trainer:
         self.data = DataPipeline(config, self.tokenizer, device=device)
         self.step = 0
         if self.resume_from is not None:
-            self.data.load_state_dict(json.loads((self.resume_from / "trainer_state.json").read_text())["data"])
+            self.data.load_state_dict(json.loads((self.resume_from / "trainer_state.json").read_text()).get("data", {}))
         self.run_dir = Path(config.train.output_dir)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if device.type == "cuda" and config.train.dtype in ("auto", "bf16")
