@@ -175,6 +175,10 @@ class DataConfig:
     """Global batches built ahead of the step by a background thread (0: built in the step)."""
     cache_dir: str = ""
     """Where GPTDataset index caches go; empty = `<train.output_dir>/data_cache`."""
+    pack: bool = True
+    """Instruction data (train.stage=sft): pack several examples into each sequence, attention
+    kept inside each example and positions restarting per example; false pads each example to
+    data.seq_length instead."""
 
     def validate(self) -> None:
         if not self.sources:
@@ -244,10 +248,21 @@ class TrainConfig:
     output_dir: str = "runs/default"
     tensorboard: bool = False
     progress: bool = True
+    stage: str = "pretrain"
+    """pretrain | sft: instruction tuning on data from tools/preprocess_sft.py (loss on assistant
+    tokens only), started from checkpoint.init_from with a fresh optimizer and LR schedule."""
+    epochs: float = 0
+    """sft: passes over the instruction data; > 0 sets train.steps to ceil(epochs x the training
+    samples of all sources / global_batch_size) (train.steps is then ignored)."""
 
     def validate(self) -> None:
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.dtype", self.dtype, ("auto", "bf16", "fp32"))
+        _choice("train.stage", self.stage, ("pretrain", "sft"))
+        if self.epochs < 0:
+            raise ConfigError(f"train.epochs must be >= 0, got {self.epochs}")
+        if self.epochs and self.stage != "sft":
+            raise ConfigError("train.epochs counts passes over instruction data: it needs train.stage=sft")
         for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_batches"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
@@ -263,11 +278,16 @@ class CheckpointConfig:
     keep_last: int = 2
     load: str = ""
     """Resume from this checkpoint directory (a run dir's `checkpoints/` or one `step_N` in it)."""
+    init_from: str = ""
+    """Start from this checkpoint's model weights only (ours, or a weights-only one imported from
+    Hugging Face): fresh optimizer, LR schedule and data position, step 0."""
     save: bool = True
 
     def validate(self) -> None:
         if self.interval < 0 or self.keep_last < 1:
             raise ConfigError("checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
+        if self.load and self.init_from:
+            raise ConfigError("set one of checkpoint.load (resume) and checkpoint.init_from (weights only), not both")
 
 
 @dataclass
@@ -284,6 +304,9 @@ class Config:
         if self.data.seq_length > self.model.max_seq_len:
             raise ConfigError(f"data.seq_length={self.data.seq_length} exceeds "
                               f"model.max_seq_len={self.model.max_seq_len}")
+        if self.train.stage == "sft" and not (self.checkpoint.init_from or self.checkpoint.load):
+            raise ConfigError("train.stage=sft tunes a trained model: set checkpoint.init_from to its checkpoint "
+                              "(or checkpoint.load to resume a tuning run)")
         from megatron_code.data.schedule import ScheduleError, configured_schedule
         try:
             configured_schedule(self.data, self.train.steps)

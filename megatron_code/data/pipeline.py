@@ -10,6 +10,7 @@ data seed, tokenizer and file fingerprints), which a resume checks.
 from __future__ import annotations
 
 import copy
+import math
 import queue
 import threading
 from dataclasses import dataclass
@@ -24,8 +25,10 @@ from megatron_code.data.datasets import (EpochOrder, SourceData, build_source_da
 from megatron_code.data.errors import DataError
 from megatron_code.data.mixture import MixtureSampler
 from megatron_code.data.preprocess import check_dataset_matches_tokenizer
+from megatron_code.data.sft import build_sft_source, check_sft_dataset, dataset_kind
 
 STATE_FORMAT = 1
+SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids")
 
 
 @dataclass
@@ -33,7 +36,7 @@ class StepBatch:
     step: int
     micro_batches: list[dict[str, torch.Tensor]]
     """This rank's micro batches: tokens, labels, loss_mask, position_ids, source (int64 per
-    sample: an index into data.sources)."""
+    sample: an index into data.sources), and document_ids for packed instruction data."""
     loss_tokens: int
     """Loss-masked tokens in this rank's micro batches."""
     metrics: dict[str, float]
@@ -48,8 +51,23 @@ class _Cursor:
     tokens: dict[str, int]
 
 
+def check_stage(name: str, prefix: str, stage: str, tokenizer) -> None:
+    """Instruction data feeds the sft stage only, and the sft stage reads nothing else; its chat
+    template must be the one the tokenizer gives."""
+    kind = dataset_kind(prefix)
+    if kind == "sft" and stage != "sft":
+        raise DataError(f"data source {name!r} ({prefix}) holds instruction data (tools/preprocess_sft.py): "
+                        "set train.stage=sft to tune on it")
+    if kind != "sft" and stage == "sft":
+        raise DataError(f"data source {name!r} ({prefix}) is not instruction data: train.stage=sft reads "
+                        "datasets made by tools/preprocess_sft.py")
+    if kind == "sft":
+        check_sft_dataset(prefix, tokenizer)
+
+
 def collate(samples: list[dict], sources: np.ndarray, pin: bool) -> dict[str, torch.Tensor]:
-    batch = {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    """Stack samples into a batch; `document_ids` (packed instruction data) when they have them."""
+    batch = {k: torch.stack([s[k] for s in samples]) for k in SAMPLE_KEYS if k in samples[0]}
     batch["source"] = torch.from_numpy(np.ascontiguousarray(sources, dtype=np.int64))
     return {k: v.pin_memory() for k, v in batch.items()} if pin else batch
 
@@ -72,12 +90,25 @@ class DataPipeline:
         for source in data.sources:  # cheap checks before any index is built
             check_prefix(source.name, source.prefix)
             check_dataset_matches_tokenizer(source.prefix, tokenizer)
-        self.sources: list[SourceData] = build_source_datasets(
-            [(s.name, s.prefix) for s in data.sources], tokenizer, data.seq_length, data.split, data.seed,
-            default_cache_dir(train.output_dir, data.cache_dir))
+            check_stage(source.name, source.prefix, train.stage, tokenizer)
+        if train.stage == "sft":
+            self.sources: list[SourceData] = [
+                build_sft_source(s.name, s.prefix, tokenizer, data.seq_length, data.split, data.seed, data.pack,
+                                 self.log) for s in data.sources]
+        else:
+            self.sources = build_source_datasets(
+                [(s.name, s.prefix) for s in data.sources], tokenizer, data.seq_length, data.split, data.seed,
+                default_cache_dir(train.output_dir, data.cache_dir))
+        if train.epochs:
+            samples = sum(len(s.train) for s in self.sources)
+            self.total_steps = max(1, math.ceil(train.epochs * samples / self.global_batch_size))
+            self.log(f"train.epochs={train.epochs:g}: {samples:,} training samples per epoch -> "
+                     f"{self.total_steps:,} steps of {self.global_batch_size}")
+            phases, self.explicit = sched.configured_schedule(data, self.total_steps)
         self.orders = [EpochOrder(len(s.train), data.seed, s.name) for s in self.sources]
         self.fingerprint = {"seq_length": data.seq_length, "split": data.split, "seed": data.seed,
                             "tokenizer": tokenizer.fingerprint,
+                            **({"pack": data.pack} if train.stage == "sft" else {}),
                             "sources": {s.name: {"prefix": c.prefix, "files": s.fingerprint}
                                         for s, c in zip(self.sources, data.sources)}}
         self.cursor = _Cursor(0, MixtureSampler(self.names, phases), dict.fromkeys(self.names, 0))
@@ -245,9 +276,9 @@ class DataPipeline:
 
     def _check_fingerprint(self, saved: dict, positions: dict) -> None:
         problems = []
-        for key in ("seq_length", "split", "seed", "tokenizer"):
-            if saved.get(key) != self.fingerprint[key]:
-                problems.append(f"data.{key} changed: {saved.get(key)!r} -> {self.fingerprint[key]!r}")
+        for key in ("seq_length", "split", "seed", "tokenizer", "pack"):
+            if saved.get(key) != self.fingerprint.get(key):
+                problems.append(f"data.{key} changed: {saved.get(key)!r} -> {self.fingerprint.get(key)!r}")
         for name, entry in saved["sources"].items():
             now = self.fingerprint["sources"].get(name)
             if now is None:

@@ -454,6 +454,12 @@ class HFTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def special_names(self) -> dict[str, str]:
+        """tokenizer_config.json's special tokens by key (bos_token, eos_token, ...), as chat
+        templates refer to them."""
+        return dict(self._names)
+
     def _named(self, key: str, *fallbacks: str) -> int:
         return self._special(*([self._names[key]] if key in self._names else []), *fallbacks)
 

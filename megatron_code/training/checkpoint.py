@@ -18,7 +18,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
+
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "kv_heads", "ffn_size",
+                       "max_seq_len", "norm", "activation", "position_embedding", "rope_theta", "tie_embeddings")
+"""What must agree between a checkpoint's model and the model that starts from its weights."""
 
 
 class CheckpointError(RuntimeError):
@@ -103,3 +108,30 @@ class Checkpointer:
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
         return json.loads((step_dir / "trainer_state.json").read_text())
+
+
+def check_init_from(path: str | Path, model_config) -> Path:
+    """The step directory `checkpoint.init_from` names, after checking that its model has this
+    config's architecture (every differing field is named)."""
+    step_dir = resolve(path)
+    from megatron_code.config import ModelConfig
+
+    saved = json.loads((step_dir / "trainer_state.json").read_text()).get("config", {}).get("model")
+    try:
+        theirs = ModelConfig(**saved)
+    except TypeError as e:
+        raise CheckpointError(f"checkpoint.init_from={path}: {step_dir}/trainer_state.json has no readable model "
+                              f"config ({e})") from None
+    differ = [f"model.{f}: checkpoint {getattr(theirs, f)!r}, this run {getattr(model_config, f)!r}"
+              for f in ARCHITECTURE_FIELDS if getattr(theirs, f) != getattr(model_config, f)]
+    if differ:
+        raise CheckpointError(f"checkpoint.init_from={path} holds another model:\n  " + "\n  ".join(differ)
+                              + "\nset the model section as it was trained (e.g. the same model.preset)")
+    return step_dir
+
+
+def load_model_weights(step_dir: Path, model: torch.nn.Module) -> None:
+    """Only the model's weights from a checkpoint (a full one, or a weights-only one)."""
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=step_dir)
+    set_model_state_dict(model, state["model"])

@@ -8,11 +8,13 @@ def token_losses(model: torch.nn.Module, batch: dict, ops) -> torch.Tensor:
     """Per-token losses (batch, seq), zero where the loss mask is. With the model's
     `fused_linear_cross_entropy`, the output projection runs inside the chunked loss."""
     labels = batch["labels"].flatten()
+    # packed instruction data: attention stays within each example
+    documents = batch.get("document_ids")
     if model.config.fused_linear_cross_entropy:
-        hidden = model(batch["tokens"], batch["position_ids"], return_hidden=True)
+        hidden = model(batch["tokens"], batch["position_ids"], documents, return_hidden=True)
         losses = ops.fused_linear_cross_entropy(hidden.flatten(0, 1), model.output_weight, labels)
     else:
-        logits = model(batch["tokens"], batch["position_ids"])
+        logits = model(batch["tokens"], batch["position_ids"], documents)
         losses = ops.cross_entropy(logits.flatten(0, 1), labels)
     return (losses * batch["loss_mask"].flatten()).view(batch["labels"].shape)
 

@@ -20,7 +20,7 @@ from megatron_code.data.tokenizer import load_tokenizer
 from megatron_code.kernels import build_attention, build_ops
 from megatron_code.model import GPT
 from megatron_code.parallel.distributed import Runtime, init_distributed
-from megatron_code.training.checkpoint import Checkpointer, resolve
+from megatron_code.training.checkpoint import Checkpointer, check_init_from, load_model_weights, resolve
 from megatron_code.training.loss import loss_fn, per_source_loss, token_losses
 from megatron_code.training.metrics import MetricsLogger, flops_per_token, peak_flops
 from megatron_code.training.optim import build_optimizer, lr_at
@@ -51,6 +51,7 @@ class Trainer:
             raise RuntimeError(f"this build trains in one process; got WORLD_SIZE={self.runtime.world_size}")
         device = self.runtime.device
         self.data = DataPipeline(config, self.tokenizer, device=device)
+        config.train.steps = self.data.total_steps  # differs when train.epochs sets it
         self.step = 0
         if self.resume_from is not None:
             self.data.load_state_dict(json.loads((self.resume_from / "trainer_state.json").read_text()).get("data", {}))
@@ -63,6 +64,7 @@ class Trainer:
         if config.model.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
                              f"{self.tokenizer.vocab_size} ({config.data.tokenizer})")
+        init_from = check_init_from(config.checkpoint.init_from, config.model) if config.checkpoint.init_from else None
         self.ops = build_ops(config.model.kernels, device)
         attention = build_attention(config.model.attention, device)
 
@@ -78,6 +80,10 @@ class Trainer:
                   "their validation loss is not reported")
         if self.resume_from is not None:
             self.step = Checkpointer.load(self.resume_from, self.model, self.optimizer)["step"]
+        elif init_from is not None:
+            load_model_weights(init_from, self.model)
+            if self.runtime.is_main:
+                print(f"model weights from {init_from}; fresh optimizer and LR schedule")
         self.metrics = MetricsLogger(self.run_dir, self.runtime.is_main, config.train.tensorboard)
         if self.runtime.is_main:
             (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))

@@ -1,0 +1,276 @@
+"""Instruction data and the sft stage: loss masks, chat templates, packing, bad input, start-up
+checks and mixtures of instruction sources."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_code.config import PRESETS, ModelConfig, load_config
+from megatron_code.data.chat import RoleTokenTemplate, template_for
+from megatron_code.data.errors import DataError
+from megatron_code.data.pipeline import collate
+from megatron_code.data.sft import SFTDataset, check_sft_dataset, preprocess_sft, read_sft
+from megatron_code.data.tokenizer import load_tokenizer
+from megatron_code.kernels import TORCH_OPS, build_attention
+from megatron_code.model import GPT
+from megatron_code.training.loss import token_losses
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+MULTI_TURN = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
+              {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"},
+              {"role": "assistant", "content": "It is 6."}]
+EXAMPLES = [
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"messages": MULTI_TURN},
+    {"prompt": "def one():\n", "completion": "    return 1\n"},
+]
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_data(tiny_corpus, tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("sft")
+    return preprocess_sft(write_jsonl(root / "in.jsonl", EXAMPLES), root / "examples", tiny_corpus.tokenizer,
+                          progress=False)["prefix"]
+
+
+def tiny_model(attention="sdpa", vocab=1024) -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(**PRESETS["tiny"], vocab_size=vocab), attention=build_attention(attention, "cpu")).eval()
+
+
+def test_only_assistant_turns_carry_loss_and_megatron_core_reads_the_files(tiny_corpus, sft_data):
+    tokenizer = load_tokenizer(tiny_corpus.tokenizer)
+    data = read_sft(sft_data)
+    reference = IndexedDataset(sft_data)  # megatron-core's reader: document d = sequences 2d, 2d + 1
+    assert len(data) == 3 and list(reference.document_indices) == [0, 2, 4, 6]
+    responses = ["5<|end|>", "4<|end|>It is 6.<|end|>", "    return 1\n<|end|>"]
+    whole = ["<|user|>Add the numbers.\n\n2 and 3<|end|><|assistant|>5<|end|>",
+             "<|system|>Be brief.<|end|><|user|>What is 2 + 2?<|end|><|assistant|>4<|end|><|user|>And 3 + 3?<|end|>"
+             "<|assistant|>It is 6.<|end|>",
+             "<|user|>def one():\n<|end|><|assistant|>    return 1\n<|end|>"]
+    for d in range(3):
+        tokens, mask = reference[2 * d].astype(np.int64), reference[2 * d + 1]
+        assert tokenizer.decode(tokens.tolist()) == whole[d]
+        assert tokenizer.decode(tokens[mask == 1].tolist()) == responses[d]
+        # the mask covers whole runs: each response's own encoding, then <|end|>
+        runs = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
+        spans = [tokens[a:b].tolist() for a, b in zip(runs[::2], runs[1::2])]
+        answers = [m["content"] for m in [*MULTI_TURN, {"role": "assistant", "content": "5"}]
+                   if m["role"] == "assistant"]
+        for span in spans:
+            assert span[-1] == tokenizer.end_id and tokenizer.decode(span[:-1]) in answers + ["    return 1\n"]
+            assert span[:-1] == tokenizer.encode(tokenizer.decode(span[:-1]))
+    meta = json.loads(Path(f"{sft_data}.meta.json").read_text())
+    assert meta["kind"] == "sft" and meta["examples"] == 3 and meta["template"]["kind"] == "role_tokens"
+
+
+def test_changing_a_prompt_label_leaves_the_loss_and_a_response_label_changes_it(tiny_corpus, sft_data):
+    tokenizer = load_tokenizer(tiny_corpus.tokenizer)
+    data = read_sft(sft_data)
+    dataset = SFTDataset(data, np.arange(len(data)), 96, pack=True, seed=0, pad_id=tokenizer.pad_id)
+    assert len(dataset) == 1  # all three examples in one sample
+    batch = collate([dataset[0]], np.zeros(1), pin=False)
+    model = tiny_model()
+
+    def loss(labels):
+        with torch.no_grad():
+            return token_losses(model, {**batch, "labels": labels}, TORCH_OPS).sum()
+
+    base = loss(batch["labels"])
+    prompt = torch.nonzero((batch["loss_mask"][0] == 0) & (batch["document_ids"][0] < 3)).flatten()
+    response = torch.nonzero(batch["loss_mask"][0] == 1).flatten()
+    loss_tokens = json.loads(Path(f"{sft_data}.meta.json").read_text())["loss_tokens"]
+    assert len(prompt) > 20 and len(response) == loss_tokens
+    for positions, changes in ((prompt, False), (response, True)):
+        for p in positions[torch.linspace(0, len(positions) - 1, 6).long()].tolist():
+            labels = batch["labels"].clone()
+            labels[0, p] = (labels[0, p] + 1) % 1000
+            assert torch.equal(loss(labels), base) != changes, p
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "triton"])
+def test_an_example_packed_with_others_gives_its_logits_alone(tiny_corpus, sft_data, attention):
+    tokenizer = load_tokenizer(tiny_corpus.tokenizer)
+    data = read_sft(sft_data)
+    model = tiny_model(attention)
+    for pack in (True, False) if attention == "sdpa" else (True,):  # unpacked: the same path as pretraining
+        dataset = SFTDataset(data, np.arange(len(data)), 96, pack=pack, seed=0, pad_id=tokenizer.pad_id)
+        for i in range(len(dataset)):
+            sample = dataset[i]
+            with torch.no_grad():
+                logits = model(sample["tokens"][None], sample["position_ids"][None],
+                               sample["document_ids"][None] if pack else None)[0]
+            at = 0
+            for e in dataset.examples_in(i).tolist():
+                n = int(dataset.lengths[e]) - 1
+                alone = torch.from_numpy(dataset._tokens(e)[:-1].astype(np.int64))
+                assert torch.equal(sample["position_ids"][at: at + n], torch.arange(n))
+                with torch.no_grad():
+                    expected = model(alone[None])[0]
+                torch.testing.assert_close(logits[at: at + n], expected, rtol=1e-5, atol=1e-5)
+                at += n
+            assert not sample["loss_mask"][at:].any()
+
+
+def test_a_hugging_face_chat_template_is_rendered_by_transformers(tiny_corpus, tmp_path):
+    """A folder whose Jinja template spells our role layout gives the same ids and mask as the
+    role-token template: the assistant turns are found in transformers' own rendering."""
+    folder = tmp_path / "hf_chat"
+    shutil.copytree(tiny_corpus.hf_tokenizer, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["split_special_tokens"] = False  # the template's role strings are the special tokens
+    config["chat_template"] = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    hf_template = template_for(load_tokenizer(folder))
+    ours = template_for(load_tokenizer(tiny_corpus.tokenizer))
+    assert type(hf_template).__name__ == "HFChatTemplate" and isinstance(ours, RoleTokenTemplate)
+    for a, b in zip(hf_template.encode(MULTI_TURN), ours.encode(MULTI_TURN)):
+        assert a.tolist() == b.tolist()
+    assert hf_template.prompt_ids(MULTI_TURN[:2]) == ours.prompt_ids(MULTI_TURN[:2])
+    assert ours.end_id in hf_template.stop_ids
+    # the template is recorded with the data and checked against the tokenizer that trains on it
+    prefix = preprocess_sft(write_jsonl(tmp_path / "in.jsonl", EXAMPLES), tmp_path / "d", folder,
+                            progress=False)["prefix"]
+    check_sft_dataset(prefix, load_tokenizer(folder))
+    with pytest.raises(DataError, match="made with the chat template 'hf', which .* has no chat template"):
+        check_sft_dataset(prefix, load_tokenizer(tiny_corpus.tokenizer))
+    config["chat_template"] = config["chat_template"].replace("<|end|>", "<|end|>\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match=r"different chat template .* \(sha256 differ\)"):
+        check_sft_dataset(prefix, load_tokenizer(folder))
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
+    ('{"prompt": "hi"}', "no assistant turn"),
+    ('{"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "yo"}]}',
+     "messages[0] has unknown role 'bot'"),
+    ('{"instruction": "Say something.", "output": "  "}', "empty response"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
+     '{"role": "user", "content": "c"}, {"role": "assistant", "content": ""}]}', "empty response (assistant turn 2 of 2)"),
+    ('{"instruction": "Say something.", "output": "hi"', "invalid JSON"),
+    ('{"text": "pretraining text"}', "not an instruction example"),
+])
+def test_bad_input_gets_one_line_naming_file_and_line(tiny_corpus, tmp_path, capsys, line, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [EXAMPLES[0], line])
+    tool = load_tool("preprocess_sft")
+    assert tool.main(["--input", str(path), "--output-prefix", str(tmp_path / "out"),
+                      "--tokenizer-model", str(tiny_corpus.tokenizer), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}:2: ") and message in err and "\n" not in err
+    assert not list(tmp_path.glob("out*"))  # nothing half-written
+
+
+def test_overlong_examples_are_truncated_or_dropped_and_counted(tiny_corpus, tmp_path):
+    long_answer = {"prompt": "Count.", "completion": " ".join(str(i) for i in range(40))}
+    long_prompt = {"prompt": "Read: " + "word " * 60, "completion": "ok"}
+    path = write_jsonl(tmp_path / "in.jsonl", [EXAMPLES[0], long_answer, long_prompt])
+    cut = preprocess_sft(path, tmp_path / "cut", tiny_corpus.tokenizer, max_length=30, progress=False)
+    assert (cut["examples"], cut["truncated"], cut["dropped"], cut["dropped_no_response"]) == (3, 1, 1, 1)
+    data = read_sft(tmp_path / "cut")
+    assert len(data) == 2 and data.sequence_lengths[2:].tolist() == [30, 30]  # the long answer, cut
+    drop = preprocess_sft(path, tmp_path / "drop", tiny_corpus.tokenizer, max_length=30, overflow="drop",
+                          progress=False)
+    assert (drop["truncated"], drop["dropped"]) == (0, 2) and len(read_sft(tmp_path / "drop")) == 1
+
+
+def sft_overrides(tiny_corpus, sources: dict, out, init_from, *extra):
+    listed = ", ".join(f"{{name: {n}, prefix: '{p}', weight: 1}}" for n, p in sources.items())
+    return ["--model.preset=tiny", f"--data.sources=[{listed}]", f"--data.tokenizer={tiny_corpus.tokenizer}",
+            "--data.seq_length=64", "--data.split=90,10,0", "--train.stage=sft", f"--checkpoint.init_from={init_from}",
+            "--train.micro_batch_size=4", "--train.global_batch_size=8", "--train.progress=false",
+            "--train.eval_interval=0", "--optim.warmup_steps=1", f"--train.output_dir={out}", *extra]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_corpus, tiny_indexed, tmp_path_factory) -> Path:
+    """A tiny model after two pretraining steps: what the sft stage starts from."""
+    from megatron_code.training.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("pretrained")
+    sources = ", ".join(f"{{name: {n}, prefix: '{p}'}}" for n, p in tiny_indexed.items())
+    Trainer(load_config(None, ["--model.preset=tiny", f"--data.sources=[{sources}]", "--data.seq_length=64",
+                               f"--data.tokenizer={tiny_corpus.tokenizer}", "--train.steps=2", "--train.progress=false",
+                               "--train.global_batch_size=2", "--train.micro_batch_size=2", "--train.eval_interval=0",
+                               f"--train.output_dir={out}"])).train()
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_sources(tiny_corpus, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("two_sources")
+    text = [{"instruction": f"What is {a} + {b}?", "output": str(a + b)} for a in range(10) for b in range(10)]
+    code = [{"prompt": f"def add_{a}(x):\n", "completion": f"    return x + {a}\n"} for a in range(100)]
+    return {name: preprocess_sft(write_jsonl(root / f"{name}.jsonl", records), root / name, tiny_corpus.tokenizer,
+                                 progress=False)["prefix"] for name, records in (("text", text), ("code", code))}
+
+
+def test_mixture_proportions_over_an_sft_run_follow_the_schedule(tiny_corpus, two_sources, pretrained, tmp_path):
+    from megatron_code.training.trainer import Trainer
+
+    steps = 16
+    result = Trainer(load_config(None, sft_overrides(tiny_corpus, two_sources, tmp_path, pretrained,
+                                                     f"--train.steps={steps}", "--data.schedule=stepwise_decrease",
+                                                     "--train.eval_interval=16"))).train()
+    assert result.step == steps and set(result.valid_losses) == {"text", "code"}
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    code_share = [0.5] * 4 + [0.4] * 4 + [0.3] * 8  # 5:5, 6:4, 7:3, 7:3 text:code
+    assert [r["weight/code"] for r in lines] == pytest.approx(code_share)
+    for phase in range(4):  # within each phase, every prefix of batches is within half a sample
+        counted, due = 0, 0.0
+        for r, share in zip(lines[4 * phase: 4 * phase + 4], code_share[4 * phase: 4 * phase + 4]):
+            counted, due = counted + r["samples/code"], due + 8 * share
+            assert abs(counted - due) <= 0.5 and r["samples/code"] + r["samples/text"] == 8
+    assert all("loss/text" in r and "loss/code" in r for r in lines)
+
+
+def test_sft_start_up_checks(tiny_corpus, tiny_indexed, two_sources, pretrained, tmp_path):
+    from megatron_code.config import ConfigError
+    from megatron_code.training.checkpoint import CheckpointError
+    from megatron_code.training.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="set checkpoint.init_from"):
+        load_config(None, sft_overrides(tiny_corpus, two_sources, tmp_path, "")[:-1] + ["--checkpoint.init_from="])
+    with pytest.raises(DataError, match="'text' .* is not instruction data"):
+        Trainer(load_config(None, sft_overrides(tiny_corpus, tiny_indexed, tmp_path, pretrained)))
+    plain = sft_overrides(tiny_corpus, two_sources, tmp_path, pretrained)
+    with pytest.raises(DataError, match="holds instruction data .* set train.stage=sft"):
+        Trainer(load_config(None, [a for a in plain if not a.startswith(("--train.stage", "--checkpoint"))]))
+    with pytest.raises(CheckpointError, match="model.hidden_size: checkpoint 64, this run 128"):
+        Trainer(load_config(None, plain + ["--model.hidden_size=128"]))
+
+
+def test_epochs_set_the_steps_and_unpacked_data_pads(tiny_corpus, two_sources, pretrained, tmp_path):
+    from megatron_code.training.trainer import Trainer
+
+    trainer = Trainer(load_config(None, sft_overrides(tiny_corpus, {"text": two_sources["text"]}, tmp_path, pretrained,
+                                                      "--train.epochs=2", "--data.pack=false")))
+    assert len(trainer.data.sources[0].train) == 90  # one example per sample
+    assert trainer.config.train.steps == 23  # ceil(2 x 90 / 8)
+    batch = trainer.data.next_step().micro_batches[0]
+    # one sum's digits and <|end|> carry loss, then padding
+    assert "document_ids" not in batch and set(batch["loss_mask"].sum(1).tolist()) <= {2.0, 3.0}
+    trainer.data.close()
