@@ -274,3 +274,40 @@ def test_epochs_set_the_steps_and_unpacked_data_pads(tiny_corpus, two_sources, p
     # one sum's digits and <|end|> carry loss, then padding
     assert "document_ids" not in batch and set(batch["loss_mask"].sum(1).tolist()) <= {2.0, 3.0}
     trainer.data.close()
+
+
+def test_a_tiny_model_learns_a_generated_instruction_set(tiny_corpus, pretrained, tmp_path):
+    """Sums of two digits in five phrasings: 400 questions tuned on (180 steps), 100 held out (other
+    phrasings of the same sums). Held-out loss falls by more than half, and exact match on the
+    held-out questions (greedy answer through the chat template) beats the best answer-blind
+    guess (sum 9 is the commonest: 10%) by far."""
+    from megatron_code.data.instructions import make_instructions
+    from megatron_code.evaluation.lm import greedy
+    from megatron_code.training.trainer import Trainer
+
+    records = make_instructions({"digit_sums": 500}, seed=0)
+    prefix = preprocess_sft(write_jsonl(tmp_path / "sums.jsonl", records), tmp_path / "sums", tiny_corpus.tokenizer,
+                            progress=False)["prefix"]
+    held_out = records[400:]  # data.split=80,20,0 holds out the last fifth of the file
+    trainer = Trainer(load_config(None, sft_overrides(
+        tiny_corpus, {"sums": prefix}, tmp_path / "run", pretrained, "--data.split=80,20,0", "--train.steps=180",
+        "--train.micro_batch_size=16", "--train.global_batch_size=16", "--optim.lr=5e-3", "--optim.min_lr=5e-4",
+        "--optim.warmup_steps=5", "--checkpoint.save=false")))
+    template = template_for(trainer.tokenizer)
+
+    def exact_match() -> float:
+        trainer.model.eval()
+        hits = 0
+        for record in held_out:
+            prompt = template.prompt_ids([{"role": "user", "content": record["instruction"]}])
+            ids = greedy(lambda t: trainer.model(t)[0, -1, :trainer.tokenizer.vocab_size], prompt, 4, 64,
+                         lambda out: bool(out) and out[-1] in template.stop_ids)
+            hits += trainer.tokenizer.decode([i for i in ids if i not in template.stop_ids]) == record["output"]
+        trainer.model.train()
+        return hits / len(held_out)
+
+    before_loss, before_match = trainer.evaluate()["sums"], exact_match()
+    trainer.train()
+    after_loss, after_match = trainer.evaluate()["sums"], exact_match()
+    assert after_loss < 0.5 * before_loss, (before_loss, after_loss)
+    assert before_match <= 0.1 and after_match >= 0.4, (before_match, after_match)
