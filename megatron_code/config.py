@@ -253,7 +253,7 @@ class TrainConfig:
     tokens only), started from checkpoint.init_from with a fresh optimizer and LR schedule."""
     epochs: float = 0
     """sft: passes over the instruction data; > 0 sets train.steps to ceil(epochs x the training
-    samples of all sources / global_batch_size) (train.steps is then ignored)."""
+    samples of the sources the schedule draws from / global_batch_size), ignoring train.steps."""
 
     def validate(self) -> None:
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))

@@ -15,6 +15,8 @@ Templates:
 - `HFChatTemplate`, the model's own Jinja template from a Hugging Face tokenizer folder,
   rendered by transformers. Each assistant turn is the text the conversation through it adds to
   the conversation before it with the generation prompt; that text carries the loss.
+- `TextTemplate`, for a tokenizer with neither (a base model's): `### User:\n...` headers as
+  plain text, the end-of-document token closing each assistant turn.
 
 The pieces are encoded one by one (a prompt's encoding never depends on its response, as at
 generation time). `describe()` is recorded with the data; `check_template` compares it with what
@@ -34,7 +36,7 @@ from megatron_code.data.errors import DataError
 from megatron_code.data.tokenizer import CHAT_TOKENS, HFTokenizer, Tokenizer
 
 ROLES = ("system", "user", "assistant")
-TEMPLATE_KINDS = ("auto", "role_tokens", "hf")
+TEMPLATE_KINDS = ("auto", "role_tokens", "hf", "text")
 
 
 # ------------------------------------------------------------------------------------- examples
@@ -174,6 +176,31 @@ class RoleTokenTemplate(ChatTemplate):
         return {self.end_id}
 
 
+class TextTemplate(ChatTemplate):
+    HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.eod = tokenizer, tokenizer.eod_id
+
+    def pieces(self, messages, generation_prompt=False):
+        out = []
+        for m in messages:
+            learn = m["role"] == "assistant"
+            out += [Piece(self.HEADERS[m["role"]], (), False), Piece(m["content"], (), learn),
+                    *([Piece(None, (self.eod,), True)] if learn else []), Piece("\n\n", (), False)]
+        if generation_prompt:
+            out.append(Piece(self.HEADERS["assistant"], (), False))
+        return out
+
+    def describe(self):
+        return {"kind": "text", "headers": self.HEADERS, "eod": self.eod,
+                "layout": "header, content, end of document after assistant content, blank line"}
+
+    @property
+    def stop_ids(self):
+        return {self.eod}
+
+
 def hf_chat_template(folder: Path) -> tuple[str, str] | None:
     """(template, where it was found) of a Hugging Face tokenizer folder, or None."""
     jinja = folder / "chat_template.jinja"
@@ -236,7 +263,8 @@ class HFChatTemplate(ChatTemplate):
 
 
 def template_for(tokenizer: Tokenizer, kind: str = "auto") -> ChatTemplate:
-    """`auto`: a Hugging Face folder's own chat template when it has one, else our role tokens."""
+    """`auto`: a Hugging Face folder's own chat template when it has one, else our role tokens
+    when the tokenizer has them, else plain-text headers."""
     if kind not in TEMPLATE_KINDS:
         raise DataError(f"chat template {kind!r} is not one of {', '.join(TEMPLATE_KINDS)}")
     found = hf_chat_template(Path(tokenizer.path)) if isinstance(tokenizer, HFTokenizer) else None
@@ -245,6 +273,9 @@ def template_for(tokenizer: Tokenizer, kind: str = "auto") -> ChatTemplate:
             raise DataError(f"tokenizer {tokenizer.path} has no chat template (no chat_template.jinja and no "
                             "chat_template in tokenizer_config.json)")
         return HFChatTemplate(tokenizer, *found)
+    has_roles = all(tokenizer.token_to_id(t) is not None for t in CHAT_TOKENS)
+    if kind == "text" or (kind == "auto" and not has_roles):
+        return TextTemplate(tokenizer)
     return RoleTokenTemplate(tokenizer)
 
 
@@ -253,7 +284,7 @@ def check_template(recorded: dict, tokenizer: Tokenizer, prefix: str) -> ChatTem
     the tokenizer now gives a different one."""
     kind = recorded.get("kind")
     try:
-        template = template_for(tokenizer, "hf" if kind == "hf" else "role_tokens")
+        template = template_for(tokenizer, kind if kind in TEMPLATE_KINDS[1:] else "role_tokens")
     except DataError as e:
         raise DataError(f"{prefix}: made with the chat template {kind!r}, which {e}") from None
     now = template.describe()

@@ -99,8 +99,9 @@ class DataPipeline:
             self.sources = build_source_datasets(
                 [(s.name, s.prefix) for s in data.sources], tokenizer, data.seq_length, data.split, data.seed,
                 default_cache_dir(train.output_dir, data.cache_dir))
-        if train.epochs:
-            samples = sum(len(s.train) for s in self.sources)
+        if train.epochs:  # an epoch: every training sample of every source the schedule draws from
+            drawn = {name for p in phases for name, w in p.weights.items() if w > 0}
+            samples = sum(len(s.train) for s in self.sources if s.name in drawn)
             self.total_steps = max(1, math.ceil(train.epochs * samples / self.global_batch_size))
             self.log(f"train.epochs={train.epochs:g}: {samples:,} training samples per epoch -> "
                      f"{self.total_steps:,} steps of {self.global_batch_size}")

@@ -1,0 +1,332 @@
+"""The papers' arms, end to end, from one command:
+
+    python -m megatron_code.study --name code_stage [--size default|ci] [--out DIR]
+
+code_stage (Ma et al., ICLR 2024): pretrain NL (text only) and CODE (2:1 text:code) from the
+recipes examples/recipes/ma_nl.yaml and ma_code.yaml; instruction-tune NN, NC, CC and CC with
+stepwise increasing and decreasing code from examples/recipes/sft/ma_sft_*.yaml (CC is the
+uniform strategy, 5:3 all run); evaluate every model on the offline tasks of
+megatron_code.evaluation (arithmetic and logic multiple choice, Python functions by pass@1 and
+BLEU); print the comparison table and write plots. The recipes are shrunk by overrides (the
+model, sequence length, steps, batch, learning rate); everything else is theirs.
+
+Data, all made here with no network: the built-in text and code corpus and its tokenizer (as
+the quickstart builds them), and instruction sets from megatron_code.data.instructions (text:
+prose cloze, arithmetic, logic, digit sums; code: Python functions, standard-library functions;
+5:3 text:code by count). Each stage reuses what an earlier run built; an interrupted training run
+continues from its latest checkpoint. `--size default` takes at most 30 minutes on 2 CPU cores,
+`--size ci` a couple of minutes. The numbers are tiny-scale: they show the pipeline runs, not what
+code data does to a large model.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "examples" / "recipes"
+PRETRAIN_ARMS = {"NL": "ma_nl", "CODE": "ma_code"}
+TUNE_ARMS = {"NN": ("sft/ma_sft_nn", "NL"), "NC": ("sft/ma_sft_nc", "NL"), "CC": ("sft/ma_sft_cc", "CODE"),
+             "CC_stepwise_increase": ("sft/ma_sft_cc_stepwise_increase", "CODE"),
+             "CC_stepwise_decrease": ("sft/ma_sft_cc_stepwise_decrease", "CODE")}
+"""Arm -> (recipe, the pretrained arm it starts from)."""
+
+
+@dataclass(frozen=True)
+class Size:
+    max_bytes: int
+    """Corpus cap per source."""
+    vocab_size: int
+    model: tuple[str, ...]
+    """Overrides that shrink the recipes' model."""
+    seq_length: int
+    batch_size: int
+    pretrain_steps: int
+    pretrain_lr: float
+    sft_steps: int
+    sft_lr: float
+    text_instructions: dict = field(default_factory=dict)
+    code_instructions: dict = field(default_factory=dict)
+    eval_items: dict = field(default_factory=dict)
+    """Task -> items: the first items of the shipped evaluation files."""
+    max_new_tokens: int = 96
+
+
+SIZES = {
+    "ci": Size(256_000, 1024, ("--model.preset=tiny",), 64, 8, 12, 3e-3, 6, 1e-3,
+               {"prose_qa": 40, "arithmetic": 30, "logic": 30, "digit_sums": 20},
+               {"python_functions": 50, "stdlib_functions": 22},
+               {"arithmetic": 16, "logic": 16, "python_functions": 2}, 16),
+    "default": Size(2_000_000, 4096, ("--model.preset=tiny", "--model.hidden_size=128", "--model.num_layers=4",
+                                       "--model.ffn_hidden_size=384"), 128, 16, 600, 2e-3, 300, 1e-3,
+                    {"prose_qa": 900, "arithmetic": 700, "logic": 700, "digit_sums": 200},
+                    {"python_functions": 1200, "stdlib_functions": 300},
+                    {"arithmetic": 200, "logic": 200, "python_functions": 40}, 96),
+}
+INSTRUCTION_SEED = 1
+"""Seeds the instruction sets (the evaluation items come from the other split of the same
+generators, whatever the seed)."""
+
+
+def _log(text: str) -> None:
+    print(text, flush=True)
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def build_instructions(out: Path, size: Size, tokenizer: Path, prose: Path) -> dict[str, str]:
+    """text and code instruction JSONL and their indexed files (reused when current)."""
+    from megatron_code.data.instructions import make_instructions
+    from megatron_code.data.sft import preprocess_sft
+    from megatron_code.quickstart import dataset_is_current
+
+    folder = out / "instructions"
+    folder.mkdir(parents=True, exist_ok=True)
+    prefixes = {}
+    for name, counts in (("text", size.text_instructions), ("code", size.code_instructions)):
+        path, prefix = folder / f"{name}.jsonl", folder / name
+        if not path.is_file():
+            _write_jsonl_atomic(path, make_instructions(counts, INSTRUCTION_SEED, prose))
+        if dataset_is_current(prefix, path, tokenizer):
+            _log(f"instructions: {prefix}.{{bin,idx}} is up to date")
+        else:
+            preprocess_sft(path, prefix, tokenizer, max_length=size.seq_length + 1)
+        prefixes[name] = str(prefix)
+    return prefixes
+
+
+def build_eval_tasks(out: Path, size: Size) -> list[Path]:
+    """The first `size.eval_items` items of each built-in evaluation task."""
+    from megatron_code.evaluation.synthetic import EVAL_SEED, generate
+    from megatron_code.evaluation.tasks import write_jsonl
+
+    folder = out / "eval" / "tasks"
+    return [path if (path := folder / f"{task}.jsonl").is_file() else
+            write_jsonl(path, (item.to_json() for item in generate(task, n, EVAL_SEED, "eval")))
+            for task, n in size.eval_items.items()]
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def _sources(recipe: Path, prefixes: dict[str, str]) -> str:
+    """The recipe's sources (names and weights) pointed at this study's files."""
+    raw = yaml.safe_load(recipe.read_text())["data"]["sources"]
+    return "--data.sources=[" + ", ".join(f"{{name: {s['name']}, prefix: '{prefixes[s['name']]}', "
+                                           f"weight: {s['weight']}}}" for s in raw) + "]"
+
+
+def _completed_step(run_dir: Path) -> int | None:
+    from megatron_code.training.checkpoint import CheckpointError, resolve
+
+    try:
+        return json.loads((resolve(run_dir) / "trainer_state.json").read_text())["step"]
+    except CheckpointError:
+        return None
+
+
+def train_arm(name: str, recipe: Path, run_dir: Path, overrides: list[str], steps: int) -> None:
+    """Train one arm from its recipe, or continue it from its latest checkpoint, or do nothing
+    when it is complete."""
+    from megatron_code.config import load_config
+    from megatron_code.training.trainer import Trainer
+
+    done = _completed_step(run_dir)
+    if done is not None and done >= steps:
+        _log(f"{name}: trained ({run_dir}, step {done})")
+        return
+    if done is not None:  # interrupted: resume (weights, optimizer, data position) from the checkpoint
+        _log(f"{name}: resuming from step {done} ({run_dir})")
+        overrides = [o for o in overrides if not o.startswith("--checkpoint.init_from=")] + [
+            f"--checkpoint.load={run_dir}"]
+    else:
+        _log(f"{name}: training {steps} steps from {recipe.relative_to(REPO)} ({run_dir})")
+    started = time.perf_counter()
+    result = Trainer(load_config(recipe, overrides)).train()
+    _log(f"{name}: step {result.step}, train loss {result.losses[-1]:.3f}, valid loss "
+         + ", ".join(f"{k} {v:.3f}" for k, v in result.valid_losses.items())
+         + f" ({time.perf_counter() - started:.0f} s)")
+
+
+def _common(size: Size, tokenizer: Path, run_dir: Path, steps: int, lr: float, progress: bool, device: str) -> list[str]:
+    return [*size.model, f"--data.tokenizer={tokenizer}", f"--data.seq_length={size.seq_length}",
+            "--data.split=95,5,0", f"--train.steps={steps}", f"--train.micro_batch_size={size.batch_size}",
+            f"--train.global_batch_size={size.batch_size}", f"--train.eval_interval={steps}",
+            f"--train.log_interval={max(1, steps // 4)}", f"--optim.lr={lr}", f"--optim.min_lr={lr / 20}",
+            f"--optim.warmup_steps={max(1, steps // 10)}", f"--train.output_dir={run_dir}",
+            f"--checkpoint.interval={max(1, steps // 2)}", "--checkpoint.keep_last=2",
+            f"--train.progress={progress}", f"--train.device={device}"]
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_arm(name: str, run_dir: Path, tasks: list[Path], out: Path, size: Size, device: str) -> Path:
+    """Score one model on the task files (reused when the results are from its latest step)."""
+    from megatron_code.evaluation.code import score_code
+    from megatron_code.evaluation.lm import load_language_model
+    from megatron_code.evaluation.multiple_choice import score_multiple_choice
+    from megatron_code.evaluation.results import write_results
+    from megatron_code.evaluation.tasks import MULTIPLE_CHOICE, load_task
+
+    step = _completed_step(run_dir)
+    if out.is_file() and json.loads(out.read_text()).get("step") == step:
+        _log(f"{name}: evaluated ({out})")
+        return out
+    started = time.perf_counter()
+    model = load_language_model(run_dir, "cuda" if device == "cuda" else "cpu")
+    scores = []
+    for task in map(load_task, tasks):
+        if task.kind == MULTIPLE_CHOICE:
+            scores.append(score_multiple_choice(task, model.sample_losses, model.tokenizer, model.max_length,
+                                                device=model.device))
+        else:
+            scores.append(score_code(task, model, max_new_tokens=size.max_new_tokens))
+    write_results(out, model.path, model.step, scores)
+    _log(f"{name}: " + "; ".join(f"{s.task} " + ", ".join(f"{m} {v:.3f}" for m, v in s.metrics.items())
+                                 for s in scores) + f" ({time.perf_counter() - started:.0f} s)")
+    return out
+
+
+# -------------------------------------------------------------------------------------- report
+
+
+def _arm_table(runs: dict[str, Path]) -> str:
+    from megatron_code.training.run_summary import summarize
+
+    lines = ["| arm | steps | train loss first -> last | validation loss |", "|---|---|---|---|"]
+    for name, run_dir in runs.items():
+        s = summarize(run_dir)
+        valid = ", ".join(f"{k} {v:.3f}" for k, v in s["valid_loss"].items())
+        lines.append(f"| {name} | {s['step']} | {s['first_loss']:.3f} -> {s['last_loss']:.3f} | {valid} |")
+    return "\n".join(lines)
+
+
+def _plot_scores(results: dict[str, Path], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {name: {(r["task"], r["metric"]): r["value"] for r in json.loads(p.read_text())["results"]}
+            for name, p in results.items()}
+    keys = list(dict.fromkeys(k for row in rows.values() for k in row))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)), 3.8))
+    width = 0.8 / len(rows)
+    for i, (name, row) in enumerate(rows.items()):
+        values = [row.get(k, 0.0) / (100 if k[1] == "bleu" else 1) for k in keys]
+        ax.bar([j + i * width for j in range(len(keys))], values, width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [f"{t}\n{m}" for t, m in keys], fontsize="small")
+    ax.set_ylabel("score (BLEU / 100)")
+    ax.set_title("evaluation by arm (tiny-scale)")
+    ax.legend(fontsize="x-small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_runs_tool():
+    """tools/plot_run.py of this checkout, or None when the package runs without one."""
+    path = REPO / "tools" / "plot_run.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("plot_run", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_plots(out: Path, pretrain: dict[str, Path], tune: dict[str, Path], results: dict[str, Path]) -> list[Path]:
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    written = [_plot_scores(results, plots / "scores.png")]
+    if (plot_run := _plot_runs_tool()) is not None:
+        written += plot_run.plot_runs(list(pretrain.values()), plots / "pretrain")
+        written += plot_run.plot_runs(list(tune.values()), plots / "tune")
+    return written
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """The study; returns the comparison table, the results files and the plots (for tests)."""
+    parser = argparse.ArgumentParser(prog="python -m megatron_code.study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True, choices=["code_stage"], help="which study")
+    parser.add_argument("--size", default="default", choices=list(SIZES),
+                        help="default: at most 30 minutes on 2 CPU cores; ci: a couple of minutes")
+    parser.add_argument("--out", type=Path, help="where everything goes (default: runs/study/NAME/SIZE)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    size, out = SIZES[args.size], args.out or Path("runs/study") / args.name / args.size
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    started = time.perf_counter()
+
+    from megatron_code.quickstart import build_data
+
+    tokenizer, corpus = build_data(out, size.vocab_size, size.max_bytes, workers=2)
+    instructions = build_instructions(out, size, tokenizer, out / "corpus" / "text.jsonl")
+    tasks = build_eval_tasks(out, size)
+
+    pretrain = {arm: out / "pretrain" / arm for arm in PRETRAIN_ARMS}
+    for arm, recipe in PRETRAIN_ARMS.items():
+        path = RECIPES / f"{recipe}.yaml"
+        train_arm(arm, path, pretrain[arm], [_sources(path, corpus), *_common(
+            size, tokenizer, pretrain[arm], size.pretrain_steps, size.pretrain_lr, progress, args.device)],
+            size.pretrain_steps)
+    tune = {arm: out / "tune" / arm for arm in TUNE_ARMS}
+    for arm, (recipe, base) in TUNE_ARMS.items():
+        path = RECIPES / f"{recipe}.yaml"
+        train_arm(arm, path, tune[arm], [_sources(path, instructions), "--train.epochs=0",
+                                         f"--checkpoint.init_from={pretrain[base]}", *_common(
+            size, tokenizer, tune[arm], size.sft_steps, size.sft_lr, progress, args.device)], size.sft_steps)
+
+    runs = {**pretrain, **tune}
+    results = {arm: evaluate_arm(arm, run_dir, tasks, out / "eval" / f"{arm}.json", size, args.device)
+               for arm, run_dir in runs.items()}
+    from megatron_code.evaluation.results import compare
+
+    table = compare(list(results.values()))
+    report = "\n".join([
+        f"# Study {args.name} ({args.size} size)", "",
+        "Tiny-scale numbers: models of a few million parameters trained for minutes on CPU. They show that the "
+        "papers' pipeline runs end to end from the recipes; they say nothing about what code data does at "
+        "the papers' scale.", "",
+        f"Arms: NL and CODE pretrained ({size.pretrain_steps} steps); NN = NL tuned on text instructions; NC = NL "
+        "and CC = CODE tuned on text + code instructions at 5:3 (Ma et al.'s uniform strategy); CC_stepwise_* "
+        f"= CODE tuned with the stepwise schedules ({size.sft_steps} steps each).", "",
+        "## Training", "", _arm_table(runs), "",
+        "## Evaluation (each arm's difference from the first, 95% bootstrap interval)", "", table, ""])
+    (out / "comparison.md").write_text(report)
+    plots = write_plots(out, pretrain, tune, results)
+    print("\n" + report)
+    print(f"study {args.name}: {out}/comparison.md, plots in {out / 'plots'} "
+          f"({(time.perf_counter() - started) / 60:.1f} min)")
+    return {"table": table, "report": report, "results": results, "plots": plots, "out": out,
+            "size": asdict(size)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(argv)
+
+
+if __name__ == "__main__":
+    main()
