@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,14 +59,14 @@ class Size:
 
 
 SIZES = {
-    "ci": Size(256_000, 1024, ("--model.preset=tiny",), 64, 8, 12, 3e-3, 6, 1e-3,
+    "ci": Size(256_000, 1024, ("--model.preset=tiny",), 128, 8, 12, 3e-3, 6, 1e-3,
                {"prose_qa": 40, "arithmetic": 30, "logic": 30, "digit_sums": 20},
                {"python_functions": 50, "stdlib_functions": 22},
                {"arithmetic": 16, "logic": 16, "python_functions": 2}, 16),
     "default": Size(2_000_000, 4096, ("--model.preset=tiny", "--model.hidden_size=128", "--model.num_layers=4",
-                                       "--model.ffn_hidden_size=384"), 128, 16, 600, 2e-3, 300, 1e-3,
-                    {"prose_qa": 900, "arithmetic": 700, "logic": 700, "digit_sums": 200},
-                    {"python_functions": 1200, "stdlib_functions": 300},
+                                       "--model.ffn_hidden_size=384"), 256, 8, 600, 2e-3, 200, 1e-3,
+                    {"prose_qa": 400, "arithmetic": 400, "logic": 200, "digit_sums": 80},
+                    {"python_functions": 350, "stdlib_functions": 300},
                     {"arithmetic": 200, "logic": 200, "python_functions": 40}, 96),
 }
 INSTRUCTION_SEED = 1
@@ -83,16 +81,11 @@ def _log(text: str) -> None:
 # ------------------------------------------------------------------------------------- data
 
 
-def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
-
-
 def build_instructions(out: Path, size: Size, tokenizer: Path, prose: Path) -> dict[str, str]:
     """text and code instruction JSONL and their indexed files (reused when current)."""
     from megatron_code.data.instructions import make_instructions
     from megatron_code.data.sft import preprocess_sft
+    from megatron_code.evaluation.tasks import write_jsonl
     from megatron_code.quickstart import dataset_is_current
 
     folder = out / "instructions"
@@ -101,7 +94,7 @@ def build_instructions(out: Path, size: Size, tokenizer: Path, prose: Path) -> d
     for name, counts in (("text", size.text_instructions), ("code", size.code_instructions)):
         path, prefix = folder / f"{name}.jsonl", folder / name
         if not path.is_file():
-            _write_jsonl_atomic(path, make_instructions(counts, INSTRUCTION_SEED, prose))
+            write_jsonl(path, make_instructions(counts, INSTRUCTION_SEED, prose))
         if dataset_is_current(prefix, path, tokenizer):
             _log(f"instructions: {prefix}.{{bin,idx}} is up to date")
         else:
@@ -152,8 +145,7 @@ def train_arm(name: str, recipe: Path, run_dir: Path, overrides: list[str], step
         return
     if done is not None:  # interrupted: resume (weights, optimizer, data position) from the checkpoint
         _log(f"{name}: resuming from step {done} ({run_dir})")
-        overrides = [o for o in overrides if not o.startswith("--checkpoint.init_from=")] + [
-            f"--checkpoint.load={run_dir}"]
+        overrides = [*overrides, "--checkpoint.init_from=", f"--checkpoint.load={run_dir}"]
     else:
         _log(f"{name}: training {steps} steps from {recipe.relative_to(REPO)} ({run_dir})")
     started = time.perf_counter()

@@ -22,11 +22,16 @@ Code families:
 arithmetic, logic and python_functions come from `megatron_code.evaluation.synthetic` with
 `split="train"`: that module sends every problem (keyed by what it asks, not its wording) to
 exactly one of its splits, so no instruction asks an evaluation item, whatever the seeds.
+
+    python -m megatron_code.data.instructions --out runs/sft/text.jsonl \
+        --count prose_qa=400 arithmetic=400 logic=200 --prose runs/quickstart/corpus/text.jsonl
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import random
+import sys
 import re
 import sysconfig
 import textwrap
@@ -102,7 +107,7 @@ def prose_qa(n: int, seed: int, prose: Path | None = None) -> list[dict]:
     for line_no, text in iter_jsonl(Path(prose)):
         for p, block in enumerate(re.split(r"\n\s*\n", text)):
             paragraph = " ".join(block.split())
-            if not 200 <= len(paragraph) <= 700 or ">>>" in paragraph:
+            if not 150 <= len(paragraph) <= 450 or ">>>" in paragraph:
                 continue
             for s, sentence in enumerate(_sentences(paragraph)):
                 words = [w for w in dict.fromkeys(re.findall(r"\b[a-z]{4,12}\b", sentence)) if w not in _STOPWORDS]
@@ -159,3 +164,28 @@ def make_instructions(counts: dict[str, int], seed: int, prose: Path | None = No
     records = [r for family, n in counts.items() if n for r in FAMILIES[family](n, seed, prose)]
     random.Random(f"shuffle:{seed}").shuffle(records)
     return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_code.data.instructions", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="the JSONL to write")
+    parser.add_argument("--count", nargs="+", required=True, metavar="FAMILY=N", help="examples per family")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--prose", type=Path, help="prose corpus JSONL (for prose_qa)")
+    args = parser.parse_args(argv)
+    from megatron_code.evaluation.tasks import write_jsonl
+
+    try:
+        counts = {family: int(n) for family, _, n in (c.partition("=") for c in args.count)}
+        records = make_instructions(counts, args.seed, args.prose)
+    except ValueError as e:  # DataError, or a count that is not a number
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    write_jsonl(args.out, records)
+    print(f"{args.out}: " + ", ".join(f"{n} {family}" for family, n in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
