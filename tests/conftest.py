@@ -35,3 +35,16 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> TinyCorpus:
     model = train_tokenizer([corpus["text"], corpus["code"]], root / "tokenizer" / "spm", vocab_size=1024,
                             progress=False)
     return TinyCorpus(corpus["text"], corpus["code"], model, hf_tokenizer_dir(model))
+
+
+@pytest.fixture(scope="session")
+def datasets(tiny_corpus, tmp_path_factory) -> dict[str, str]:
+    """The tiny corpus's text and code sources as indexed datasets: {name: prefix}."""
+    from megatron_code.data.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("indexed")
+    prefixes = {}
+    for name in ("text", "code"):
+        summary = preprocess(getattr(tiny_corpus, name), out / name, tiny_corpus.tokenizer, progress=False)
+        prefixes[name] = str(summary["outputs"]["text"])
+    return prefixes

@@ -77,36 +77,50 @@ def build_source_datasets(config: DataConfig, tokenizer, seed: int, cache_dir: s
 
 
 class MixtureLoader:
-    """Global batches as lists of micro batches, drawn through the mixture. Stateless apart
-    from the mixture's consumed counts, which the checkpoint holds."""
+    """Global batches as lists of micro batches, drawn through the mixture. Every rank computes
+    the same picks with no communication; data-parallel rank r of D keeps the r-th contiguous
+    1/D of each global batch. Stateless apart from the mixture's consumed counts (`state_dict`)."""
 
     def __init__(self, sources: list[SourceData], mixture: Mixture, micro_batch_size: int,
-                 device: torch.device):
+                 device: torch.device, dp_rank: int = 0, dp_size: int = 1):
         self.sources, self.mixture = sources, mixture
         self.micro_batch_size, self.device = micro_batch_size, device
+        self.dp_rank, self.dp_size = dp_rank, dp_size
 
-    def _collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        return {k: torch.stack([s[k] for s in samples]).to(self.device, non_blocking=True)
-                for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    def _collate(self, samples: list[tuple[int, dict]]) -> dict[str, torch.Tensor]:
+        """(source index, sample) pairs -> a micro batch; `source` indexes data.sources."""
+        batch = {k: torch.stack([s[k] for _, s in samples])
+                 for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        batch["source"] = torch.tensor([d for d, _ in samples], dtype=torch.int64)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def global_batch(self, size: int) -> tuple[list[dict[str, torch.Tensor]], np.ndarray]:
-        """(micro batches, samples per source in this batch)."""
+        """(this data-parallel rank's micro batches, samples per source in the whole global batch)."""
         picks = self.mixture.take(size)
         per_source = np.bincount([d for d, _ in picks], minlength=len(self.sources))
+        share = size // self.dp_size
         samples = []
-        for d, i in picks:
+        for d, i in picks[self.dp_rank * share: (self.dp_rank + 1) * share]:
             train = self.sources[d].train
-            samples.append(train[i % len(train)])
+            samples.append((d, train[i % len(train)]))
         mbs = self.micro_batch_size
-        return [self._collate(samples[j: j + mbs]) for j in range(0, size, mbs)], per_source
+        return [self._collate(samples[j: j + mbs]) for j in range(0, share, mbs)], per_source
+
+    def state_dict(self) -> dict:
+        return self.mixture.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mixture.load_state_dict(state)
 
     def epochs(self) -> dict[str, float]:
         """How many passes over each source's training split the run has made so far."""
         return {s.name: float(c) / len(s.train) for s, c in zip(self.sources, self.mixture.consumed)}
 
     def valid_batches(self, source: SourceData, num_batches: int) -> list[dict[str, torch.Tensor]]:
+        """The same held-out micro batches on every rank."""
         n = min(len(source.valid), num_batches * self.micro_batch_size)
-        samples = [source.valid[i] for i in range(n)]
+        index = self.sources.index(source)
+        samples = [(index, source.valid[i]) for i in range(n)]
         mbs = self.micro_batch_size
         return [self._collate(samples[j: j + mbs]) for j in range(0, n, mbs)]
 
