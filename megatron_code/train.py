@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     path, overrides = parse_args(argv)
     try:
         config = load_config(path, overrides)
+        config.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's ranks fit the layout
     except ConfigError as e:
         _fail(e)
     # heavy imports only after the config is valid

@@ -33,6 +33,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -134,7 +135,9 @@ def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     metadata = reader.read_metadata().state_dict_metadata
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.items()
              if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that there is no process group: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=reader, no_dist=True)
     return {k[len("model."):]: v for k, v in state.items()}
 
 
