@@ -29,8 +29,9 @@ def parse_args(argv: list[str] | None = None):
 
 
 def _fail(error: Exception) -> None:
-    """Every rank stops; rank 0 says why (the checks are the same on every rank)."""
-    sys.exit(f"error: {error}" if os.environ.get("RANK", "0") == "0" else 1)
+    """Stop with the message on every rank: torchrun ends the other ranks as soon as one exits,
+    so a message left to rank 0 alone could be cut off."""
+    sys.exit(f"error: {error}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -200,27 +200,35 @@ def test_per_source_training_loss(train_args, root, references):
 
 
 # ----------------------------------------------------------------------------------------------
-# the command line under torchrun
+# the command line under torchrun, through the launchers in examples/launch
 
-def test_torchrun_cli(train_args, root):
+LAUNCH = Path(__file__).resolve().parents[1] / "examples" / "launch"
+
+
+def launch(script: str, env: dict, *args) -> "subprocess.CompletedProcess":
+    import os
     import subprocess
 
-    def torchrun(*args):
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   "-m", "megatron_code.train", *args]
-        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # this venv's torchrun
+    return subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PATH": path, **env})
+
+
+def test_torchrun_launchers(train_args, root):
+    from distributed_utils import find_free_port
 
     out = root / "torchrun"
-    done = torchrun(*train_args(out, "--train.steps=3", "--train.eval_interval=3",
-                                "--parallel.pipeline=2"))
+    done = launch("single_node.sh", {"NPROC_PER_NODE": "2"},
+                  *train_args(out, "--train.steps=3", "--train.eval_interval=3", "--parallel.pipeline=2"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: step 3") == 1  # rank 0 prints
     assert (out / "checkpoints" / "step_0000003" / "trainer_state.json").is_file()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and records[0]["layout"] == "tp1-pp2-dp1"
     assert "valid_loss/code" in records[-1]
-    bad = torchrun(*train_args(root / "torchrun-bad", "--parallel.tensor=2",
-                               "--parallel.pipeline=2"))
+    bad = launch("multi_node.sh", {"NNODES": "1", "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(find_free_port())},
+                 *train_args(root / "torchrun-bad", "--parallel.tensor=2", "--parallel.pipeline=2"))
     assert bad.returncode != 0
     assert "error: world size 2 is not divisible by parallel.tensor x parallel.pipeline = 2 x 2" in bad.stderr
 
