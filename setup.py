@@ -30,9 +30,10 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout", "transformers>=4.45", "tokenizers>=0.19", "safetensors"],
+        "dev": ["pytest>=7", "pytest-timeout", "transformers>=4.45", "tokenizers>=0.19", "safetensors", "matplotlib"],
         "hf": ["transformers>=4.45", "tokenizers>=0.19", "datasets"],
         "tensorboard": ["tensorboard"],
+        "plot": ["matplotlib"],
     },
     entry_points={
         "console_scripts": [

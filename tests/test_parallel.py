@@ -48,7 +48,7 @@ def assert_trains_like(run: dict, reference: dict, steps: int = STEPS) -> None:
     which turns a rounding difference in a near-zero gradient into a visible one.)"""
     torch.testing.assert_close(torch.tensor(run["losses"][:steps]), torch.tensor(reference["losses"][:steps]),
                                rtol=RTOL, atol=0)
-    for name in ("grad_norm", "train_loss/text", "train_loss/code"):
+    for name in ("grad_norm", "loss/text", "loss/code"):
         torch.testing.assert_close(torch.tensor(metric(run["run_dir"], name)[:steps]),
                                    torch.tensor(metric(reference["run_dir"], name)[:steps]), rtol=RTOL, atol=0)
     if steps == STEPS:
@@ -167,7 +167,7 @@ def test_activation_checkpointing_gives_the_same_gradients(train_args, root):
     for mode in ("none", "selective", "full"):
         trainer = Trainer(load_config(None, train_args(root / f"ac-{mode}",
                                                        f"--parallel.activation_checkpointing={mode}")))
-        batches, _ = trainer.data.global_batch(8)
+        batches = trainer.data.next_step().micro_batches
         trainer.model.forward_backward(batches, LossTotals(2, torch.device("cpu")))
         grads[mode] = {name.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
                        for name, p in trainer.model.parts[0].named_parameters()}
@@ -185,7 +185,7 @@ def test_per_source_training_loss(train_args, root, references):
     from megatron_code.training.trainer import Trainer
 
     trainer = Trainer(load_config(None, train_args(root / "per-source")))
-    micro_batches, _ = trainer.data.global_batch(8)
+    micro_batches = trainer.data.next_step().micro_batches
     batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
     model = trainer.model.parts[0].double()
     logits = model(batch["tokens"], batch["position_ids"])
@@ -193,9 +193,9 @@ def test_per_source_training_loss(train_args, root, references):
     first = json.loads((Path(references[()]["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
     for index, name in enumerate(("text", "code")):
         expected = losses[batch["source"] == index].mean().item()
-        assert first[f"train_loss/{name}"] == pytest.approx(expected, rel=1e-6), name
+        assert first[f"loss/{name}"] == pytest.approx(expected, rel=1e-6), name
         assert first[f"samples/{name}"] == int((batch["source"] == index).sum())
-    weighted = sum(first[f"train_loss/{n}"] * first[f"samples/{n}"] for n in ("text", "code")) / 8
+    weighted = sum(first[f"loss/{n}"] * first[f"samples/{n}"] for n in ("text", "code")) / 8
     assert weighted == pytest.approx(first["loss"], rel=1e-9)
 
 

@@ -143,10 +143,11 @@ def worker(args) -> None:
     ranks = [None] * world
     dist.all_gather_object(ranks, mine)
     if runtime.is_main:
+        slowest = max(r["median_step_s"] for r in ranks)  # the step ends when the last rank is done
         result = {"layout": args.layout, "world_size": world, "threads_per_rank": torch.get_num_threads(),
-                  "device": device.type, "parameters": model.num_parameters(),
-                  "median_step_s": max(r["median_step_s"] for r in ranks), "tokens_per_s": tokens / median,
-                  "tokens_per_s_per_rank": tokens / median / world, "ranks": ranks, "step_times_s": times}
+                  "device": device.type, "parameters": model.num_parameters(), "median_step_s": slowest,
+                  "tokens_per_s": tokens / slowest, "tokens_per_s_per_rank": tokens / slowest / world,
+                  "ranks": ranks, "step_times_s": times}
         with open(args.out, "w") as f:
             json.dump(result, f)
     dist.destroy_process_group()
@@ -193,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--activation-checkpointing", default="none", choices=("none", "selective", "full"))
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per layout")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per layout and round")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every layout, in turns; the median counts")
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads in all")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -204,29 +206,37 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
 
-    results = []
     print(f"preset={args.preset} vocab={args.vocab_size} seq={args.seq_length} micro={args.micro_batch_size} "
           f"global={args.global_batch_size} schedule={args.schedule} V={args.virtual_stages} "
-          f"dp_shard={args.dp_shard} cores={args.cores} torch={torch.__version__}", flush=True)
-    print(f"{'layout':<8} {'step ms':>8} {'tok/s':>8} {'tok/s/rank':>10} {'GFLOP/s/rank':>12} {'peak MiB/rank':>13} "
-          f"{'comm':>6} {'bubble theory':>13} {'idle measured':>13}")
-    for layout in args.layouts:
-        r = run_layout(args, layout)
+          f"dp_shard={args.dp_shard} cores={args.cores} rounds={args.rounds} torch={torch.__version__}", flush=True)
+    rounds = {layout: [] for layout in args.layouts}
+    for _ in range(args.rounds):  # layouts take turns, so slow drifts in machine load hit all alike
+        for layout in args.layouts:
+            rounds[layout].append(run_layout(args, layout))
+    results = []
+    for layout, runs in rounds.items():
+        r = sorted(runs, key=lambda x: x["median_step_s"])[len(runs) // 2]  # the median round
+        r["round_step_s"] = [x["median_step_s"] for x in runs]
         t, p, d = parse_layout(layout)
         r["theoretical_bubble"] = theoretical_bubble(args, t, p, d)
         baseline = results[0] if results and results[0]["world_size"] == 1 else None
         r["measured_idle"] = (1 - baseline["median_step_s"] / (p * r["median_step_s"])
                               if baseline and p > 1 else None)
         results.append(r)
+    print(f"{'layout':<8} {'step ms':>8} {'tok/s':>8} {'tok/s/rank':>10} {'GFLOP/s/rank':>12} {'peak MiB/rank':>13} "
+          f"{'comm':>6} {'bubble theory':>13} {'idle measured':>13}")
+    for r in results:
         ranks = r["ranks"]
-        print(f"{layout:<8} {1e3 * r['median_step_s']:>8.1f} {r['tokens_per_s']:>8.0f} {r['tokens_per_s_per_rank']:>10.0f} "
+        print(f"{r['layout']:<8} {1e3 * r['median_step_s']:>8.1f} {r['tokens_per_s']:>8.0f} "
+              f"{r['tokens_per_s_per_rank']:>10.0f} "
               f"{statistics.mean(x['model_flops_per_s'] for x in ranks) / 1e9:>12.2f} "
               f"{max(x['peak_memory_bytes'] for x in ranks) / 2**20:>13.0f} "
               f"{statistics.mean(x['comm_share'] for x in ranks):>6.1%} "
               + (f"{r['theoretical_bubble']:>13.1%} {r['measured_idle']:>13.1%}" if r["measured_idle"] is not None
-                 else f"{'':>13} {'':>13}"), flush=True)
+                 else f"{'':>13} {'':>13}"))
     if args.json:
         meta = {k: v for k, v in vars(args).items() if k not in ("json", "worker", "layout", "out")}
+        meta["machine_load_1min"] = os.getloadavg()[0]
         meta.update(torch=torch.__version__, python=sys.version.split()[0],
                     cuda_device=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
         with open(args.json, "w") as f:

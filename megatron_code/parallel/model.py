@@ -130,30 +130,35 @@ class ParallelModel:
     # evaluation
 
     @torch.no_grad()
-    def evaluate(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def evaluate(self, batch: dict, split_over_data_parallel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample (masked loss sum, loss-token count) of `batch` -- tokens, labels, loss_mask,
-        optionally position_ids; the same batch on every rank, any size -- returned on every rank.
-        Data-parallel ranks each take a contiguous share of the samples."""
-        size, dp = batch["tokens"].shape[0], self.runtime.size("dp")
+        optionally position_ids; any number of samples -- returned on every rank. By default
+        every rank passes the same batch and data-parallel ranks each evaluate a contiguous
+        share; with `split_over_data_parallel=False` each data-parallel rank passes its own
+        samples and gets their results."""
+        tokens = batch["tokens"]
+        batch = {"position_ids": torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens),
+                 **{k: batch[k] for k in ("tokens", "labels", "loss_mask", "position_ids") if k in batch}}
+        dp = self.runtime.size("dp") if split_over_data_parallel else 1
+        size = tokens.shape[0]
         share = math.ceil(size / dp)
-        rows = torch.arange(share * dp, device=batch["tokens"].device).clamp(max=size - 1)
-        padded = {k: v[rows] for k, v in batch.items() if k in ("tokens", "labels", "loss_mask", "position_ids")}
-        padded["loss_mask"] = padded["loss_mask"] * (torch.arange(share * dp, device=rows.device) < size)[:, None]
-        if "position_ids" not in padded:
-            padded["position_ids"] = torch.arange(batch["tokens"].shape[1], device=rows.device).expand_as(padded["tokens"])
-        start = self.runtime.coordinate("dp") * share
-        mine = {k: v[start:start + share] for k, v in padded.items()}
+        if dp > 1:  # pad to dp equal shares (padding rows carry no loss tokens), keep this rank's
+            rows = torch.arange(share * dp, device=tokens.device)
+            batch = {k: v[rows.clamp(max=size - 1)] for k, v in batch.items()}
+            batch["loss_mask"] = batch["loss_mask"] * (rows < size)[:, None]
+            start = self.runtime.coordinate("dp") * share
+            batch = {k: v[start:start + share] for k, v in batch.items()}
         for part in self.parts:
             part.eval()
         try:
-            result = self._evaluate_share(mine)
+            result = self._evaluate_share(batch)
         finally:
             for part in self.parts:
                 part.train()
         if dp > 1:
-            gathered = result.new_empty(dp * 2, result.shape[1])
+            gathered = result.new_empty(dp * 2, share)
             dist.all_gather_into_tensor(gathered, result, group=self.runtime.group("dp"))
-            result = gathered.view(dp, 2, -1).transpose(0, 1).flatten(1)
+            result = gathered.view(dp, 2, share).transpose(0, 1).flatten(1)
         return result[0, :size], result[1, :size]
 
     def _evaluate_share(self, batch: dict) -> torch.Tensor:

@@ -257,6 +257,13 @@ class Checkpointer:
         saved = json.loads((step_dir / "trainer_state.json").read_text())
         weights_only = weights_only or saved.get("weights_only", False)
         names = ["model"] if weights_only else list(self.sharded)
+        if not weights_only:  # plain states first: the data pipeline checks that its order can continue
+            missing = [name for name in self.plain if name not in saved]
+            if missing:
+                raise CheckpointError(f"{step_dir} has no {missing} state: an older format; start from its weights "
+                                      f"with --checkpoint.init_from={step_dir}")
+            for name, component in self.plain.items():
+                component.load_state_dict(saved[name])
         state = {name: self.sharded[name].state_dict() for name in names}
         keys = _flat_keys(state)
         flat = {key: state[outer][inner] for key, (outer, inner) in keys.items()}
@@ -272,8 +279,6 @@ class Checkpointer:
             self.sharded[name].load_state_dict(state[name])
         if weights_only:
             return False
-        for name, component in self.plain.items():
-            component.load_state_dict(saved[name])
         rng_file = step_dir / f"rng_rank{dist.get_rank()}.json"
         if rng_file.is_file():  # absent when resuming on more ranks than saved
             _set_rng_state(json.loads(rng_file.read_text()))

@@ -15,9 +15,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_code.config import Config, ConfigError
-from megatron_code.data.datasets import MixtureLoader, build_source_datasets, check_prefix, default_cache_dir
-from megatron_code.data.mixture import Mixture
-from megatron_code.data.preprocess import check_dataset_matches_tokenizer
+from megatron_code.data.pipeline import DataPipeline
 from megatron_code.data.tokenizer import load_tokenizer
 from megatron_code.parallel.distributed import Runtime, build_runtime, launched_world_size
 from megatron_code.parallel.model import ParallelModel, build_model
@@ -38,28 +36,20 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
-def build_data(config: Config, tokenizer, runtime: Runtime) -> MixtureLoader:
+def build_data(config: Config, tokenizer, runtime: Runtime) -> DataPipeline:
     """The data component: asked each step for this data-parallel rank's micro batches of the
-    step's global batch (`global_batch`), and for held-out batches (`valid_batches`); its state
-    is plain data. Batches carry tokens, labels, loss_mask, position_ids and `source` (index into
-    data.sources)."""
-    sources = build_source_datasets(config.data, tokenizer, config.train.seed,
-                                    default_cache_dir(config.train.output_dir, config.data))
-    mixture = Mixture([s.name for s in config.data.sources], [s.weight for s in config.data.sources])
-    return MixtureLoader(sources, mixture, config.train.micro_batch_size, runtime.device,
-                         runtime.coordinate("dp"), runtime.size("dp"))
+    step's global batch (`next_step`), and for this rank's share of held-out batches
+    (`valid_batches`); its state is plain data. Batches carry tokens, labels, loss_mask,
+    position_ids and `source` (index into data.sources)."""
+    return DataPipeline(config, tokenizer, runtime.coordinate("dp"), runtime.size("dp"), runtime.device)
 
 
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
-        # Cheap checks first: the layout, files and checkpoints, before datasets or the model.
+        # Cheap checks first: the layout, the tokenizer and checkpoints, before datasets or the model.
         config.validate(world_size=launched_world_size())
-        for source in config.data.sources:
-            check_prefix(source.name, source.prefix)
         self.tokenizer = load_tokenizer(config.data.tokenizer)
-        for source in config.data.sources:
-            check_dataset_matches_tokenizer(source.prefix, self.tokenizer)
         ckpt = config.checkpoint
         start_from = resolve(ckpt.load or ckpt.init_from) if (ckpt.load or ckpt.init_from) else None
         if start_from is not None:
@@ -76,7 +66,6 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         np.random.seed(config.train.seed)
         self.data = build_data(config, self.tokenizer, self.runtime)
-        self.source_names = [s.name for s in config.data.sources]
         empty_valid = [s.name for s in self.data.sources if s.valid is None]
         if empty_valid and main and config.train.eval_interval:
             print(f"note: sources {empty_valid} have no validation documents with data.split={config.data.split}; "
@@ -114,34 +103,35 @@ class Trainer:
         cfg = self.config
         lr = lr_at(self.step, cfg.train.steps, cfg.optim)
         self.optimizer.set_lr(lr)
-        micro_batches, per_source = self.data.global_batch(cfg.train.global_batch_size)
-        totals = LossTotals(len(self.source_names), self.runtime.device)
-        self.model.forward_backward(micro_batches, totals)
+        data = self.data.next_step()
+        totals = LossTotals(len(self.data.names), self.runtime.device)
+        self.model.forward_backward(data.micro_batches, totals)
         grad_norm = self.model.clip_grad_norm_(cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.train_state.step += 1
-        return {"loss": totals.mean(), "lr": lr, "grad_norm": grad_norm.item(),
-                **{f"train_loss/{k}": v for k, v in totals.per_source(self.source_names).items()},
-                **{f"samples/{name}": int(n) for name, n in zip(self.source_names, per_source)}}
+        return {"loss": totals.mean(), "lr": lr, "grad_norm": grad_norm.item(), **data.metrics,
+                **{f"loss/{k}": v for k, v in totals.per_source(self.data.names).items()}}
 
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss per source on a fixed set of held-out samples."""
+        """Mean validation loss per source on a fixed set of held-out samples (each data-parallel
+        rank evaluates its share)."""
         out = {}
-        for source in self.data.sources:
+        for index, source in enumerate(self.data.sources):
             if source.valid is None:
                 continue
-            batches = self.data.valid_batches(source, self.config.train.eval_batches)
-            sums, counts = self.model.evaluate({k: torch.cat([b[k] for b in batches]) for k in batches[0]})
-            out[source.name] = (sums.sum() / counts.sum().clamp(min=1)).item()
+            batches = self.data.valid_batches(index)
+            totals = LossTotals(1, self.runtime.device)
+            if batches:
+                sums, counts = self.model.evaluate({k: torch.cat([b[k] for b in batches]) for k in batches[0]},
+                                                   split_over_data_parallel=False)
+                totals.add(sums, counts, torch.zeros_like(sums, dtype=torch.long))
+            totals.all_reduce(counted_here=self.runtime.coordinate("tp") == 0 and self.runtime.coordinate("pp") == 0)
+            out[source.name] = totals.mean()
         return out
 
     def save(self) -> Path | None:
         return self.checkpointer.save(self.step) if self.config.checkpoint.save else None
-
-    def tokens_per_source(self) -> dict[str, int]:
-        return {name: int(c) * self.config.data.seq_length
-                for name, c in zip(self.source_names, self.data.mixture.consumed)}
 
     def train(self) -> TrainResult:
         cfg, main = self.config, self.runtime.is_main
@@ -180,6 +170,7 @@ class Trainer:
         bar.close()
         result.step = self.step
         result.checkpoint = self.save()
-        result.tokens_per_source = self.tokens_per_source()
+        result.tokens_per_source = dict(self.data.cursor.tokens)
+        self.data.close()
         self.metrics.close()
         return result
