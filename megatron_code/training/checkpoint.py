@@ -25,6 +25,9 @@ Contract for readers (conversion, evaluation, `init_from`):
   fresh optimizer, LR schedule and data position, step 0, under any layout.
 - A checkpoint loads under another vocabulary padding: rows both have are copied, rows only the
   new model has keep their initial values (they are padding).
+- Evaluation under any layout: `ParallelModel.evaluate(batch)` (parallel/model.py) takes the same
+  batch of tokens, labels and loss_mask on every rank and returns each sample's masked loss sum
+  and loss-token count on every rank (validation loss, multiple-choice scoring).
 """
 from __future__ import annotations
 
