@@ -22,10 +22,17 @@ RTOL = 1e-5
 
 
 def run_in_process(args: list[str]) -> dict:
+    """Train; then evaluate three held-out samples given alike to every rank (the evaluation
+    forward other tools use: per-sample loss sums and token counts)."""
     from megatron_code.training.trainer import Trainer
 
-    result = Trainer(load_config(None, args)).train()
-    return {"losses": result.losses, "valid": result.valid_losses, "run_dir": str(result.run_dir)}
+    trainer = Trainer(load_config(None, args))
+    result = trainer.train()
+    valid = trainer.data.sources[0].valid
+    batch = {k: torch.stack([valid[i][k] for i in range(3)]) for k in ("tokens", "labels", "loss_mask")}
+    per_sample = torch.stack(trainer.model.evaluate(batch)).tolist()
+    return {"losses": result.losses, "valid": result.valid_losses, "run_dir": str(result.run_dir),
+            "per_sample": per_sample}
 
 
 def _train_runs(rank: int, world_size: int, runs: list[list[str]]) -> list[dict]:
@@ -43,8 +50,8 @@ def model_at(run_dir, step: int) -> dict[str, torch.Tensor]:
 
 
 def assert_trains_like(run: dict, reference: dict, steps: int = STEPS) -> None:
-    """Losses, gradient norms and validation losses within RTOL; each parameter after `steps`
-    within RTOL in Frobenius norm. (Single elements can differ more: Adam divides by sqrt(v),
+    """Losses, gradient norms, validation losses and the evaluation forward's per-sample results
+    within RTOL; each parameter after `steps` within RTOL in Frobenius norm. (Single elements can differ more: Adam divides by sqrt(v),
     which turns a rounding difference in a near-zero gradient into a visible one.)"""
     torch.testing.assert_close(torch.tensor(run["losses"][:steps]), torch.tensor(reference["losses"][:steps]),
                                rtol=RTOL, atol=0)
@@ -55,6 +62,8 @@ def assert_trains_like(run: dict, reference: dict, steps: int = STEPS) -> None:
         assert run["valid"].keys() == reference["valid"].keys() == {"text", "code"}
         for name, value in reference["valid"].items():
             assert run["valid"][name] == pytest.approx(value, rel=RTOL), name
+        torch.testing.assert_close(torch.tensor(run["per_sample"]), torch.tensor(reference["per_sample"]),
+                                   rtol=RTOL, atol=0)
     ours, theirs = model_at(run["run_dir"], steps), model_at(reference["run_dir"], steps)
     assert ours.keys() == theirs.keys()
     for name, expected in theirs.items():

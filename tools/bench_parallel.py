@@ -13,8 +13,10 @@ AdamW) on random tokens: warm-up steps, then timed steps. Per layout it reports
   measured idle share 1 - t_1 / (P t_P), where t_1 is the one-process step time of the same
   batch (it also counts the send/recv time and the TP/DP work of the layout).
 
-The whole machine serves every layout: one process gets all cores as threads, N ranks get
-cores / N threads each (torchrun's default is 1).
+Threads: `--cores C` are split over the ranks (at least one each). The default, all cores,
+gives every layout the same machine; `--cores 1` gives every rank one thread, so N ranks have N
+times the compute of one process, as N GPUs would: tokens/s per rank against one process is
+then the layout's parallel efficiency.
 
     python tools/bench_parallel.py                               # tiny: 1x1x1, TP 2, PP 2, DP 2 on CPU
     python tools/bench_parallel.py --layouts 1x1x1 2x1x1 1x2x1 --preset quickstart --json out.json
@@ -235,12 +237,10 @@ def main(argv: list[str] | None = None) -> int:
               + (f"{r['theoretical_bubble']:>13.1%} {r['measured_idle']:>13.1%}" if r["measured_idle"] is not None
                  else f"{'':>13} {'':>13}"))
     if args.json:
-        meta = {k: v for k, v in vars(args).items() if k not in ("json", "worker", "layout", "out")}
-        meta["machine_load_1min"] = os.getloadavg()[0]
-        meta.update(torch=torch.__version__, python=sys.version.split()[0],
-                    cuda_device=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-        with open(args.json, "w") as f:
-            json.dump({"config": meta, "results": results}, f, indent=2)
+        options = {k: v for k, v in vars(args).items() if k not in ("json", "worker", "layout", "out")}
+        with open(args.json, "w") as f:  # the machine is shared: its load says how noisy the numbers are
+            json.dump({"config": options, "torch": torch.__version__, "load_average_1min": os.getloadavg()[0],
+                       "results": results}, f, indent=2)
     return 0
 
 
