@@ -152,6 +152,7 @@ def worker(args) -> None:
                   "ranks": ranks, "step_times_s": times}
         with open(args.out, "w") as f:
             json.dump(result, f)
+    dist.barrier()  # no rank tears gloo down while another still talks
     dist.destroy_process_group()
 
 
