@@ -104,7 +104,8 @@ TWO_RANK_LAYOUTS = {
     "pp2-1f1b": ((), ("--parallel.pipeline=2", "--parallel.schedule=1f1b")),
     "pp2-interleaved-full-ac": (FOUR_LAYERS, ("--parallel.pipeline=2", "--parallel.schedule=interleaved_1f1b",
                                               "--parallel.virtual_stages=2", "--parallel.activation_checkpointing=full")),
-    "pp2-zero-bubble": ((), ("--parallel.pipeline=2", "--parallel.schedule=zero_bubble")),
+    "pp2-zero-bubble-uneven": (FOUR_LAYERS, ("--parallel.pipeline=2", "--parallel.schedule=zero_bubble",
+                                             "--parallel.layers_per_stage=[3, 1]")),
     "dp2": ((), ("--parallel.dp_shard=none",)),
     "dp2-zero2": ((), ("--parallel.dp_shard=zero2",)),
 }
@@ -123,6 +124,16 @@ def test_two_rank_layout_trains_like_one_process(layout, two_rank_runs, referenc
     assert_trains_like(two_rank_runs[layout], references[TWO_RANK_LAYOUTS[layout][0]])
     record = json.loads((Path(two_rank_runs[layout]["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
     assert record["layout"] == {"tp2": "tp2-pp1-dp1", "pp2": "tp1-pp2-dp1", "dp2": "tp1-pp1-dp2"}[layout[:3]]
+
+
+def test_stage_layout():
+    from megatron_code.config import ParallelConfig
+    from megatron_code.parallel.pipeline_parallel import local_stage_ids, stage_layers
+
+    interleaved = ParallelConfig(pipeline=2, virtual_stages=2, schedule="interleaved_1f1b")
+    assert stage_layers(8, interleaved) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert [local_stage_ids(r, interleaved) for r in (0, 1)] == [[0, 2], [1, 3]]
+    assert stage_layers(4, ParallelConfig(pipeline=2, layers_per_stage=[3, 1])) == [range(0, 3), range(3, 4)]
 
 
 # ----------------------------------------------------------------------------------------------
