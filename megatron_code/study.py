@@ -155,7 +155,8 @@ def train_arm(name: str, recipe: Path, run_dir: Path, overrides: list[str], step
          + f" ({time.perf_counter() - started:.0f} s)")
 
 
-def _common(size: Size, tokenizer: Path, run_dir: Path, steps: int, lr: float, progress: bool, device: str) -> list[str]:
+def _common(size: Size, tokenizer: Path, run_dir: Path, steps: int, lr: float, progress: bool,
+            device: str) -> list[str]:
     return [*size.model, f"--data.tokenizer={tokenizer}", f"--data.seq_length={size.seq_length}",
             "--data.split=95,5,0", f"--train.steps={steps}", f"--train.micro_batch_size={size.batch_size}",
             f"--train.global_batch_size={size.batch_size}", f"--train.eval_interval={steps}",

@@ -46,3 +46,19 @@ def tiny_indexed(tiny_corpus, tmp_path_factory) -> dict[str, str]:
     return {name: str(preprocess(getattr(tiny_corpus, name), out / name, tiny_corpus.tokenizer,
                                  progress=False)["outputs"]["text"])
             for name in ("text", "code")}
+
+
+@pytest.fixture(scope="session")
+def train_args(tiny_corpus, tiny_indexed):
+    """`train_args(out_dir, *overrides)`: the tiny preset (tied embeddings, GQA) in fp32 on the
+    text and code sources, 8 samples of 64 tokens per step, one per micro batch, 5 steps with
+    validation at the end; index caches shared by every run under the same parent directory."""
+    def make(out_dir, *extra) -> list[str]:
+        sources = ", ".join(f"{{name: {n}, prefix: '{p}', weight: {w}}}"
+                            for (n, p), w in zip(tiny_indexed.items(), (2, 1)))
+        return ["--model.preset=tiny", f"--data.sources=[{sources}]", f"--data.tokenizer={tiny_corpus.tokenizer}",
+                "--data.seq_length=64", "--data.split=80,20,0", f"--data.cache_dir={Path(out_dir).parent / 'cache'}",
+                "--train.micro_batch_size=1", "--train.global_batch_size=8", "--train.steps=5",
+                "--train.eval_interval=5", "--train.eval_batches=2", "--train.progress=false",
+                "--optim.warmup_steps=2", "--optim.lr=3e-3", f"--train.output_dir={out_dir}", *extra]
+    return make

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,11 +21,14 @@ from megatron_code.data.sft import SFTDataset, check_sft_dataset, preprocess_sft
 from megatron_code.data.tokenizer import load_tokenizer
 from megatron_code.kernels import TORCH_OPS, build_attention
 from megatron_code.model import GPT
-from megatron_code.training.loss import token_losses
+from megatron_code.training.loss import loss_fn
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distributed_utils import run_distributed  # noqa: E402
 
 MULTI_TURN = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
               {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"},
@@ -96,7 +100,7 @@ def test_changing_a_prompt_label_leaves_the_loss_and_a_response_label_changes_it
 
     def loss(labels):
         with torch.no_grad():
-            return token_losses(model, {**batch, "labels": labels}, TORCH_OPS).sum()
+            return loss_fn(model, {**batch, "labels": labels}, TORCH_OPS, 1)
 
     base = loss(batch["labels"])
     prompt = torch.nonzero((batch["loss_mask"][0] == 0) & (batch["document_ids"][0] < 3)).flatten()
@@ -170,7 +174,8 @@ def test_a_hugging_face_chat_template_is_rendered_by_transformers(tiny_corpus, t
      "messages[0] has unknown role 'bot'"),
     ('{"instruction": "Say something.", "output": "  "}', "empty response"),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
-     '{"role": "user", "content": "c"}, {"role": "assistant", "content": ""}]}', "empty response (assistant turn 2 of 2)"),
+     '{"role": "user", "content": "c"}, {"role": "assistant", "content": ""}]}',
+     "empty response (assistant turn 2 of 2)"),
     ('{"instruction": "Say something.", "output": "hi"', "invalid JSON"),
     ('{"text": "pretraining text"}', "not an instruction example"),
 ])
@@ -247,6 +252,31 @@ def test_mixture_proportions_over_an_sft_run_follow_the_schedule(tiny_corpus, tw
     assert all("loss/text" in r and "loss/code" in r for r in lines)
 
 
+def _tune(args: list[str]) -> dict:
+    from megatron_code.training.trainer import Trainer
+
+    result = Trainer(load_config(None, args)).train()
+    return {"losses": result.losses, "valid": result.valid_losses}
+
+
+def _tune_layouts(rank: int, world_size: int, runs: list[list[str]]) -> list[dict]:
+    return [_tune(args) for args in runs]
+
+
+def test_packed_tuning_under_tensor_and_pipeline_parallelism(tiny_corpus, two_sources, pretrained, tmp_path):
+    """Packed examples (document ids through every stage and head shard) tune alike in one
+    process and on two ranks split by tensor or by pipeline: losses and validation per source."""
+    def args(name, *extra):
+        return sft_overrides(tiny_corpus, two_sources, tmp_path / name, pretrained, "--train.steps=4",
+                             "--train.eval_interval=4", "--data.schedule=uniform", "--optim.lr=3e-3",
+                             "--train.micro_batch_size=2", *extra)
+    reference = _tune(args("one"))
+    runs = [args("tp2", "--parallel.tensor=2"), args("pp2", "--parallel.pipeline=2", "--parallel.schedule=1f1b")]
+    for run in run_distributed(_tune_layouts, world_size=2, timeout_s=600, args=(runs,))[0]:
+        torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)
+        assert run["valid"] == pytest.approx(reference["valid"], rel=1e-5)
+
+
 def test_sft_start_up_checks(tiny_corpus, tiny_indexed, two_sources, pretrained, tmp_path):
     from megatron_code.config import ConfigError
     from megatron_code.training.checkpoint import CheckpointError
@@ -259,7 +289,7 @@ def test_sft_start_up_checks(tiny_corpus, tiny_indexed, two_sources, pretrained,
     plain = sft_overrides(tiny_corpus, two_sources, tmp_path, pretrained)
     with pytest.raises(DataError, match="holds instruction data .* set train.stage=sft"):
         Trainer(load_config(None, [a for a in plain if not a.startswith(("--train.stage", "--checkpoint"))]))
-    with pytest.raises(CheckpointError, match="model.hidden_size: checkpoint 64, this run 128"):
+    with pytest.raises(CheckpointError, match="model.hidden_size=64; this config has 128"):
         Trainer(load_config(None, plain + ["--model.hidden_size=128"]))
 
 

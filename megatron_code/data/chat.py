@@ -55,7 +55,8 @@ def to_messages(obj: dict, where: str) -> list[dict[str, str]]:
             if m["role"] not in ROLES:
                 raise DataError(f"{where}: messages[{i}] has unknown role {m['role']!r} (known: {', '.join(ROLES)})")
             if not isinstance(m["content"], str):
-                raise DataError(f"{where}: messages[{i}].content holds {type(m['content']).__name__}, expected a string")
+                raise DataError(f"{where}: messages[{i}].content holds {type(m['content']).__name__}, "
+                                "expected a string")
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     elif "instruction" in obj:
         user = _string(obj, "instruction", where)

@@ -137,14 +137,16 @@ def stdlib_functions(n: int, seed: int, prose=None) -> list[dict]:
             continue
         for node in tree.body:
             doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
-            if not doc or node.name.startswith("_") or node.decorator_list or not 3 <= node.end_lineno - node.lineno < 25:
+            lines = node.end_lineno - node.lineno if doc else 0
+            if not doc or node.name.startswith("_") or node.decorator_list or not 3 <= lines < 25:
                 continue
             summary = " ".join(doc.split("\n\n")[0].split())
             code = textwrap.dedent(ast.get_source_segment(source, node))
             if len(summary) < 20 or len(code) > 1200 or ">>>" in summary:
                 continue
+            signature = f"{node.name}({ast.unparse(node.args)})"
             out.append(_record("stdlib_functions", f"{path.stem}.{node.name}",
-                               f"Write a Python function `{node.name}({ast.unparse(node.args)})`: {summary}", code + "\n"))
+                               f"Write a Python function `{signature}`: {summary}", code + "\n"))
             if len(out) == n:
                 return out
     raise DataError(f"stdlib_functions: asked for {n}, the standard library has {len(out)} that fit")
