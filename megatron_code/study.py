@@ -179,8 +179,10 @@ def evaluate_arm(name: str, run_dir: Path, tasks: list[Path], out: Path, size: S
     from megatron_code.evaluation.results import write_results
     from megatron_code.evaluation.tasks import MULTIPLE_CHOICE, load_task
 
-    step = _completed_step(run_dir)
-    if out.is_file() and json.loads(out.read_text()).get("step") == step:
+    from megatron_code.training.checkpoint import resolve
+
+    checkpoint = resolve(run_dir) / "trainer_state.json"
+    if out.is_file() and out.stat().st_mtime_ns > checkpoint.stat().st_mtime_ns:
         _log(f"{name}: evaluated ({out})")
         return out
     started = time.perf_counter()

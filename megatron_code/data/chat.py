@@ -28,6 +28,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -254,7 +255,7 @@ class HFChatTemplate(ChatTemplate):
         return {"kind": "hf", "source": self.where,
                 "sha256": hashlib.sha256(self.template.encode()).hexdigest(), "special_tokens": self.special}
 
-    @property
+    @cached_property
     def stop_ids(self):
         """End of document, and the first token the template puts after an assistant's text."""
         probe = "Xq7"

@@ -173,7 +173,7 @@ class SFTDataset:
         cut = np.flatnonzero(lengths > seq_length + 1)
         self.lengths = np.minimum(lengths, seq_length + 1)
         keep = self.lengths > 1
-        keep[cut] = [self._mask(e)[1:].any() for e in cut.tolist()]
+        keep[cut] = [self.example_mask(e)[1:].any() for e in cut.tolist()]
         self.truncated, self.dropped = len(cut), int((~keep).sum())
         order = np.flatnonzero(keep)[np.random.RandomState(seed).permutation(int(keep.sum()))]
         self.order = order
@@ -190,10 +190,11 @@ class SFTDataset:
             used += n
         return np.array(starts + [len(slots)], dtype=np.int64)
 
-    def _tokens(self, e: int) -> np.ndarray:
+    def example_tokens(self, e: int) -> np.ndarray:
+        """Token ids of example e (cut to data.seq_length + 1)."""
         return self.data.tokens[self.starts[e]: self.starts[e] + self.lengths[e]]
 
-    def _mask(self, e: int) -> np.ndarray:
+    def example_mask(self, e: int) -> np.ndarray:
         return self.data.tokens[self.mask_starts[e]: self.mask_starts[e] + self.lengths[e]]
 
     def __len__(self) -> int:
@@ -213,7 +214,7 @@ class SFTDataset:
         documents = np.full(T, len(examples), np.int64)  # padding: a document of its own, after the others
         at = 0
         for k, e in enumerate(examples.tolist()):
-            ids, mask = self._tokens(e), self._mask(e)
+            ids, mask = self.example_tokens(e), self.example_mask(e)
             n = len(ids) - 1
             tokens[at: at + n], labels[at: at + n], loss_mask[at: at + n] = ids[:-1], ids[1:], mask[1:]
             positions[at: at + n] = np.arange(n)
