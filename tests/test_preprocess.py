@@ -185,7 +185,7 @@ def test_ids_that_do_not_fit_name_the_line(tiny_corpus, tmp_path: Path, monkeypa
 
     jsonl = write_jsonl(tmp_path / "big.jsonl", [{"text": ""}, {"text": "a rather long line of prose"}])
     monkeypatch.setattr(tokenizer_module.SentencePieceTokenizer, "vocab_size", property(lambda self: 300))
-    with pytest.raises(DataError, match=r"big\.jsonl:2: token id \d+ does not fit: .* declares 300 ids .* uint16"):
+    with pytest.raises(DataError, match=r"big\.jsonl:2: token id \d+ does not fit: .* has ids 0 .. 299 .* uint16"):
         preprocess(jsonl, tmp_path / "out", tiny_corpus.tokenizer, progress=False)
 
 
