@@ -85,7 +85,8 @@ def _gpt2_files(texts: list[str], root: Path) -> tuple[Path, Path, Path]:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=1200, min_frequency=2, special_tokens=["<|endoftext|>"],
                             show_progress=False)
-    vocab, merges = bpe.save_model(str(root), "gpt2")
+    (root / "gpt2").mkdir()
+    vocab, merges = bpe.save_model(str(root / "gpt2"))  # vocab.json, merges.txt
     hf = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     hf.save_pretrained(root / "gpt2_hf")
     return Path(vocab), Path(merges), root / "gpt2_hf"
