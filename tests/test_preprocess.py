@@ -75,11 +75,7 @@ def reference_tokenizer(zoo, case: str) -> Reference:
         tok = build_tokenizer(megatron_core_args(tokenizer_type="Llama2Tokenizer", tokenizer_model=str(models[model])))
         return Reference(lambda text: [tok.bos] + tok.tokenize(text), tok.eod, tok.vocab_size)
     if kind == "legacy-gpt2":
-        from transformers import GPT2Tokenizer
-
-        gpt2 = GPT2Tokenizer.from_pretrained(zoo.gpt2_vocab.parent)  # its vocab.json and merges.txt
-        return Reference(lambda text: gpt2.encode(text, add_special_tokens=False, split_special_tokens=True),
-                         gpt2.convert_tokens_to_ids("<|endoftext|>"), len(gpt2))
+        return gpt2_reference(zoo)
     if kind == "NullTokenizer":
         tok = build_tokenizer(megatron_core_args(tokenizer_type=kind, vocab_size=5000))
     elif kind == "HuggingFaceTokenizer":
@@ -88,6 +84,24 @@ def reference_tokenizer(zoo, case: str) -> Reference:
     else:
         tok = build_tokenizer(megatron_core_args(tokenizer_type=kind, tokenizer_model=str(models[model])))
     return Reference(tok.tokenize, tok.eod, tok.vocab_size)
+
+
+def gpt2_reference(zoo) -> Reference:
+    """GPT-2 as Megatron-LM's legacy tokenizer runs it: words by GPT-2's pattern in Python's
+    `regex`, each word's UTF-8 bytes as byte symbols, BPE on each word, here by the model
+    transformers' GPT2Tokenizer loads from the vocab.json and merges.txt."""
+    import regex
+    from tokenizers import pre_tokenizers
+    from transformers import GPT2Tokenizer
+
+    gpt2 = GPT2Tokenizer.from_pretrained(zoo.gpt2_vocab.parent)
+    words = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+
+    def tokenize(text: str) -> list[int]:
+        return [t.id for word in words.findall(text) for symbols, _ in to_bytes.pre_tokenize_str(word)
+                for t in gpt2.backend_tokenizer.model.tokenize(symbols)]
+    return Reference(tokenize, gpt2.convert_tokens_to_ids("<|endoftext|>"), len(gpt2))
 
 
 def our_options(zoo, case: str) -> TokenizerOptions:

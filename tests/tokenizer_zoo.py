@@ -45,6 +45,7 @@ TRICKY_TEXTS = [
     "   ",
     "def f(x):\n    return {'a': [1, 2.5e-3]}  # code\n",
     "mixed ▁ U+2581 and _underscore_ and 12345 67.89",
+    "letters newer than some regex engines: a\u0558b \u0560\u0588 \u1c90\u1cba \U0001e900 \u08be",
 ]
 LONE_SURROGATE = "text with a lone surrogate \ud800 in it"
 

@@ -41,6 +41,8 @@ TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama
 """The types Megatron-LM's tool accepts that need no network (GPT2BPETokenizer: with --legacy-tokenizer)."""
 _LEGACY_SENTENCEPIECE_SPECIALS = ("<CLS>", "<SEP>", "<EOD>", "<MASK>")
 _GPT2_EOD = "<|endoftext|>"
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+"""GPT-2's word pattern (OpenAI's encoder), which Megatron-LM's GPT-2 tokenizer runs with `regex`."""
 
 
 @dataclass(frozen=True)
@@ -267,20 +269,25 @@ def _exact_backend(hf, with_specials: bool):
 
 
 def _gpt2_tokenizer(vocab_file: Path, merge_file: Path) -> DocumentTokenizer:
-    """Megatron-LM's legacy GPT-2 BPE, run by the `tokenizers` library.
+    """Megatron-LM's legacy GPT-2 BPE: GPT-2's pattern splits a text into words with Python's
+    `regex` module, as there, and the `tokenizers` library runs byte-level BPE on each word.
 
     Files are read as Megatron-LM reads them: the merges file loses its first line (the
     "#version" header) and whatever follows its last newline, and a pair listed twice keeps its
-    last rank. Literal special-token strings are plain text. Two things make the library's ids
-    Megatron-LM's: the pre-tokenizer is GPT-2's regex (tests/test_megatron_tokenizers.py compares
-    its splits with Python's `regex` module over every Unicode code point), and BPE merging. The
-    library merges the lowest-ranked pair one occurrence at a time, leftmost first; GPT-2's
-    loop merges all occurrences of the lowest-ranked pair, left to right, then looks again. The
-    two agree unless a merge creates a token that a lower-ranked pair contains, which a BPE
-    trainer never writes (it learns a merge only after its parts); such files are refused."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import BPE
-
+    last rank. Literal special-token strings are plain text. The words are split by the same
+    pattern and regex engine (the library's own engine knows an older Unicode: it takes letters
+    added since, such as U+0558, for punctuation). BPE: the library merges the lowest-ranked pair
+    one occurrence at a time, leftmost first; GPT-2's loop merges all occurrences of the
+    lowest-ranked pair, left to right, then looks again. The two agree unless a merge creates a
+    token that a lower-ranked pair contains, which a BPE trainer never writes (it learns a merge
+    only after its parts); such files are refused."""
+    try:
+        import regex
+        from tokenizers import Tokenizer, pre_tokenizers
+        from tokenizers.models import BPE
+    except ImportError:
+        raise DataError("--tokenizer-type GPT2BPETokenizer needs regex and tokenizers: pip install regex tokenizers") \
+            from None
     for path in (vocab_file, merge_file):
         if not path.is_file():
             raise DataError(f"{path}: no such file")
@@ -289,28 +296,29 @@ def _gpt2_tokenizer(vocab_file: Path, merge_file: Path) -> DocumentTokenizer:
         lines = merge_file.read_text(encoding="utf-8").split("\n")[1:-1]
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{vocab_file} / {merge_file}: unreadable ({type(e).__name__}: {e})") from None
-    ranks: dict[tuple[str, ...], int] = {}
-    for rank, line in enumerate(lines):
-        ranks[tuple(line.split())] = rank
-    merges = [pair for pair in sorted(ranks, key=ranks.__getitem__) if len(pair) == 2]
+    if _GPT2_EOD not in vocab:
+        raise DataError(f"{vocab_file}: no {_GPT2_EOD} entry (Megatron-LM's GPT-2 tokenizer ends documents with it)")
     missing = sorted(set(pre_tokenizers.ByteLevel.alphabet()) - set(vocab))
     if missing:
         raise DataError(f"{vocab_file}: lacks {len(missing)} of the 256 byte symbols of a GPT-2 vocabulary "
                         f"(first: {missing[0]!r})")
+    ranks: dict[tuple[str, ...], int] = {}
+    for rank, line in enumerate(lines):
+        ranks[tuple(line.split())] = rank
+    merges = [pair for pair in sorted(ranks, key=ranks.__getitem__) if len(pair) == 2]
     _check_merges(merges, vocab, merge_file)
     tok = Tokenizer(BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    if _GPT2_EOD not in vocab:
-        raise DataError(f"{vocab_file}: no {_GPT2_EOD} entry (Megatron-LM's GPT-2 tokenizer ends documents with it)")
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)  # bytes -> symbols only
+    words = regex.compile(_GPT2_PATTERN)
 
     def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        return flatten_ids([e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)])
+        split = [words.findall(t) for t in texts]
+        return flatten_ids([e.ids for e in tok.encode_batch_fast(split, is_pretokenized=True, add_special_tokens=False)])
 
     tokens = sorted(vocab, key=vocab.__getitem__)
     return DocumentTokenizer(f"GPT2BPETokenizer {vocab_file} (legacy)", len(vocab), vocab[_GPT2_EOD],
-                             "batch: tokenizers' byte-level BPE encode_batch_fast", vocabulary_fingerprint(tokens),
-                             encode)
+                             "batch: regex words, then tokenizers' byte-level BPE encode_batch_fast",
+                             vocabulary_fingerprint(tokens), encode)
 
 
 def _check_merges(merges: list[tuple[str, str]], vocab: dict[str, int], merge_file: Path) -> None:
