@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tokenizer_zoo import LONE_SURROGATE, corpus_rows, write_jsonl, zoo  # noqa: F401  (zoo is a fixture)
+from tokenizer_zoo import LONE_SURROGATE, corpus_rows, write_jsonl, write_punkt_model, zoo  # noqa: F401
 
 MEGATRON_LM_DIR = os.environ.get("MEGATRON_LM_DIR")
 MEGATRON_LM_PYTHON = os.environ.get("MEGATRON_LM_PYTHON", sys.executable)
@@ -120,3 +120,25 @@ def test_lone_surrogate_stops_both(megatron_lm, zoo, tiny_corpus, tmp_path: Path
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{jsonl}:8: key 'text' holds a lone surrogate (U+D800" in err
     assert not list(tmp_path.glob("ours*"))
+
+
+@pytest.mark.parametrize("extra", [["--partitions", "2"], ["--keep-newlines"]])
+def test_split_sentences_same_bytes(megatron_lm, zoo, tiny_corpus, tmp_path: Path, monkeypatch, extra) -> None:
+    """--split-sentences with a punkt model trained here. Megatron-LM loads punkt pickles, which
+    NLTK 3.9 and later refuse, so both interpreters need NLTK < 3.9. With one partition its tool
+    only writes the split sentences on a first run and encodes them on a second."""
+    nltk = pytest.importorskip("nltk")
+    if hasattr(nltk.tokenize.punkt, "PunktTokenizer"):
+        pytest.skip("needs NLTK < 3.9 here (Megatron-LM's tool loads punkt pickles, which later NLTK refuses)")
+    monkeypatch.setenv("NLTK_DATA", str(write_punkt_model(tiny_corpus, tmp_path / "nltk_data")))
+    (tmp_path / "mlm").mkdir()
+    jsonl = write_jsonl(tmp_path / "mlm" / "docs.jsonl", [r for r in corpus_rows(tiny_corpus) if isinstance(r["text"], str)])
+    argv = ["--input", str(jsonl), "--append-eod", "--workers", "2", "--split-sentences",
+            *flags(zoo, "SentencePieceTokenizer:llama"), *extra]
+    for _ in range(1 if "--partitions" in extra else 2):
+        done = run_megatron(megatron_lm, tmp_path / "mlm", [*argv, "--output-prefix", str(tmp_path / "mlm" / "out")])
+    theirs = tmp_path / "mlm" / "out_text_sentence"
+    assert Path(f"{theirs}.idx").exists(), f"Megatron-LM's tool failed:\n{done.stderr[-3000:]}"
+    assert load_tool("preprocess_data").main([*argv, "--output-prefix", str(tmp_path / "ours"), "--quiet"]) == 0
+    for ext in ("bin", "idx"):
+        assert Path(f"{tmp_path}/ours_text_sentence.{ext}").read_bytes() == Path(f"{theirs}.{ext}").read_bytes(), ext

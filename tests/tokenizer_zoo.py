@@ -97,3 +97,18 @@ def _gpt2_files(texts: list[str], root: Path) -> tuple[Path, Path, Path]:
 def zoo(tiny_corpus, tmp_path_factory) -> Zoo:
     """All of the above, trained once per session (a few seconds)."""
     return build_zoo(tiny_corpus, tmp_path_factory.mktemp("zoo"))
+
+
+def write_punkt_model(tiny_corpus, nltk_data: Path) -> Path:
+    """A punkt sentence splitter trained on the tiny corpus's prose, saved where NLTK < 3.9 and
+    Megatron-LM's tool look for `--lang english` under $NLTK_DATA."""
+    import pickle
+
+    from nltk.tokenize.punkt import PunktSentenceTokenizer, PunktTrainer
+
+    trainer = PunktTrainer()
+    trainer.train(tiny_corpus.text.read_text(encoding="utf-8"), finalize=True)
+    path = nltk_data / "tokenizers" / "punkt" / "english.pickle"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(PunktSentenceTokenizer(trainer.get_params())))
+    return nltk_data

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_code.data.errors import DataError
+from megatron_code.data.sentencepiece_words import WordCachedEncoder
 from megatron_code.data.tokenizer import SentencePieceTokenizer, flatten_ids, vocabulary_fingerprint
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
@@ -120,22 +121,29 @@ def build_document_tokenizer(options: TokenizerOptions) -> DocumentTokenizer:
 
 
 def _sentencepiece_tokenizer(tok: SentencePieceTokenizer, legacy_kind: str | None) -> DocumentTokenizer:
-    """megatron-core's wrapper (legacy_kind None) or one of the legacy megatron.training ones."""
+    """megatron-core's wrapper (legacy_kind None) or one of the legacy megatron.training ones.
+    All encode texts with `SentencePieceProcessor.encode`; for BPE models whose vocabulary
+    allows it, `WordCachedEncoder` gives the same ids with each distinct word encoded once."""
     sp, name = tok.sp, f"{legacy_kind or 'SentencePieceTokenizer'} {tok.path}"
     tok.num_threads = 1  # parallelism comes from worker processes
-    method = "batch: SentencePieceProcessor.encode over a list of texts (the per-text encode, looped in C++)"
+    words = WordCachedEncoder.for_model(tok)
+    encode = words.encode_flat if words is not None else tok.encode_flat
+    method = ("batch: normalize, then each distinct word encoded once by the model with normalization off "
+              "(sentencepiece_words)" if words is not None else
+              "batch: SentencePieceProcessor.encode over a list of texts (the per-text encode, looped in C++)")
     if legacy_kind == "Llama2Tokenizer":
         def with_bos(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-            tokens, lengths = tok.encode_flat(texts)
+            tokens, lengths = encode(texts)
             return np.insert(tokens, np.cumsum(lengths) - lengths, sp.bos_id()), lengths + 1
         return DocumentTokenizer(f"{name} (legacy)", tok.vocab_size, sp.eos_id(), method + ", BOS first",
                                  tok.fingerprint, with_bos)
     if legacy_kind == "SentencePieceTokenizer":
-        return _legacy_sentencepiece(tok, name, method)
-    return DocumentTokenizer(name, tok.vocab_size, sp.eos_id(), method, tok.fingerprint, tok.encode_flat)
+        return _legacy_sentencepiece(tok, encode, name, method)
+    return DocumentTokenizer(name, tok.vocab_size, sp.eos_id(), method, tok.fingerprint, encode)
 
 
-def _legacy_sentencepiece(tok: SentencePieceTokenizer, name: str, method: str) -> DocumentTokenizer:
+def _legacy_sentencepiece(tok: SentencePieceTokenizer, encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray]],
+                          name: str, method: str) -> DocumentTokenizer:
     """Megatron-LM's legacy `_SentencePieceTokenizer`: the special tokens below are matched as
     literal strings in the text (leftmost first; at equal positions the first in this order) and
     the text between them is encoded piece by piece; missing ones get ids after the vocabulary."""
@@ -156,23 +164,23 @@ def _legacy_sentencepiece(tok: SentencePieceTokenizer, name: str, method: str) -
     # A regex alternation finds the leftmost match and, there, the first alternative that matches.
     splitter = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
 
-    def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def encode_with_specials(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         parts = [splitter.split(t) for t in texts]  # text, special, text, ..., text
-        segments = [p for split in parts for p in split[::2]]
-        encoded = iter(sp.encode(segments, num_threads=1))
-        ids = []
-        for split in parts:
-            doc = list(next(encoded))
-            for special, _ in zip(split[1::2], split[2::2]):
-                doc.append(specials[special])
-                doc += next(encoded)
-            ids.append(doc)
-        return flatten_ids(ids)
+        tokens, lengths = encode([p for split in parts for p in split[::2]])
+        segments = iter(np.split(tokens, np.cumsum(lengths)[:-1]) if len(lengths) else [])
+        pieces, doc_lengths = [], np.zeros(len(texts), np.int64)
+        for i, split in enumerate(parts):
+            doc = [next(segments)]
+            for special in split[1::2]:
+                doc += [np.array([specials[special]], np.int32), next(segments)]
+            pieces += doc
+            doc_lengths[i] = sum(map(len, doc))
+        return np.concatenate(pieces) if pieces else tokens, doc_lengths
 
     pieces = [tok.id_to_token(i) for i in range(tok.vocab_size)] + added
     return DocumentTokenizer(f"{name} (legacy)", len(vocab), specials["<EOD>"],
                              method + f", pieces between literal {', '.join(specials)}",
-                             vocabulary_fingerprint(pieces), encode)
+                             vocabulary_fingerprint(pieces), encode_with_specials)
 
 
 # ------------------------------------------------------------------------------- Hugging Face
