@@ -98,14 +98,21 @@ def test_same_bytes_as_megatron_lm(megatron_lm, zoo, tiny_corpus, tmp_path: Path
         rows = corpus_rows(tiny_corpus)
     (tmp_path / "mlm").mkdir()
     jsonl = write_jsonl(tmp_path / "mlm" / "docs.jsonl", rows)
-    argv = ["--input", str(jsonl), "--json-keys", "text", "--append-eod", "--workers", str(workers),
-            *flags(zoo, case), *extra]
-    done = run_megatron(megatron_lm, tmp_path / "mlm", [*argv, "--output-prefix", str(tmp_path / "mlm" / "out")])
-    theirs = tmp_path / "mlm" / "out_text_document"
+    assert_same_bytes(megatron_lm, tmp_path, ["--input", str(jsonl), "--json-keys", "text", "--append-eod",
+                                              "--workers", str(workers), *flags(zoo, case), *extra])
+
+
+def assert_same_bytes(megatron_lm: Path, tmp_path: Path, argv: list[str], level: str = "document",
+                      megatron_runs: int = 1) -> None:
+    """Run Megatron-LM's tool (in tmp_path/mlm, next to the input) and ours with the same flags;
+    their `<prefix>_text_<level>.bin/.idx` must be equal."""
+    for _ in range(megatron_runs):
+        done = run_megatron(megatron_lm, tmp_path / "mlm", [*argv, "--output-prefix", str(tmp_path / "mlm" / "out")])
+    theirs = tmp_path / "mlm" / f"out_text_{level}"
     assert Path(f"{theirs}.idx").exists(), f"Megatron-LM's tool failed:\n{done.stderr[-3000:]}"
     assert load_tool("preprocess_data").main([*argv, "--output-prefix", str(tmp_path / "ours"), "--quiet"]) == 0
     for ext in ("bin", "idx"):
-        assert Path(f"{tmp_path}/ours_text_document.{ext}").read_bytes() == Path(f"{theirs}.{ext}").read_bytes(), ext
+        assert Path(f"{tmp_path}/ours_text_{level}.{ext}").read_bytes() == Path(f"{theirs}.{ext}").read_bytes(), ext
 
 
 def test_lone_surrogate_stops_both(megatron_lm, zoo, tiny_corpus, tmp_path: Path, capsys) -> None:
@@ -135,10 +142,4 @@ def test_split_sentences_same_bytes(megatron_lm, zoo, tiny_corpus, tmp_path: Pat
     jsonl = write_jsonl(tmp_path / "mlm" / "docs.jsonl", [r for r in corpus_rows(tiny_corpus) if isinstance(r["text"], str)])
     argv = ["--input", str(jsonl), "--append-eod", "--workers", "2", "--split-sentences",
             *flags(zoo, "SentencePieceTokenizer:llama"), *extra]
-    for _ in range(1 if "--partitions" in extra else 2):
-        done = run_megatron(megatron_lm, tmp_path / "mlm", [*argv, "--output-prefix", str(tmp_path / "mlm" / "out")])
-    theirs = tmp_path / "mlm" / "out_text_sentence"
-    assert Path(f"{theirs}.idx").exists(), f"Megatron-LM's tool failed:\n{done.stderr[-3000:]}"
-    assert load_tool("preprocess_data").main([*argv, "--output-prefix", str(tmp_path / "ours"), "--quiet"]) == 0
-    for ext in ("bin", "idx"):
-        assert Path(f"{tmp_path}/ours_text_sentence.{ext}").read_bytes() == Path(f"{theirs}.{ext}").read_bytes(), ext
+    assert_same_bytes(megatron_lm, tmp_path, argv, level="sentence", megatron_runs=1 if "--partitions" in extra else 2)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import sentencepiece as spm
-from tokenizer_zoo import LONE_SURROGATE, corpus_rows, write_jsonl, zoo  # noqa: F401  (zoo is a fixture)
+from tokenizer_zoo import LONE_SURROGATE, corpus_rows, write_jsonl, write_punkt_model, zoo  # noqa: F401
 
 from megatron_code.data.errors import DataError
 from megatron_code.data.megatron_tokenizers import TokenizerOptions, build_document_tokenizer
@@ -208,6 +208,24 @@ def test_partitions_order_as_megatron(zoo, tiny_corpus, tmp_path: Path, workers:
     assert preprocess_data.main(argv) == 0
     megatron_reference(jsonl, tmp_path / "in_order", ref)
     assert same_files(tmp_path / "seq_text_document", tmp_path / "in_order_text_document")
+
+
+def test_split_sentences_one_sequence_per_sentence(zoo, tiny_corpus, tmp_path: Path, monkeypatch) -> None:
+    """--split-sentences with a punkt model trained here (NLTK < 3.9 loads it as Megatron-LM does):
+    `<prefix>_text_sentence` files with one sequence per punkt sentence."""
+    nltk = pytest.importorskip("nltk")
+    if hasattr(nltk.tokenize.punkt, "PunktTokenizer"):
+        pytest.skip("a punkt model can be made offline only for NLTK < 3.9 (later ones refuse pickles)")
+    monkeypatch.setenv("NLTK_DATA", str(write_punkt_model(tiny_corpus, tmp_path / "nltk_data")))
+    punkt = nltk.load(f"file:{tmp_path}/nltk_data/tokenizers/punkt/english.pickle")
+    rows = [{"text": json.loads(line)["text"]} for line in tiny_corpus.text.read_text().splitlines()[:30]]
+    write_jsonl(tmp_path / "sentences.jsonl", [{"text": punkt.tokenize(r["text"])} for r in rows])
+    megatron_reference(tmp_path / "sentences.jsonl", tmp_path / "ref", reference_tokenizer(zoo, "SentencePieceTokenizer:own"))
+    argv = ["--input", str(write_jsonl(tmp_path / "docs.jsonl", rows)), "--output-prefix", str(tmp_path / "ours"),
+            "--tokenizer-model", str(zoo.sp_own), "--append-eod", "--split-sentences", "--quiet"]
+    assert preprocess_data.main(argv) == 0
+    assert same_files(tmp_path / "ours_text_sentence", tmp_path / "ref_text_document")
+    assert preprocess_data.main([*argv, "--lang", "klingon"]) == 1
 
 
 def test_golden_index_bytes(tmp_path: Path) -> None:

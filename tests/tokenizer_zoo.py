@@ -101,14 +101,15 @@ def zoo(tiny_corpus, tmp_path_factory) -> Zoo:
 
 def write_punkt_model(tiny_corpus, nltk_data: Path) -> Path:
     """A punkt sentence splitter trained on the tiny corpus's prose, saved where NLTK < 3.9 and
-    Megatron-LM's tool look for `--lang english` under $NLTK_DATA."""
+    Megatron-LM's tool look for `--lang english` under $NLTK_DATA (NLTK reads
+    tokenizers/punkt/english.pickle from its PY3/ folder)."""
     import pickle
 
     from nltk.tokenize.punkt import PunktSentenceTokenizer, PunktTrainer
 
     trainer = PunktTrainer()
     trainer.train(tiny_corpus.text.read_text(encoding="utf-8"), finalize=True)
-    path = nltk_data / "tokenizers" / "punkt" / "english.pickle"
+    path = nltk_data / "tokenizers" / "punkt" / "PY3" / "english.pickle"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(pickle.dumps(PunktSentenceTokenizer(trainer.get_params())))
     return nltk_data

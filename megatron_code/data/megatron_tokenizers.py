@@ -18,10 +18,10 @@ wrappers with `--legacy-tokenizer`; for the types that work offline they differ 
                                                                       --merge-file; <|endoftext|> ends documents
     NullTokenizer               int(x) for x in text.split(' '); EOD = --vocab-size, vocab = --vocab-size + 1
 
-Every text is encoded on its own (a batch is only a loop that runs in C++ or Rust), so ids
-never depend on which texts share a batch. `method` says which code path encodes: the plain
-one (the same library calls Megatron-LM makes, per document) or a batch call whose equality
-with them is argued where it is chosen.
+Ids never depend on which texts share a batch. `method` says which code path encodes: the
+plain one (the library calls Megatron-LM makes, per document) or a batch path whose equality
+with it is argued where it is chosen: `sentencepiece_words` for SentencePiece BPE models,
+`_exact_backend` for Hugging Face tokenizers, `_gpt2_tokenizer`.
 """
 from __future__ import annotations
 
