@@ -146,13 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--only", nargs="+", help="run only these tokenizers (names as printed)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/bench_preprocess"))
     args = parser.parse_args(argv)
     if args.megatron_lm is None or not (args.megatron_lm / "tools" / "preprocess_data.py").is_file():
         parser.error("--megatron-lm (or $MEGATRON_LM_DIR) must name a Megatron-LM checkout")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     corpus = build_corpus(args.out_dir / f"corpus-{args.megabytes:g}MB.jsonl", args.megabytes)
-    models = build_tokenizers(corpus, args.out_dir, args.vocab_size)
+    models = {name: path for name, path in build_tokenizers(corpus, args.out_dir, args.vocab_size).items()
+              if not args.only or name in args.only}
     return 0 if bench(corpus, models, args.megatron_lm.resolve(), args.megatron_python, args.workers, args.repeat,
                       args.out_dir.resolve()) else 1
 
