@@ -139,7 +139,8 @@ def test_split_sentences_same_bytes(megatron_lm, zoo, tiny_corpus, tmp_path: Pat
         pytest.skip("needs NLTK < 3.9 here (Megatron-LM's tool loads punkt pickles, which later NLTK refuses)")
     monkeypatch.setenv("NLTK_DATA", str(write_punkt_model(tiny_corpus, tmp_path / "nltk_data")))
     (tmp_path / "mlm").mkdir()
-    jsonl = write_jsonl(tmp_path / "mlm" / "docs.jsonl", [r for r in corpus_rows(tiny_corpus) if isinstance(r["text"], str)])
+    rows = [r for r in corpus_rows(tiny_corpus) if isinstance(r["text"], str)]
+    jsonl = write_jsonl(tmp_path / "mlm" / "docs.jsonl", rows)
     argv = ["--input", str(jsonl), "--append-eod", "--workers", "2", "--split-sentences",
             *flags(zoo, "SentencePieceTokenizer:llama"), *extra]
     assert_same_bytes(megatron_lm, tmp_path, argv, level="sentence", megatron_runs=1 if "--partitions" in extra else 2)

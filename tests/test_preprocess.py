@@ -67,9 +67,9 @@ def reference_tokenizer(zoo, case: str) -> Reference:
         sp = spm.SentencePieceProcessor(model_file=str(models[model]))
         piece = [sp.id_to_piece(i) if i >= 0 else d for i, d in ((sp.pad_id(), "<PAD>"), (sp.bos_id(), "<BOS>"),
                                                                    (sp.eos_id(), "<EOS>"))]
-        tok = MegatronTokenizer.from_pretrained(str(models[model]), metadata_path={"library": "sentencepiece"},
-                                                legacy=True, special_tokens=["<CLS>", "<SEP>", "<EOD>", "<MASK>", *piece],
-                                                trim_spm_separator_after_special_token=False)
+        tok = MegatronTokenizer.from_pretrained(
+            str(models[model]), metadata_path={"library": "sentencepiece"}, legacy=True,
+            special_tokens=["<CLS>", "<SEP>", "<EOD>", "<MASK>", *piece], trim_spm_separator_after_special_token=False)
         return Reference(tok.tokenize, tok._tokenizer.token_to_id("<EOD>"), tok.vocab_size)
     if kind == "legacy-llama2":
         tok = build_tokenizer(megatron_core_args(tokenizer_type="Llama2Tokenizer", tokenizer_model=str(models[model])))
@@ -220,7 +220,8 @@ def test_split_sentences_one_sequence_per_sentence(zoo, tiny_corpus, tmp_path: P
     punkt = nltk.load(f"file:{tmp_path}/nltk_data/tokenizers/punkt/english.pickle")
     rows = [{"text": json.loads(line)["text"]} for line in tiny_corpus.text.read_text().splitlines()[:30]]
     write_jsonl(tmp_path / "sentences.jsonl", [{"text": punkt.tokenize(r["text"])} for r in rows])
-    megatron_reference(tmp_path / "sentences.jsonl", tmp_path / "ref", reference_tokenizer(zoo, "SentencePieceTokenizer:own"))
+    own = reference_tokenizer(zoo, "SentencePieceTokenizer:own")
+    megatron_reference(tmp_path / "sentences.jsonl", tmp_path / "ref", own)
     argv = ["--input", str(write_jsonl(tmp_path / "docs.jsonl", rows)), "--output-prefix", str(tmp_path / "ours"),
             "--tokenizer-model", str(zoo.sp_own), "--append-eod", "--split-sentences", "--quiet"]
     assert preprocess_data.main(argv) == 0
@@ -333,8 +334,8 @@ def test_bad_input_names_file_and_line(tiny_corpus, tmp_path: Path, rows, messag
 def test_ids_that_do_not_fit_name_the_line(tmp_path: Path, text: str, message: str) -> None:
     jsonl = write_jsonl(tmp_path / "ids.jsonl", [{"text": "1 2 3"}, {"text": text}])
     with pytest.raises(DataError, match=message):
-        preprocess(jsonl, tmp_path / "out", build_document_tokenizer(TokenizerOptions("NullTokenizer", vocab_size=5000)),
-                   progress=False)
+        null = build_document_tokenizer(TokenizerOptions("NullTokenizer", vocab_size=5000))
+        preprocess(jsonl, tmp_path / "out", null, progress=False)
     assert not list(tmp_path.glob("out*"))
 
 
@@ -420,7 +421,8 @@ def test_cli_takes_megatron_flags(zoo, tiny_corpus, tmp_path: Path, capsys) -> N
     (["--tokenizer-type", "NullTokenizer"], r"^error: --tokenizer-type NullTokenizer needs --vocab-size"),
     (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "./no/such/folder"],
      r"^error: --tokenizer-model \./no/such/folder: no such folder"),
-    (["--tokenizer-model", "{model}", "--split-sentences"], r"^error: --split-sentences needs NLTK .* pip install nltk"),
+    (["--tokenizer-model", "{model}", "--split-sentences"],
+     r"^error: --split-sentences needs NLTK .* pip install nltk"),
     (["--tokenizer-model", "{model}", "--workers", "0"], r"^error: --workers must be at least 1"),
 ])
 def test_cli_errors_are_one_line(tiny_corpus, tmp_path: Path, capsys, monkeypatch, flags, message) -> None:

@@ -32,7 +32,8 @@ def models(zoo, tiny_corpus, tmp_path_factory) -> dict[str, Path]:
     lines = [s for path in (tiny_corpus.text, tiny_corpus.code) for line in path.read_text().splitlines()
              for s in json.loads(line)["text"].splitlines() if s.strip()]
     options = {"bpe_no_byte_fallback": {"model_type": "bpe"},
-               "bpe_user_symbols": {"model_type": "bpe", "byte_fallback": True, "user_defined_symbols": ["▁▁", "<tag>"]},
+               "bpe_user_symbols": {"model_type": "bpe", "byte_fallback": True,
+                                    "user_defined_symbols": ["▁▁", "<tag>"]},
                "bpe_pieces_across_spaces": {"model_type": "bpe", "split_by_whitespace": False}}
     for name, extra in options.items():
         spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(root / name), vocab_size=800,

@@ -321,7 +321,8 @@ def _gpt2_tokenizer(vocab_file: Path, merge_file: Path) -> DocumentTokenizer:
 
     def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         split = [words.findall(t) for t in texts]
-        return flatten_ids([e.ids for e in tok.encode_batch_fast(split, is_pretokenized=True, add_special_tokens=False)])
+        encoded = tok.encode_batch_fast(split, is_pretokenized=True, add_special_tokens=False)
+        return flatten_ids([e.ids for e in encoded])
 
     tokens = sorted(vocab, key=vocab.__getitem__)
     return DocumentTokenizer(f"GPT2BPETokenizer {vocab_file} (legacy)", len(vocab), vocab[_GPT2_EOD],

@@ -465,12 +465,12 @@ def preprocess(inputs: Path | str | Sequence[Path | str], output_prefix: Path | 
             for key, (chunk_tokens, lengths, per_document) in chunk.arrays.items():
                 writers[key].add(chunk_tokens, lengths, per_document)
                 tokens[key] += len(chunk_tokens)
-            if log_interval and (documents + chunk.documents) // log_interval > documents // log_interval:
-                elapsed = time.perf_counter() - started
-                bar.write(f"processed {documents + chunk.documents:,} documents ({(documents + chunk.documents) / elapsed:,.0f} "
-                          f"docs/s, {(total_bytes + chunk.bytes) / elapsed / 1e6:.2f} MB/s)", file=sys.stderr)
-            documents += chunk.documents
+            done, documents = documents, documents + chunk.documents
             total_bytes += chunk.bytes
+            if log_interval and documents // log_interval > done // log_interval:  # as Megatron-LM's tool logs
+                elapsed = time.perf_counter() - started
+                bar.write(f"processed {documents:,} documents ({documents / elapsed:,.0f} docs/s, "
+                          f"{total_bytes / elapsed / 1e6:.2f} MB/s)", file=sys.stderr)
             bar.update(chunk.bytes)
             bar.set_postfix_str(f"{documents / max(bar.format_dict['elapsed'], 1e-9):,.0f} docs/s", refresh=False)
         if documents == 0:
