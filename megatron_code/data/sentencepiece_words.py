@@ -70,20 +70,31 @@ class WordCachedEncoder:
     def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         words = [_WORD.findall(text) for text in self.sp.normalize(list(texts))]
         flat = [w for text_words in words for w in text_words]
-        new = [w for w in dict.fromkeys(flat) if w not in self.row]
-        if new:
-            new_tokens, new_lengths = flatten_ids(self.copy.encode(new, num_threads=1))
-            if self.size + len(new_tokens) > self.max_tokens:  # bounds memory on endless rare words
-                self._clear()
-                new = list(dict.fromkeys(flat))
+        if self.size > self.max_tokens:  # bounds memory on an endless tail of rare words
+            self._clear()
+        # One pass looks every word up; a new one gets a provisional row (first + its position),
+        # then consecutive rows once it is encoded. A failure anywhere takes the new words out.
+        first, size = len(self.row), self.size
+        try:
+            rows = np.fromiter(map(self.row.setdefault, flat, range(first, first + len(flat))), np.int64, len(flat))
+            unseen = rows >= first
+            if unseen.any():
+                positions = np.unique(rows[unseen]) - first
+                new = [flat[p] for p in positions.tolist()]
                 new_tokens, new_lengths = flatten_ids(self.copy.encode(new, num_threads=1))
-            first = len(self.row)
-            self.starts = _put(self.starts, first, self.size + np.cumsum(new_lengths) - new_lengths)
-            self.lengths = _put(self.lengths, first, new_lengths)
-            self.tokens = _put(self.tokens, self.size, new_tokens)
-            self.size += len(new_tokens)
-            self.row.update(zip(new, range(first, first + len(new))))
-        rows = np.fromiter(map(self.row.__getitem__, flat), np.int64, len(flat))
+                final = np.empty(len(flat), np.int64)
+                final[positions] = np.arange(first, first + len(new))
+                rows[unseen] = final[rows[unseen] - first]
+                self.starts = _put(self.starts, first, size + np.cumsum(new_lengths) - new_lengths)
+                self.lengths = _put(self.lengths, first, new_lengths)
+                self.tokens = _put(self.tokens, size, new_tokens)
+                self.row.update(zip(new, range(first, first + len(new))))
+                self.size = size + len(new_tokens)
+        except BaseException:
+            for word in [w for w, row in self.row.items() if row >= first]:
+                del self.row[word]
+            self.size = size
+            raise
         word_lengths = self.lengths[rows]
         ends = np.cumsum(word_lengths)
         gather = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(self.starts[rows] - ends + word_lengths,
