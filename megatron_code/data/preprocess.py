@@ -425,8 +425,9 @@ def preprocess(inputs: Path | str | Sequence[Path | str], output_prefix: Path | 
     `partitions` > 1 orders documents as Megatron-LM's `--partitions` does (round robin over the
     lines of all inputs, partitions concatenated); `splitter` cuts each text into sentences
     (one sequence each, `<prefix>_<key>_sentence` files). Every `log_interval` documents a line
-    reports progress. Returns a summary: documents, tokens per key, bytes, seconds, the
-    encoding method, and `outputs` mapping each key to its dataset prefix (without .bin/.idx).
+    reports progress. Returns a summary: the input (its path, or the list of them), documents,
+    tokens per key, bytes, seconds, the encoding method, and `outputs` mapping each key to its
+    dataset prefix (without .bin/.idx); `<dataset>.meta.json` records the same.
     `chunk_bytes` (input per task) defaults to 1 MiB, less for small inputs so that every
     worker gets several chunks.
     """
@@ -446,6 +447,7 @@ def preprocess(inputs: Path | str | Sequence[Path | str], output_prefix: Path | 
     if workers > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from worker processes
     name = paths[0].name if len(paths) == 1 else f"{len(paths)} files"
+    named = str(paths[0]) if len(paths) == 1 else [str(p) for p in paths]  # "input" in the summary and metadata
     size = None if any(p.suffix == ".gz" for p in paths) else sum(p.stat().st_size for p in paths)
     if chunk_bytes is None:
         chunk_bytes = min(1 << 20, max(1 << 16, (size or 1 << 30) // (8 * workers)))
@@ -477,7 +479,7 @@ def preprocess(inputs: Path | str | Sequence[Path | str], output_prefix: Path | 
             raise DataError(f"{', '.join(map(str, paths))}: no documents (no non-blank line)")
         tokenizer_meta = {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod,
                           "fingerprint": tokenizer.fingerprint}
-        outputs = {key: writer.commit({"format": META_FORMAT, "inputs": [str(p) for p in paths], "json_key": key,
+        outputs = {key: writer.commit({"format": META_FORMAT, "input": named, "json_key": key,
                                        "append_eod": append_eod, "partitions": partitions,
                                        "split_sentences": splitter is not None, "documents": documents,
                                        "tokens": tokens[key], "dtype": writer.dtype.name, "tokenizer": tokenizer_meta})
@@ -495,7 +497,7 @@ def preprocess(inputs: Path | str | Sequence[Path | str], output_prefix: Path | 
         print(f"preprocess: {documents:,} documents, {sum(tokens.values()):,} tokens, {total_bytes / 1e6:.1f} MB in "
               f"{seconds:.1f} s ({total_bytes / 1e6 / seconds:.1f} MB/s, {documents / seconds:,.0f} docs/s) -> "
               + ", ".join(f"{p}.{{bin,idx}}" for p in outputs.values()), file=sys.stderr)
-    return {"inputs": [str(p) for p in paths], "documents": documents, "tokens": tokens, "bytes": total_bytes,
+    return {"input": named, "documents": documents, "tokens": tokens, "bytes": total_bytes,
             "seconds": seconds, "workers": workers, "method": tokenizer.method, "outputs": outputs}
 
 
