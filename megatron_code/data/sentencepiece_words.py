@@ -14,8 +14,9 @@ Why the ids are exactly `SentencePieceProcessor.encode(text)`:
    character, no symbol ever spans a place in N(text) where "▁" follows a character other
    than "▁". Cut there, N(text) falls into words ("▁▁def", "▁name", ...): the pairs inside one
    word, and their order by score and position, are the same in the whole text as in the word
-   alone, so BPE makes the same joins in it. Hence `copy.encode(N(text))` is the
-   concatenation of `copy.encode(word)` over its words, and a word's ids can be remembered.
+   alone, so BPE makes the same joins in it (user-defined symbols are pieces too, matched
+   whole). Hence `copy.encode(N(text))` is the concatenation of `copy.encode(word)` over its
+   words, and a word's ids can be remembered.
 3. Conditions, checked when a model is loaded (`WordCachedEncoder.for_model` returns None
    otherwise and the caller encodes texts whole): the model is BPE (a unigram model picks
    the best-scoring segmentation by summing floats; cutting changes those sums, and with
@@ -23,8 +24,10 @@ Why the ids are exactly `SentencePieceProcessor.encode(text)`:
    "▁" after another character.
 
 tests/test_sentencepiece_words.py compares it with `encode` on random strings of characters
-that normalization rewrites, merges across spaces, controls and bytes, for models trained
-with SentencePiece's defaults, Llama-style and with tools/train_tokenizer.py.
+that normalization rewrites, merges across spaces, controls and bytes, for BPE models with
+SentencePiece's default normalization (with and without byte fallback, with user-defined
+symbols) and tools/train_tokenizer.py's, and checks that a unigram model and a BPE model whose
+pieces cross spaces are refused.
 """
 from __future__ import annotations
 
