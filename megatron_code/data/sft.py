@@ -165,6 +165,7 @@ class SFTDataset:
     position_ids (and document_ids when packed), like every per-source dataset."""
 
     def __init__(self, data: IndexedData, examples: np.ndarray, seq_length: int, pack: bool, seed: int, pad_id: int):
+        """`pad_id` fills the positions no example uses (never with loss)."""
         self.data, self.seq_length, self.pack, self.pad_id = data, seq_length, pack, pad_id
         item = data.dtype.itemsize
         self.starts = data.sequence_pointers[2 * examples] // item
@@ -240,7 +241,8 @@ def build_sft_source(name: str, prefix: str, tokenizer: Tokenizer, seq_length: i
     each split shuffled by `seed`)."""
     data = read_sft(prefix)
     bounds = split_bounds(split, len(data))
-    datasets = [SFTDataset(data, np.arange(lo, hi), seq_length, pack, seed + k, tokenizer.pad_id) if hi > lo else None
+    pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eod_id  # an id the embedding has; no loss
+    datasets = [SFTDataset(data, np.arange(lo, hi), seq_length, pack, seed + k, pad) if hi > lo else None
                 for k, (lo, hi) in enumerate(zip(bounds[:2], bounds[1:3]))]
     train, valid = datasets
     if train is None or len(train) == 0:
