@@ -29,6 +29,7 @@ with warnings.catch_warnings():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distributed_utils import run_distributed  # noqa: E402
+from tokenizer_zoo import zoo  # noqa: E402,F401  (a fixture)
 
 MULTI_TURN = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
               {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"},
@@ -165,6 +166,27 @@ def test_a_hugging_face_chat_template_is_rendered_by_transformers(tiny_corpus, t
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(DataError, match=r"different chat template .* \(sha256 differ\)"):
         check_sft_dataset(prefix, load_tokenizer(folder))
+
+
+def test_a_tokenizer_without_role_tokens_template_or_pad_gets_plain_text_headers(zoo, tmp_path):
+    """GPT-2 style: no role tokens, no chat template, no pad token. Headers are text, each
+    response ends with the end-of-document token, which also fills what no example uses."""
+    from megatron_code.data.sft import build_sft_source
+
+    tokenizer = load_tokenizer(zoo.hf_gpt2)
+    assert tokenizer.pad_id < 0
+    prefix = preprocess_sft(write_jsonl(tmp_path / "in.jsonl", EXAMPLES), tmp_path / "gpt2", zoo.hf_gpt2,
+                            progress=False)["prefix"]
+    assert json.loads(Path(f"{prefix}.meta.json").read_text())["template"]["kind"] == "text"
+    source = build_sft_source("text", prefix, tokenizer, 96, "100,0,0", 0, True, print)
+    eod, answers = tokenizer.decode([tokenizer.eod_id]), []
+    for i in range(len(source.train)):
+        sample = source.train[i]
+        answers += tokenizer.decode(sample["labels"][sample["loss_mask"] == 1].tolist()).split(eod)[:-1]
+        assert tokenizer.decode(sample["tokens"].tolist()).startswith(("### User:\n", "### System:\n"))
+        padding = sample["document_ids"] == len(source.train.examples_in(i))
+        assert padding.any() and (sample["tokens"][padding] == tokenizer.eod_id).all()
+    assert sorted(answers) == sorted(["5", "4", "It is 6.", "    return 1\n"])
 
 
 @pytest.mark.parametrize("line, message", [
