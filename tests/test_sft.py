@@ -334,7 +334,7 @@ def test_a_tiny_model_learns_a_generated_instruction_set(tiny_corpus, pretrained
     held-out questions (greedy answer through the chat template) beats the best answer-blind
     guess (sum 9 is the commonest: 10%) by far."""
     from megatron_code.data.instructions import make_instructions
-    from megatron_code.evaluation.lm import greedy
+    from megatron_code.evaluation.lm import gpt_next_logits, greedy
     from megatron_code.training.trainer import Trainer
 
     records = make_instructions({"digit_sums": 500}, seed=0)
@@ -349,14 +349,12 @@ def test_a_tiny_model_learns_a_generated_instruction_set(tiny_corpus, pretrained
 
     def exact_match() -> float:
         model.eval()
-        hits = 0
-        for record in held_out:
-            prompt = template.prompt_ids([{"role": "user", "content": record["instruction"]}])
-            ids = greedy(lambda t: model(t)[0, -1, :trainer.tokenizer.vocab_size], prompt, 4, 64,
-                         lambda out: bool(out) and out[-1] in template.stop_ids)
-            hits += trainer.tokenizer.decode([i for i in ids if i not in template.stop_ids]) == record["output"]
+        prompts = [template.prompt_ids([{"role": "user", "content": r["instruction"]}]) for r in held_out]
+        answers = greedy(gpt_next_logits(model, trainer.tokenizer.vocab_size), prompts, 4, 64,
+                         lambda out: out[-1] in template.stop_ids)
         model.train()
-        return hits / len(held_out)
+        return sum(trainer.tokenizer.decode([i for i in ids if i not in template.stop_ids]) == r["output"]
+                   for ids, r in zip(answers, held_out)) / len(held_out)
 
     before_loss, before_match = trainer.evaluate()["sums"], exact_match()
     trainer.train()
