@@ -227,7 +227,8 @@ def _plot_scores(results: dict[str, Path], path: Path) -> Path:
     for i, (name, row) in enumerate(rows.items()):
         values = [row.get(k, 0.0) / (100 if k[1] == "bleu" else 1) for k in keys]
         ax.bar([j + i * width for j in range(len(keys))], values, width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [f"{t}\n{m}" for t, m in keys], fontsize="small")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [f"{t}\n{m}" for t, m in keys],
+                  fontsize="x-small", rotation=20)
     ax.set_ylabel("score (BLEU / 100)")
     ax.set_title("evaluation by arm (tiny-scale)")
     ax.legend(fontsize="x-small", ncol=2)
