@@ -20,6 +20,9 @@ from megatron_code.data.datasets import (MixtureLoader, SourceData, build_source
 from megatron_code.data.mixture import Mixture
 from megatron_code.data.preprocess import check_dataset_matches_tokenizer
 from megatron_code.data.tokenizer import load_tokenizer
+from megatron_code.evaluation.lm import gpt_sample_losses
+from megatron_code.evaluation.multiple_choice import score_multiple_choice
+from megatron_code.evaluation.tasks import load_eval_tasks
 from megatron_code.kernels import build_attention, build_ops
 from megatron_code.model import GPT
 from megatron_code.parallel.distributed import Runtime, init_distributed
@@ -52,6 +55,7 @@ class Trainer:
         for source in config.data.sources:
             check_dataset_matches_tokenizer(source.prefix, self.tokenizer)
         self.resume_from = resolve(config.checkpoint.load) if config.checkpoint.load else None
+        self.eval_tasks = load_eval_tasks(config.train.eval_tasks)
 
         self.runtime: Runtime = init_distributed(config.train.device)
         if self.runtime.world_size > 1:
@@ -135,6 +139,20 @@ class Trainer:
         self.model.train()
         return out
 
+    @torch.no_grad()
+    def evaluate_tasks(self) -> dict[str, float]:
+        """Accuracies on the `train.eval_tasks` multiple-choice files."""
+        self.model.eval()
+        sample_losses = gpt_sample_losses(self.model, self.tokenizer.vocab_size)
+        out = {}
+        for task in self.eval_tasks:
+            with self.autocast:
+                scores = score_multiple_choice(task, sample_losses, self.tokenizer, self.config.data.seq_length,
+                                               self.config.train.micro_batch_size, self.runtime.device)
+            out.update({f"task/{task.name}/{metric}": value for metric, value in scores.metrics.items()})
+        self.model.train()
+        return out
+
     def save(self) -> Path | None:
         if not self.config.checkpoint.save:
             return None
@@ -167,6 +185,7 @@ class Trainer:
             if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or last):
                 result.valid_losses = self.evaluate()
                 metrics.update({f"valid_loss/{k}": v for k, v in result.valid_losses.items()})
+                metrics.update(self.evaluate_tasks())
                 if main:
                     bar.write(f"step {self.step}: valid loss " +
                               ", ".join(f"{k} {v:.3f}" for k, v in result.valid_losses.items()))
