@@ -1,6 +1,8 @@
 """Shared test set-up. Triton kernels run on CPU through the interpreter, which must be switched
 on before anything imports triton (kernels are bound to interpreter or compiler at import)."""
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,3 +37,71 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> TinyCorpus:
     model = train_tokenizer([corpus["text"], corpus["code"]], root / "tokenizer" / "spm", vocab_size=1024,
                             progress=False)
     return TinyCorpus(corpus["text"], corpus["code"], model, hf_tokenizer_dir(model))
+
+
+@pytest.fixture(scope="session")
+def datasets(tiny_corpus, tmp_path_factory) -> dict[str, str]:
+    """Source name (text, code) -> indexed dataset prefix of the tiny corpus."""
+    from megatron_code.data.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("indexed")
+    prefixes = {}
+    for name in ("text", "code"):
+        summary = preprocess(getattr(tiny_corpus, name), out / name, tiny_corpus.tokenizer, progress=False)
+        prefixes[name] = str(summary["outputs"]["text"])
+    return prefixes
+
+
+@pytest.fixture(scope="session")
+def eval_task_dir(tmp_path_factory) -> Path:
+    """The built-in evaluation task files (arithmetic, logic, python_functions)."""
+    from megatron_code.evaluation.tasks import write_builtin_tasks
+
+    out = tmp_path_factory.mktemp("eval_tasks")
+    write_builtin_tasks(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_corpus, datasets, eval_task_dir, tmp_path_factory) -> Path:
+    """A run directory: the tiny Llama-style model (GQA, tied embeddings) trained 16 steps on
+    the tiny corpus with its embedding padded past the tokenizer's 1024 tokens to 1100 rows,
+    scoring 50 items of the arithmetic task at every validation (steps 8 and 16)."""
+    from megatron_code.config import load_config
+    from megatron_code.training.trainer import Trainer
+
+    run_dir = tmp_path_factory.mktemp("trained_run")
+    arithmetic = run_dir / "arithmetic_50.jsonl"
+    arithmetic.write_text("".join((eval_task_dir / "arithmetic.jsonl").read_text().splitlines(True)[:50]))
+    config = load_config(None, base={
+        "model": {"preset": "tiny", "vocab_size": 1100},
+        "data": {"sources": [{"name": n, "prefix": p} for n, p in datasets.items()],
+                 "tokenizer": str(tiny_corpus.tokenizer), "seq_length": 64, "split": "90,10,0"},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {"steps": 16, "micro_batch_size": 4, "global_batch_size": 4, "eval_interval": 8,
+                  "eval_batches": 1, "eval_tasks": [str(arithmetic)],
+                  "progress": False, "output_dir": str(run_dir)}})
+    Trainer(config).train()
+    return run_dir
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def convert_tool():
+    return load_tool("convert_checkpoint")
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run, convert_tool, tmp_path_factory) -> Path:
+    """`trained_run` exported by tools/convert_checkpoint.py (fp32, one safetensors shard per tensor)."""
+    out = tmp_path_factory.mktemp("export") / "hf"
+    assert convert_tool.main(["export", "--load", str(trained_run), "--out", str(out), "--shard-mb", "0"]) == 0
+    return out

@@ -5,17 +5,6 @@ import pytest
 import torch
 
 from megatron_code.config import load_config
-from megatron_code.data.preprocess import preprocess
-
-
-@pytest.fixture(scope="module")
-def datasets(tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("indexed")
-    prefixes = {}
-    for name in ("text", "code"):
-        summary = preprocess(getattr(tiny_corpus, name), out / name, tiny_corpus.tokenizer, progress=False)
-        prefixes[name] = str(summary["outputs"]["text"])
-    return prefixes
 
 
 def overrides(tiny_corpus, datasets, out_dir, *extra):

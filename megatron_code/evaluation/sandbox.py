@@ -44,7 +44,8 @@ class SandboxUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class Limits:
     seconds: float = 5.0
-    """Wall-clock limit; CPU time is limited to the same (rounded up)."""
+    """Wall-clock limit on running the sample (interpreter start-up excluded); CPU time is
+    limited to the same (rounded up)."""
     memory_mb: int = 512
     """Address-space limit of the child (Python itself needs about 30 MB)."""
     output_bytes: int = 16_384
@@ -67,7 +68,10 @@ class ExecResult:
         return self.status == "passed"
 
 
-_DONE = b"tests completed\n"
+_STARTED, _DONE = b"contained\n", b"tests completed\n"
+"""What the child reports on its private pipe: limits in place (the clock starts), tests done."""
+_STARTUP_SECONDS = 60.0
+"""Allowance for starting the interpreter, which does not count against the sample's limit."""
 _EXITED = 3
 """The child's exit code when the solution raised SystemExit before its tests ran."""
 
@@ -153,7 +157,7 @@ def run_python(source: str, tests: str, limits: Limits = Limits()) -> ExecResult
 
 def _collect(proc: subprocess.Popen, done_fd: int, limits: Limits) -> tuple[bytes, str]:
     """Read output and the completion pipe until the child exits or breaks a limit."""
-    deadline = time.monotonic() + limits.seconds
+    deadline = time.monotonic() + _STARTUP_SECONDS
     output, done, status = bytearray(), bytearray(), None
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ, "out")
@@ -168,6 +172,8 @@ def _collect(proc: subprocess.Popen, done_fd: int, limits: Limits) -> tuple[byte
                 if not chunk:
                     sel.unregister(key.fileobj)
                 elif key.data == "done":
+                    if not done:  # the sample starts now
+                        deadline = time.monotonic() + limits.seconds
                     done += chunk
                 else:
                     output += chunk
@@ -180,7 +186,7 @@ def _collect(proc: subprocess.Popen, done_fd: int, limits: Limits) -> tuple[byte
             status = "timeout"
         else:
             cpu_killed = code in (-signal.SIGXCPU, -signal.SIGKILL)
-            finished = bytes(done) == _DONE
+            finished = bytes(done) == _STARTED + _DONE
             status = ("passed" if code == 0 and finished else "timeout" if cpu_killed
                       else "exited" if code in (0, _EXITED) and not finished else "failed")
     return bytes(output[: limits.output_bytes]), status
@@ -297,6 +303,7 @@ def _child_main(workdir: str, limits: Limits, done_fd: int) -> None:
     _drop_capabilities(libc, arch)
     _install_seccomp(libc, arch)
     del libc
+    os.write(done_fd, _STARTED)
     namespace = {"__name__": "__main__"}
     for name, source in sources:
         try:

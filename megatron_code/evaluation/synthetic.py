@@ -23,6 +23,8 @@ from dataclasses import dataclass
 SPLITS = ("eval", "train")
 EVAL_SHARE = 8
 """One key in EVAL_SHARE belongs to the eval split."""
+_GIVE_UP_AFTER = 5_000
+"""Draws in a row without a new item after which a split counts as exhausted."""
 
 
 def split_of(key: str) -> str:
@@ -311,14 +313,17 @@ def generate(task: str, n: int, seed: int, split: str) -> list[MultipleChoice | 
 
 def _distinct(draw: Callable, n: int, rng: random.Random, split: str, task: str) -> Iterator:
     seen: set[str] = set()
-    for _ in range(200 * n + 1000):
-        if len(seen) == n:
-            return
+    misses = 0
+    while len(seen) < n and misses < _GIVE_UP_AFTER:
         item = draw(rng)
-        if item.key not in seen and split_of(item.key) == split:
-            seen.add(item.key)
-            yield item
-    raise ValueError(f"{task}: the {split} split has fewer than {n} distinct items ({len(seen)} found)")
+        if item.key in seen or split_of(item.key) != split:
+            misses += 1
+            continue
+        misses = 0
+        seen.add(item.key)
+        yield item
+    if len(seen) < n:
+        raise ValueError(f"{task}: the {split} split has fewer than {n} distinct items ({len(seen)} found)")
 
 
 EVAL_SIZES = {"arithmetic": 200, "logic": 200, "python_functions": 40}
