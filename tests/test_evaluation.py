@@ -157,7 +157,8 @@ def test_task_files_name_their_problems(tmp_path):
 
 
 def test_bleu_matches_sacrebleu():
-    sacrebleu = pytest.importorskip("sacrebleu")
+    import sacrebleu  # installed with lm-eval (the dev extras)
+
     rng = np.random.default_rng(0)
     vocab = "def f ( x ) : return x + 1 * y if else".split()
     for _ in range(500):
@@ -170,7 +171,8 @@ def test_bleu_matches_sacrebleu():
 
 
 def test_bootstrap_matches_scipy():
-    scipy_stats = pytest.importorskip("scipy.stats")
+    from scipy import stats as scipy_stats  # installed with lm-eval (the dev extras)
+
     rng = np.random.default_rng(1)
     a = (rng.random(300) < 0.4).astype(float)
     b = np.where(rng.random(300) < 0.8, a, 1 - a)  # paired: mostly the same items right

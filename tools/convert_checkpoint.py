@@ -38,6 +38,7 @@ import yaml
 from megatron_code.config import Config
 from megatron_code.data.errors import DataError
 from megatron_code.data.tokenizer import Tokenizer, export_hf_tokenizer, hf_tokenizer_dir, load_tokenizer
+from megatron_code.evaluation.lm import greedy
 from megatron_code.model import GPT
 from megatron_code.model.hf import ConversionError, from_hf_config, from_hf_state, hf_architecture, hf_config, to_hf_state
 from megatron_code.training.checkpoint import CheckpointError
@@ -137,13 +138,11 @@ def verify(ours: GPT, theirs, tokens: torch.Tensor, vocab_size: int) -> Verifica
         theirs_logits = theirs(input_ids=tokens).logits[..., :vocab_size]
         diff = float((ours_logits - theirs_logits).abs().max())
         prompt = tokens[:1, : tokens.shape[1] // 2]
-        ours_ids = prompt
-        for _ in range(GREEDY_TOKENS):
-            next_id = ours(ours_ids)[:, -1, :vocab_size].argmax(-1, keepdim=True)
-            ours_ids = torch.cat([ours_ids, next_id], dim=1)
         theirs_ids = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=GREEDY_TOKENS,
-                                     do_sample=False, eos_token_id=None)
-    result = Verification(diff, ours_ids[0, prompt.shape[1]:].tolist(), theirs_ids[0, prompt.shape[1]:].tolist())
+                                     do_sample=False, eos_token_id=None)[0, prompt.shape[1]:].tolist()
+    ours_ids = greedy(lambda t: ours(t)[0, -1, :vocab_size], prompt[0].tolist(), GREEDY_TOKENS,
+                      ours.config.max_seq_len)
+    result = Verification(diff, ours_ids, theirs_ids)
     if not result.ok:
         result.suspect = locate_difference(ours, theirs, tokens)
     return result
