@@ -156,6 +156,20 @@ def test_task_files_name_their_problems(tmp_path):
         load_task(path)
 
 
+def test_mbpp_files_become_code_tasks(tmp_path):
+    from megatron_code.evaluation.tasks import convert_mbpp
+
+    record = {"task_id": 7, "text": "Write a function that returns the larger of two numbers.",
+              "code": "def larger(a, b):\r\n    return a if a > b else b",
+              "test_list": ["assert larger(1, 2) == 2", "assert larger(5, 3) == 5"], "test_setup_code": ""}
+    (tmp_path / "mbpp.jsonl").write_text(json.dumps(record) + "\n")
+    task = load_task(convert_mbpp(tmp_path / "mbpp.jsonl", tmp_path / "out" / "mbpp.jsonl"))
+    (item,) = task.items
+    assert task.kind == "code" and item.id == "7" and "larger(1, 2) == 2" in item.prompt
+    assert run_python(item.prompt + item.reference, "\n".join(item.tests), LIMITS).passed
+    assert not run_python(item.prompt + "def larger(a, b):\n    return a\n", "\n".join(item.tests), LIMITS).passed
+
+
 def test_bleu_matches_sacrebleu():
     import sacrebleu  # installed with lm-eval (the dev extras)
 

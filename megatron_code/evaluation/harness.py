@@ -9,6 +9,7 @@ scorer builds the same continuations (multiple_choice.py).
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,7 @@ PAPER_TASKS = ("logiqa", "sciq", "arc_easy", "arc_challenge", "hellaswag", "piqa
 """Registered lm-eval tasks nearest to the papers' evaluations (logic, science QA, commonsense,
 reading comprehension, code)."""
 _LOCAL_PREFIX = "local_"
+_TASK_LINE = re.compile(r"^task:\s*(\S+)\s*$", re.MULTILINE)
 
 
 class HarnessUnavailable(RuntimeError):
@@ -35,18 +37,22 @@ def _lm_eval():
     return lm_eval
 
 
-def _task_yaml(name: str) -> dict:
-    """The YAML of a registered task (following its `include`)."""
+def _task_yamls(names: tuple[str, ...]) -> dict[str, dict]:
+    """The YAML of each registered task in `names` (following its `include`)."""
     root = Path(_lm_eval().__file__).parent / "tasks"
+    found = {}
     for path in root.rglob("*.yaml"):
         text = path.read_text(errors="replace")
-        if f"task: {name}\n" in text:
-            config = yaml.safe_load(text.replace("!function", "")) or {}
-            if "include" in config:
-                config = {**yaml.safe_load((path.parent / config["include"]).read_text().replace("!function", "")),
-                          **config}
-            return config
-    raise HarnessUnavailable(f"lm-eval has no registered task {name!r}")
+        match = _TASK_LINE.search(text)
+        name = match.group(1) if match else None
+        if name not in names or name in found:
+            continue
+        config = yaml.safe_load(text.replace("!function", "")) or {}
+        if "include" in config:
+            config = {**yaml.safe_load((path.parent / config["include"]).read_text().replace("!function", "")),
+                      **config}
+        found[name] = config
+    return found
 
 
 def _hub_cache() -> Path:
@@ -58,8 +64,9 @@ def _hub_cache() -> Path:
 def registered_tasks() -> list[dict]:
     """For each of PAPER_TASKS: its dataset and whether that dataset must be downloaded."""
     out = []
+    configs = _task_yamls(PAPER_TASKS)
     for name in PAPER_TASKS:
-        dataset = _task_yaml(name).get("dataset_path", "?")
+        dataset = configs.get(name, {}).get("dataset_path", "not registered in this lm-eval version")
         cached = (_hub_cache() / f"datasets--{dataset.replace('/', '--')}").is_dir()
         note = "runs generated code outside our sandbox (lm-eval's own executor)" if name == "mbpp" else ""
         out.append({"task": name, "dataset": dataset, "needs_download": not cached, "note": note})
