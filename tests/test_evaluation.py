@@ -113,13 +113,13 @@ def test_generators_are_deterministic_and_keep_eval_out_of_train():
     for task in GENERATORS:
         eval_items = generate(task, EVAL_SIZES[task], 0, "eval")
         assert [i.to_json() for i in eval_items] == [i.to_json() for i in generate(task, EVAL_SIZES[task], 0, "eval")]
-        assert all(split_of(i.key) == "eval" for i in eval_items)
-        eval_keys = {i.key for i in eval_items}
-        eval_texts = {json.dumps(i.to_json().get("question", i.to_json().get("prompt"))) for i in eval_items}
+        assert all(split_of(i.id) == "eval" for i in eval_items)
+        eval_keys = {i.id for i in eval_items}
+        eval_texts = {getattr(i, "question", None) or i.prompt for i in eval_items}
         for seed in range(3):
             train = generate(task, 250, seed, "train")
-            assert not eval_keys & {i.key for i in train}
-            assert not eval_texts & {json.dumps(i.to_json().get("question", i.to_json().get("prompt"))) for i in train}
+            assert not eval_keys & {i.id for i in train}
+            assert not eval_texts & {getattr(i, "question", None) or i.prompt for i in train}
     with pytest.raises(ValueError, match="fewer than"):
         generate("python_functions", 500, 0, "eval")
 

@@ -1,9 +1,9 @@
 """Reasoning items the project writes itself: arithmetic and logic multiple choice, and tiny
-Python functions with asserts. Deterministic, offline, and made for two users: the evaluation
-task files (`write_tasks`) and instruction-tuning data, which must never contain an evaluation
-item.
+Python functions with asserts, as task items (tasks.py). Deterministic, offline, and made for
+two users: the evaluation task files (`tasks.write_builtin_tasks`) and instruction-tuning data,
+which must never contain an evaluation item.
 
-How disjointness is kept: every item has a key naming what it asks, independent of wording
+How disjointness is kept: every item's id is a key naming what it asks, independent of wording
 details that do not change the problem (the expression with commutative operands sorted; the
 function family and its constants, not its name or test inputs). `split_of(key)` sends one key in
 eight to "eval" and the rest to "train" by a hash, and every generator keeps only the items of
@@ -18,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+
+from megatron_code.evaluation.tasks import ChoiceItem, CodeItem
 
 SPLITS = ("eval", "train")
 EVAL_SHARE = 8
@@ -32,43 +33,12 @@ def split_of(key: str) -> str:
     return "eval" if int.from_bytes(digest[:8], "little") % EVAL_SHARE == 0 else "train"
 
 
-@dataclass(frozen=True)
-class MultipleChoice:
-    key: str
-    question: str
-    """The prompt as scored: ends with "Answer:"; each option follows it after a space."""
-    options: tuple[str, ...]
-    answer: int
-    family: str
-    """Which generator form made it (add, syllogism, ...)."""
-
-    def to_json(self) -> dict:
-        return {"id": self.key, "question": self.question, "options": list(self.options), "answer": self.answer,
-                "family": self.family}
-
-
-@dataclass(frozen=True)
-class CodeProblem:
-    key: str
-    prompt: str
-    """A function signature and docstring; the model writes the body."""
-    reference: str
-    """A correct body."""
-    tests: tuple[str, ...]
-    """Assert statements, run after the solution."""
-    entry_point: str
-    family: str
-
-    def to_json(self) -> dict:
-        return {"id": self.key, "prompt": self.prompt, "reference": self.reference, "tests": list(self.tests),
-                "entry_point": self.entry_point, "family": self.family}
-
-
 def _mc(key: str, question: str, correct: str, distractors: list[str], family: str,
-        rng: random.Random) -> MultipleChoice:
+        rng: random.Random) -> ChoiceItem:
+    """An item asked as "Question: ...\nAnswer:", each option following after a space."""
     options = [correct] + [d for i, d in enumerate(distractors) if d != correct and d not in distractors[:i]]
     rng.shuffle(options)
-    return MultipleChoice(key, f"Question: {question}\nAnswer:", tuple(options), options.index(correct), family)
+    return ChoiceItem(key, f"Question: {question}\nAnswer:", tuple(options), options.index(correct), family)
 
 
 # ------------------------------------------------------------------------------------- arithmetic
@@ -80,7 +50,7 @@ def _number_distractors(value: int, rng: random.Random) -> list[str]:
     return [str(v) for v in picks]
 
 
-def _arithmetic(rng: random.Random) -> MultipleChoice:
+def _arithmetic(rng: random.Random) -> ChoiceItem:
     kind = rng.choice(["add", "sub", "mul", "two_step", "word"])
     a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(2, 9)
     if kind == "add":
@@ -107,7 +77,7 @@ _WORDS = ["wugs", "daxes", "blickets", "feps", "tovs", "zorbs", "glims", "snarps
 _NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Juno"]
 
 
-def _syllogism(rng: random.Random) -> MultipleChoice:
+def _syllogism(rng: random.Random) -> ChoiceItem:
     x, y, z = rng.sample(_WORDS, 3)
     valid = rng.random() < 0.5
     if valid:  # Barbara: all X are Y, all Y are Z => all X are Z
@@ -119,7 +89,7 @@ def _syllogism(rng: random.Random) -> MultipleChoice:
                "syllogism", rng)
 
 
-def _conditional(rng: random.Random) -> MultipleChoice:
+def _conditional(rng: random.Random) -> ChoiceItem:
     name = rng.choice(_NAMES)
     p, q = rng.sample(["it rains", "the bell rings", "the lamp is on", "the door is open", "the dog barks",
                        "the road is wet", "the alarm sounds"], 2)
@@ -135,7 +105,7 @@ def _conditional(rng: random.Random) -> MultipleChoice:
                "conditional", rng)
 
 
-def _boolean(rng: random.Random) -> MultipleChoice:
+def _boolean(rng: random.Random) -> ChoiceItem:
     def expr(depth: int) -> tuple[str, bool]:
         """(text, value) of a random expression over True/False with and/or/not."""
         if depth == 0:
@@ -152,7 +122,7 @@ def _boolean(rng: random.Random) -> MultipleChoice:
                "boolean", rng)
 
 
-def _ordering(rng: random.Random) -> MultipleChoice:
+def _ordering(rng: random.Random) -> ChoiceItem:
     people = rng.sample(_NAMES, 3)  # in decreasing height
     facts = [f"{people[0]} is taller than {people[1]}.", f"{people[1]} is taller than {people[2]}."]
     rng.shuffle(facts)
@@ -163,7 +133,7 @@ def _ordering(rng: random.Random) -> MultipleChoice:
                [p for p in people if p != correct], "ordering", rng)
 
 
-def _logic(rng: random.Random) -> MultipleChoice:
+def _logic(rng: random.Random) -> ChoiceItem:
     return rng.choice([_syllogism, _conditional, _boolean, _ordering])(rng)
 
 
@@ -278,7 +248,7 @@ _FUNCTIONS: list[tuple[str, str, str, str, str, Callable]] = [
 ]
 
 
-def _python_function(rng: random.Random) -> CodeProblem:
+def _python_function(rng: random.Random) -> CodeItem:
     family, name, params, doc, body, arguments = rng.choice(_FUNCTIONS)
     fill = {"k": rng.randint(2, 20), "c": rng.choice(_LETTERS)}
     used = {f: v for f, v in fill.items() if "{" + f + "}" in name + doc + body}
@@ -290,10 +260,10 @@ def _python_function(rng: random.Random) -> CodeProblem:
     tests = tuple(f"assert {name}({', '.join(map(repr, args))}) == {namespace[name](*args)!r}"
                   for args in arguments(rng))
     key = f"python:{family}:" + ",".join(f"{f}={v}" for f, v in sorted(used.items()))
-    return CodeProblem(key, prompt, reference, tests, name, family)
+    return CodeItem(key, prompt, tests, reference, family)
 
 
-GENERATORS: dict[str, Callable[[random.Random], MultipleChoice | CodeProblem]] = {
+GENERATORS: dict[str, Callable[[random.Random], ChoiceItem | CodeItem]] = {
     "arithmetic": _arithmetic,
     "logic": _logic,
     "python_functions": _python_function,
@@ -301,7 +271,7 @@ GENERATORS: dict[str, Callable[[random.Random], MultipleChoice | CodeProblem]] =
 """Task name -> a function drawing one item (of either split) from a random generator."""
 
 
-def generate(task: str, n: int, seed: int, split: str) -> list[MultipleChoice | CodeProblem]:
+def generate(task: str, n: int, seed: int, split: str) -> list[ChoiceItem | CodeItem]:
     """`n` distinct items of `task` from `split`, the same for the same arguments. Raises when
     the split holds fewer than `n` distinct items."""
     if task not in GENERATORS:
@@ -316,11 +286,11 @@ def _distinct(draw: Callable, n: int, rng: random.Random, split: str, task: str)
     misses = 0
     while len(seen) < n and misses < _GIVE_UP_AFTER:
         item = draw(rng)
-        if item.key in seen or split_of(item.key) != split:
+        if item.id in seen or split_of(item.id) != split:
             misses += 1
             continue
         misses = 0
-        seen.add(item.key)
+        seen.add(item.id)
         yield item
     if len(seen) < n:
         raise ValueError(f"{task}: the {split} split has fewer than {n} distinct items ({len(seen)} found)")

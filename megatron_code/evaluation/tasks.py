@@ -15,7 +15,7 @@ Code generation (greedy completion of the prompt, scored by pass@1 and BLEU):
   The program prompt + completion runs, then the tests (see sandbox.py). "reference" (optional)
   is what BLEU compares the completion with.
 
-Any item may carry an "id" (default: its line number) and other fields, which are kept.
+Any item may carry an "id" (default: its line number) and a "family"; other fields are ignored.
 `write_builtin_tasks` writes the project's own tasks (synthetic.py); `convert_mbpp` turns a
 local MBPP file (fields text, code, test_list) into a code task.
 """
@@ -39,6 +39,12 @@ class ChoiceItem:
     question: str
     options: tuple[str, ...]
     answer: int
+    family: str = ""
+    """The generator form that made it (synthetic.py), if any."""
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "question": self.question, "options": list(self.options), "answer": self.answer,
+                **({"family": self.family} if self.family else {})}
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,11 @@ class CodeItem:
     prompt: str
     tests: tuple[str, ...]
     reference: str
+    family: str = ""
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "prompt": self.prompt, "tests": list(self.tests), "reference": self.reference,
+                **({"family": self.family} if self.family else {})}
 
 
 @dataclass(frozen=True)
@@ -75,12 +86,13 @@ def _item(record: dict, where: str, default_id: str) -> tuple[str, ChoiceItem | 
             raise TaskError(f"{where}: 'options' needs at least two choices")
         if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(options):
             raise TaskError(f"{where}: 'answer' must be the 0-based index of the correct option, got {answer!r}")
-        return MULTIPLE_CHOICE, ChoiceItem(item_id, question, options, answer)
+        return MULTIPLE_CHOICE, ChoiceItem(item_id, question, options, answer, str(record.get("family", "")))
     if "tests" in record:
         prompt, reference = record.get("prompt"), record.get("reference", "")
         if not isinstance(prompt, str) or not isinstance(reference, str):
             raise TaskError(f"{where}: code items need a string 'prompt' (and 'reference', when given)")
-        return CODE, CodeItem(item_id, prompt, _strings(record["tests"], where, "tests"), reference)
+        return CODE, CodeItem(item_id, prompt, _strings(record["tests"], where, "tests"), reference,
+                              str(record.get("family", "")))
     raise TaskError(f"{where}: neither a multiple-choice item (question, options, answer) nor a code item "
                     "(prompt, tests)")
 
