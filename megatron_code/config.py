@@ -127,35 +127,75 @@ class SourceConfig:
     prefix: str = ""
     """Indexed dataset path prefix: `<prefix>.bin` and `<prefix>.idx`."""
     weight: float = 1.0
+    """Weight in the `constant` schedule (the default when data.schedule is empty); 0 keeps a
+    source for validation only."""
+
+
+@dataclass
+class PhaseConfig:
+    start: float = 0
+    """First step of the phase, or a fraction (below 1) of train.steps."""
+    weights: dict = field(default_factory=dict)
+    """Source name -> weight (normalized; sources not named get 0)."""
+    ramp: float = 0
+    """Steps (or a fraction of train.steps) over which the weights move linearly from the
+    previous phase's to these."""
 
 
 @dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
-    """The blend: one entry per indexed dataset; weights are normalized."""
+    """One entry per indexed dataset."""
+    schedule: list[PhaseConfig] | str = field(default_factory=list)
+    """Phases in order, or a shorthand: constant | uniform | stepwise_increase |
+    stepwise_decrease (Ma et al.) | cooldown | code_then_text | balanced_then_text (Aryabumi et
+    al.), with options as `cooldown(fraction=0.1, code_share=0.2)`. Empty: constant weights
+    from data.sources."""
+    schedule_file: str = ""
+    """A YAML file holding the schedule (a list of phases or a shorthand, optionally under
+    `schedule:`); re-read while training, so its future phases can be edited mid-run."""
+    schedule_reload_interval: int = 100
+    """Re-read data.schedule_file every N steps (0: only at start-up); a change applies from
+    the next global batch on every rank."""
     tokenizer: str = ""
     """SentencePiece `.model` file (or a Hugging Face tokenizer folder)."""
     seq_length: int = 256
     split: str = "98,2,0"
     """Train/valid/test split of each source's documents, as in Megatron."""
+    seed: int = 1234
+    """Seeds the data order (each source's shuffle, and a new one per epoch); train.seed seeds
+    the model's initialization."""
+    allow_repeat: bool = True
+    """Let a source start a new epoch (in a new order, with a warning) when the schedule asks
+    for more samples than it holds; false makes that an error at start-up."""
+    allow_changed_data: bool = False
+    """Resume although seq length, split, data seed, tokenizer or a source's files differ from
+    the checkpoint's (each source continues at its saved position)."""
+    prefetch: int = 2
+    """Global batches built ahead of the step by a background thread (0: built in the step)."""
     cache_dir: str = ""
     """Where GPTDataset index caches go; empty = `<train.output_dir>/data_cache`."""
 
     def validate(self) -> None:
         if not self.sources:
             raise ConfigError("data.sources is empty: give at least one {name, prefix, weight}")
+        names = [s.name for s in self.sources]
         for i, s in enumerate(self.sources):
             if not s.name or not s.prefix:
                 raise ConfigError(f"data.sources[{i}] needs both a name and a prefix")
             if s.weight < 0:
                 raise ConfigError(f"data.sources[{i}].weight must be >= 0, got {s.weight}")
-        if sum(s.weight for s in self.sources) <= 0:
-            raise ConfigError("data.sources weights sum to zero")
+            if names.count(s.name) > 1:
+                raise ConfigError(f"data.sources[{i}].name={s.name!r} is used twice")
+        if not self.schedule and not self.schedule_file and sum(s.weight for s in self.sources) <= 0:
+            raise ConfigError("data.sources weights sum to zero (and no data.schedule is given)")
         if not self.tokenizer:
             raise ConfigError("data.tokenizer is empty: give the tokenizer model file")
         parts = self.split.split(",")
         if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
             raise ConfigError(f"data.split={self.split!r} must be three numbers like '98,2,0'")
+        if self.schedule_reload_interval < 0 or self.prefetch < 0:
+            raise ConfigError("data.schedule_reload_interval and data.prefetch must be >= 0")
 
 
 @dataclass
@@ -247,6 +287,11 @@ class Config:
         if self.data.seq_length > self.model.max_seq_len:
             raise ConfigError(f"data.seq_length={self.data.seq_length} exceeds "
                               f"model.max_seq_len={self.model.max_seq_len}")
+        from megatron_code.data.schedule import ScheduleError, configured_schedule
+        try:
+            configured_schedule(self.data, self.train.steps)
+        except ScheduleError as e:
+            raise ConfigError(str(e)) from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -261,7 +306,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _convert(value, args[0], where)
+        if isinstance(value, str) and str in args:
+            return value
+        return _convert(value, next(a for a in args if a is not str), where)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

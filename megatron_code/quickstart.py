@@ -3,11 +3,14 @@ indexed binaries -> a small GPT trained on a text+code blend -> checkpoint -> re
 
     python -m megatron_code.quickstart            (or: megatron-code-quickstart)
 
-Every stage reuses what an earlier run built; training resumes from the latest checkpoint.
+Every stage reuses what an earlier run built; training resumes from the latest checkpoint, and
+a run that already reached --steps is reported from its files without training.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -15,18 +18,42 @@ from pathlib import Path
 BLEND = {"text": 2.0, "code": 1.0}
 
 
+def dataset_is_current(prefix: Path, input_path: Path, tokenizer_path: Path) -> bool:
+    """The dataset at `prefix` was made from `input_path` with this tokenizer, after both last
+    changed, and its files are complete."""
+    from megatron_code.data.errors import DataError
+    from megatron_code.data.preprocess import check_dataset_matches_tokenizer
+    from megatron_code.data.tokenizer import load_tokenizer
+
+    meta, idx = Path(f"{prefix}.meta.json"), Path(f"{prefix}.idx")
+    if not (meta.is_file() and idx.is_file()):
+        return False
+    if json.loads(meta.read_text()).get("input") != str(input_path):
+        return False
+    if idx.stat().st_mtime_ns < max(input_path.stat().st_mtime_ns, tokenizer_path.stat().st_mtime_ns):
+        return False
+    try:
+        check_dataset_matches_tokenizer(prefix, load_tokenizer(tokenizer_path))
+    except DataError:
+        return False
+    return True
+
+
 def build_data(out: Path, vocab_size: int, max_bytes: int, workers: int) -> tuple[Path, dict[str, str]]:
     from megatron_code.data.corpus import prepare_builtin_corpus
-    from megatron_code.data.preprocess import preprocess
+    from megatron_code.data.preprocess import dataset_prefix, preprocess
     from megatron_code.data.tokenizer import train_tokenizer
 
     corpus = prepare_builtin_corpus(out / "corpus", max_bytes_per_source=max_bytes)
     tokenizer = train_tokenizer([corpus["text"], corpus["code"]], out / "tokenizer" / "spm", vocab_size=vocab_size)
     prefixes = {}
     for name, path in corpus.items():
-        summary = preprocess(path, out / "data" / name, tokenizer, json_keys=("text",), append_eod=True,
-                             workers=workers)
-        prefixes[name] = str(summary["outputs"]["text"])
+        prefix = dataset_prefix(out / "data" / name, "text")
+        if dataset_is_current(prefix, path, tokenizer):
+            print(f"preprocess: {prefix}.{{bin,idx}} is up to date", file=sys.stderr)
+        else:
+            preprocess(path, out / "data" / name, tokenizer, json_keys=("text",), append_eod=True, workers=workers)
+        prefixes[name] = str(prefix)
     return tokenizer, prefixes
 
 
@@ -48,6 +75,19 @@ def overrides_for(args, tokenizer: Path, prefixes: dict[str, str]) -> list[str]:
         "--optim.lr=2e-3", "--optim.min_lr=2e-4", f"--optim.warmup_steps={max(1, args.steps // 10)}",
         "--checkpoint.keep_last=1",
     ]
+
+
+def command_with_steps(argv: list[str] | None, steps: int) -> str:
+    """This quickstart's command line with --steps set to `steps`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(args):
+        if arg == "--steps":
+            del args[i: i + 2]
+            break
+        if arg.startswith("--steps="):
+            del args[i]
+            break
+    return " ".join(["python -m megatron_code.quickstart", *args, "--steps", str(steps)])
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -72,34 +112,43 @@ def run(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     tokenizer, prefixes = build_data(args.out, args.vocab_size, args.max_bytes, args.workers)
     overrides = overrides_for(args, tokenizer, prefixes)
+    from megatron_code.training.run_summary import summarize
+
+    run_dir = args.out / "train"
     try:
-        overrides.append(f"--checkpoint.load={resolve(args.out / 'train')}")
+        checkpoint = resolve(run_dir)
     except CheckpointError:
-        pass  # nothing to resume: a fresh run
+        checkpoint = None  # nothing to resume: a fresh run
+    done = summarize(run_dir) if checkpoint is not None else None
+    result = None
+    if done is not None and done["step"] >= args.steps:
+        headline = (f"quickstart report: nothing to train, the checkpoint is at step {done['step']} (--steps "
+                    f"{args.steps}); to train further: {command_with_steps(argv, done['step'] + args.steps)}")
+    else:
+        if checkpoint is not None:
+            overrides.append(f"--checkpoint.load={checkpoint}")
+        from megatron_code.training.trainer import Trainer
 
-    from megatron_code.training.trainer import Trainer
-
-    trainer = Trainer(load_config(None, overrides))
-    params = trainer.model.num_parameters()
-    result = trainer.train()
-    minutes = (time.perf_counter() - started) / 60
-    first = result.losses[0] if result.losses else float("nan")
-    last = result.losses[-1] if result.losses else float("nan")
+        trainer = Trainer(load_config(None, overrides))
+        params, device = trainer.model.num_parameters(), trainer.runtime.device
+        result = trainer.train()
+        done = summarize(run_dir)
+        headline = (f"quickstart report ({(time.perf_counter() - started) / 60:.1f} min, {params / 1e6:.1f}M "
+                    f"parameters, device {device})")
     lines = [
         "",
-        f"quickstart report ({minutes:.1f} min, {params / 1e6:.1f}M parameters, "
-        f"device {trainer.runtime.device})",
-        f"  steps            {result.step}",
-        "  tokens seen      " + ", ".join(f"{k} {v:,}" for k, v in result.tokens_per_source.items()),
-        f"  train loss       {first:.3f} (first step this run) -> {last:.3f} (last)",
-        "  valid loss       " + ", ".join(f"{k} {v:.3f}" for k, v in result.valid_losses.items()),
+        headline,
+        f"  steps            {done['step']}",
+        "  tokens seen      " + ", ".join(f"{k} {v:,}" for k, v in done["tokens"].items()),
+        f"  train loss       {done['first_loss']:.3f} (step 1) -> {done['last_loss']:.3f} (step {done['step']})",
+        "  valid loss       " + ", ".join(f"{k} {v:.3f}" for k, v in done["valid_loss"].items()),
         f"  tokenizer        {tokenizer}",
         "  datasets         " + ", ".join(prefixes.values()),
-        f"  checkpoint       {result.checkpoint}",
-        f"  metrics          {result.run_dir / 'metrics.jsonl'}",
+        f"  checkpoint       {done['checkpoint']}",
+        f"  metrics          {run_dir / 'metrics.jsonl'} (plots: python tools/plot_run.py {run_dir})",
     ]
     print("\n".join(lines))
-    return {"result": result, "tokenizer": tokenizer, "prefixes": prefixes}
+    return {"result": result, "summary": done, "tokenizer": tokenizer, "prefixes": prefixes}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,16 +40,14 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> TinyCorpus:
 
 
 @pytest.fixture(scope="session")
-def datasets(tiny_corpus, tmp_path_factory) -> dict[str, str]:
-    """Source name (text, code) -> indexed dataset prefix of the tiny corpus."""
+def tiny_indexed(tiny_corpus, tmp_path_factory) -> dict[str, str]:
+    """The tiny corpus preprocessed: {"text": prefix, "code": prefix} of Megatron .bin/.idx."""
     from megatron_code.data.preprocess import preprocess
 
     out = tmp_path_factory.mktemp("indexed")
-    prefixes = {}
-    for name in ("text", "code"):
-        summary = preprocess(getattr(tiny_corpus, name), out / name, tiny_corpus.tokenizer, progress=False)
-        prefixes[name] = str(summary["outputs"]["text"])
-    return prefixes
+    return {name: str(preprocess(getattr(tiny_corpus, name), out / name, tiny_corpus.tokenizer,
+                                 progress=False)["outputs"]["text"])
+            for name in ("text", "code")}
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +61,7 @@ def eval_task_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tiny_corpus, datasets, eval_task_dir, tmp_path_factory) -> Path:
+def trained_run(tiny_corpus, tiny_indexed, eval_task_dir, tmp_path_factory) -> Path:
     """A run directory: the tiny Llama-style model (GQA, tied embeddings) trained 16 steps on
     the tiny corpus with its embedding padded past the tokenizer's 1024 tokens to 1100 rows,
     scoring 50 items of the arithmetic task at every validation (steps 8 and 16)."""
@@ -75,7 +73,7 @@ def trained_run(tiny_corpus, datasets, eval_task_dir, tmp_path_factory) -> Path:
     arithmetic.write_text("".join((eval_task_dir / "arithmetic.jsonl").read_text().splitlines(True)[:50]))
     config = load_config(None, base={
         "model": {"preset": "tiny", "vocab_size": 1100},
-        "data": {"sources": [{"name": n, "prefix": p} for n, p in datasets.items()],
+        "data": {"sources": [{"name": n, "prefix": p} for n, p in tiny_indexed.items()],
                  "tokenizer": str(tiny_corpus.tokenizer), "seq_length": 64, "split": "90,10,0"},
         "optim": {"lr": 3e-3, "warmup_steps": 2},
         "train": {"steps": 16, "micro_batch_size": 4, "global_batch_size": 4, "eval_interval": 8,

@@ -229,12 +229,12 @@ def test_training_logs_task_scores(trained_run):
         assert logged[16][f"task/arithmetic_50/{metric}"] == pytest.approx(offline.metrics[metric])
 
 
-def test_eval_tasks_are_checked_at_start_up(tiny_corpus, datasets, eval_task_dir, tmp_path):
+def test_eval_tasks_are_checked_at_start_up(tiny_corpus, tiny_indexed, eval_task_dir, tmp_path):
     from megatron_code.config import load_config
     from megatron_code.training.trainer import Trainer
 
     def config(task):
-        return load_config(None, base={"data": {"sources": [{"name": "text", "prefix": datasets["text"]}],
+        return load_config(None, base={"data": {"sources": [{"name": "text", "prefix": tiny_indexed["text"]}],
                                                 "tokenizer": str(tiny_corpus.tokenizer)},
                                        "model": {"preset": "tiny", "max_seq_len": 256},
                                        "train": {"eval_tasks": [str(task)], "output_dir": str(tmp_path)}})

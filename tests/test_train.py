@@ -7,6 +7,11 @@ import torch
 from megatron_code.config import load_config
 
 
+@pytest.fixture
+def datasets(tiny_indexed):
+    return tiny_indexed
+
+
 def overrides(tiny_corpus, datasets, out_dir, *extra):
     sources = ", ".join(f"{{name: {n}, prefix: '{p}', weight: {w}}}"
                         for (n, p), w in zip(datasets.items(), (2, 1)))
@@ -40,7 +45,12 @@ def test_resume_is_exact(tiny_corpus, datasets, tmp_path):
         full.tokens_per_source == {"text": 21 * 64, "code": 11 * 64}
     lines = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == list(range(1, 9))
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "valid_loss/text", "valid_loss/code"} <= set(lines[3])
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "valid_loss/text", "valid_loss/code", "samples/text",
+            "tokens/code", "weight/text", "loss/text", "loss/code"} <= set(lines[3])
+    for line in lines:  # the per-source losses split the batch loss (every sample has 64 loss tokens)
+        assert line["samples/text"] + line["samples/code"] == 4 and line["weight/text"] == pytest.approx(2 / 3)
+        assert (line["loss/text"] * line["samples/text"] + line["loss/code"] * line["samples/code"]) / 4 == \
+            pytest.approx(line["loss"], rel=1e-5)
 
 
 def test_checkpoints_keep_last_and_atomic(tiny_corpus, datasets, tmp_path):
@@ -83,5 +93,16 @@ def test_quickstart_tiny(tmp_path, capsys):
     assert result.tokens_per_source["text"] > result.tokens_per_source["code"] > 0
     report = capsys.readouterr().out
     assert "quickstart report" in report and "tokens seen" in report and str(result.checkpoint) in report
-    again = quickstart(args)  # everything is reused; training resumes at its last step
-    assert again["result"].step == 40 and again["result"].losses == []
+    assert f"train loss       {result.losses[0]:.3f} (step 1) -> {result.losses[-1]:.3f} (step 40)" in report
+    binaries = sorted(tmp_path.glob("data/*.bin"))
+    written = [p.stat().st_mtime_ns for p in binaries]
+    again = quickstart(args)  # nothing changed: no preprocessing, no training, the same numbers
+    assert again["result"] is None and again["summary"] == first["summary"]
+    assert [p.stat().st_mtime_ns for p in binaries] == written
+    report = capsys.readouterr()
+    assert "is up to date" in report.err and "nothing to train, the checkpoint is at step 40" in report.out
+    assert (f"to train further: python -m megatron_code.quickstart --out {tmp_path} --size tiny --vocab-size 1024 "
+            "--max-bytes 200000 --seq-length 64 --no-progress --steps 80") in report.out
+    assert f"train loss       {result.losses[0]:.3f} (step 1) -> {result.losses[-1]:.3f} (step 40)" in report.out
+    further = quickstart([*args, "--steps", "44"])  # trains on from the checkpoint
+    assert further["result"].step == 44 and len(further["result"].losses) == 4

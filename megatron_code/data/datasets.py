@@ -1,7 +1,14 @@
-"""Per-source GPT datasets (megatron-core GPTDataset over our .bin/.idx) and the batch loader
-that draws each global batch from them in the order the mixture dictates."""
+"""Per-source datasets: megatron-core's GPTDataset over our .bin/.idx, one epoch per split, and
+the order in which a source is read over many epochs.
+
+A per-source dataset is anything with `len()` and `[i] -> {tokens, labels, loss_mask,
+position_ids}`; the mixture never looks inside. Index caches are keyed by the data files (sizes,
+mtimes, a hash of the .idx) and the tokenizer's fingerprint, so rebuilding a dataset at the same
+prefix, or with another tokenizer, builds new indices instead of reusing stale ones.
+"""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import warnings
@@ -9,18 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from megatron_code.config import DataConfig
 from megatron_code.data.errors import DataError
-from megatron_code.data.mixture import Mixture
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _MegatronTokenizerView:
-    """The few tokenizer attributes megatron-core's GPTDataset reads."""
+    """The few tokenizer attributes megatron-core's GPTDataset reads; `unique_identifiers` goes
+    into the hash that names its index caches."""
     eod: int
     pad: int
     vocab_size: int
@@ -31,7 +36,9 @@ class _MegatronTokenizerView:
 class SourceData:
     name: str
     train: object
+    """Training samples of one epoch: len() and [i] -> sample dict."""
     valid: object | None
+    fingerprint: dict
 
 
 def _quiet_megatron_imports():
@@ -51,65 +58,94 @@ def check_prefix(name: str, prefix: str) -> None:
                             f"(build it with tools/preprocess_data.py)")
 
 
-def build_source_datasets(config: DataConfig, tokenizer, seed: int, cache_dir: str) -> list[SourceData]:
-    """One train and one valid GPTDataset per source: a single epoch each, in megatron-core's
-    deterministic shuffled order, index caches under `cache_dir`. The loader wraps epochs, so
-    the data order never depends on the run length (a resumed run may change `train.steps`)."""
+def file_fingerprint(prefix: str) -> dict:
+    """What identifies the files at a prefix: sizes and mtimes of both, sha256 of the .idx (the
+    document and sequence lengths: a rebuild with other input or another tokenizer changes it)."""
+    idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
+    with idx.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"idx_sha256": digest, "idx_bytes": idx.stat().st_size, "bin_bytes": bin_.stat().st_size,
+            "idx_mtime_ns": idx.stat().st_mtime_ns, "bin_mtime_ns": bin_.stat().st_mtime_ns}
+
+
+def same_content(a: dict, b: dict) -> bool:
+    """Two fingerprints describe the same data (mtimes aside: a rebuild of equal bytes is equal)."""
+    keys = ("idx_sha256", "idx_bytes", "bin_bytes")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def build_source_datasets(sources: list[tuple[str, str]], tokenizer, seq_length: int, split: str, seed: int,
+                          cache_dir: str) -> list[SourceData]:
+    """One train and one valid GPTDataset per (name, prefix): a single epoch each, in
+    megatron-core's deterministic shuffled order (seeded by `seed`), index caches under
+    `cache_dir`. Later epochs are new permutations of the first (see EpochOrder), so the data
+    order never depends on the run length."""
     Builder, GPTDataset, GPTDatasetConfig = _quiet_megatron_imports()
-    view = _MegatronTokenizerView(tokenizer.eod_id, tokenizer.pad_id, tokenizer.vocab_size,
-                                  {"class": "megatron_code", "vocab_size": tokenizer.vocab_size})
     out = []
-    for source in config.sources:
-        check_prefix(source.name, source.prefix)
+    for name, prefix in sources:
+        check_prefix(name, prefix)
+        fingerprint = file_fingerprint(prefix)
+        view = _MegatronTokenizerView(tokenizer.eod_id, tokenizer.pad_id, tokenizer.vocab_size,
+                                      {"class": "megatron_code", "vocab_size": tokenizer.vocab_size,
+                                       "tokenizer": tokenizer.fingerprint, "files": fingerprint})
         gpt_config = GPTDatasetConfig(
-            random_seed=seed, sequence_length=config.seq_length, blend=([source.prefix], None),
-            split=config.split, path_to_cache=cache_dir, tokenizer=view,
+            random_seed=seed, sequence_length=seq_length, blend=([prefix], None),
+            split=split, path_to_cache=cache_dir, tokenizer=view,
             reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
             create_attention_mask=False, mid_level_dataset_surplus=0.005)
         # One epoch per split (num_samples=None): megatron-core loops forever when asked for
-        # samples from a split that holds no tokens, and the loader wraps epochs itself.
+        # samples from a split that holds no tokens.
         train, valid, _ = Builder(GPTDataset, [None, None, None], lambda: True, gpt_config).build()
         if train is None or len(train) == 0:
-            raise DataError(f"data source {source.name!r} ({source.prefix}) has no training samples of "
-                            f"length {config.seq_length}: it needs more tokens or a shorter data.seq_length")
-        out.append(SourceData(source.name, train, valid if valid is not None and len(valid) else None))
+            raise DataError(f"data source {name!r} ({prefix}) has no training samples of "
+                            f"length {seq_length}: it needs more tokens or a shorter data.seq_length")
+        out.append(SourceData(name, train, valid if valid is not None and len(valid) else None, fingerprint))
     return out
 
 
-class MixtureLoader:
-    """Global batches as lists of micro batches, drawn through the mixture. Stateless apart
-    from the mixture's consumed counts, which the checkpoint holds."""
-
-    def __init__(self, sources: list[SourceData], mixture: Mixture, micro_batch_size: int,
-                 device: torch.device):
-        self.sources, self.mixture = sources, mixture
-        self.micro_batch_size, self.device = micro_batch_size, device
-
-    def _collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        return {k: torch.stack([s[k] for s in samples]).to(self.device, non_blocking=True)
-                for k in ("tokens", "labels", "loss_mask", "position_ids")}
-
-    def global_batch(self, size: int) -> tuple[list[dict[str, torch.Tensor]], np.ndarray]:
-        """(micro batches, samples per source in this batch)."""
-        picks = self.mixture.take(size)
-        per_source = np.bincount([d for d, _ in picks], minlength=len(self.sources))
-        samples = []
-        for d, i in picks:
-            train = self.sources[d].train
-            samples.append(train[i % len(train)])
-        mbs = self.micro_batch_size
-        return [self._collate(samples[j: j + mbs]) for j in range(0, size, mbs)], per_source
-
-    def epochs(self) -> dict[str, float]:
-        """How many passes over each source's training split the run has made so far."""
-        return {s.name: float(c) / len(s.train) for s, c in zip(self.sources, self.mixture.consumed)}
-
-    def valid_batches(self, source: SourceData, num_batches: int) -> list[dict[str, torch.Tensor]]:
-        n = min(len(source.valid), num_batches * self.micro_batch_size)
-        samples = [source.valid[i] for i in range(n)]
-        mbs = self.micro_batch_size
-        return [self._collate(samples[j: j + mbs]) for j in range(0, n, mbs)]
+def default_cache_dir(output_dir: str, cache_dir: str) -> str:
+    return cache_dir or os.path.join(output_dir, "data_cache")
 
 
-def default_cache_dir(output_dir: str, data: DataConfig) -> str:
-    return data.cache_dir or os.path.join(output_dir, "data_cache")
+class EpochOrder:
+    """Which sample of a source's epoch comes at each position of its reading order.
+
+    Epoch 0 is megatron-core's own shuffled order; epoch e > 0 permutes it again with a keyed
+    4-round Feistel network over the next even power of two, walking cycles back into range, so
+    every epoch holds every sample exactly once, in a new order, from O(1) state: position p is
+    sample `order(p)` of the dataset, computed alone."""
+
+    _ROUNDS = 4
+
+    def __init__(self, size: int, seed: int, name: str):
+        self.size, self.seed, self.name = size, seed, name
+        half_bits = max(1, (max(size - 1, 1).bit_length() + 1) // 2)
+        self._half_bits = np.uint64(half_bits)
+        self._mask = np.uint64((1 << half_bits) - 1)
+
+    def _keys(self, epoch: int) -> list[np.uint64]:
+        digest = hashlib.blake2b(f"{self.seed}/{self.name}/{epoch}".encode(), digest_size=8 * self._ROUNDS).digest()
+        return [np.uint64(int.from_bytes(digest[8 * r: 8 * r + 8], "little")) for r in range(self._ROUNDS)]
+
+    def _feistel(self, x: np.ndarray, keys: list[np.uint64]) -> np.ndarray:
+        left, right = x >> self._half_bits, x & self._mask
+        for key in keys:
+            h = (right ^ key) * np.uint64(0x9E3779B97F4A7C15)
+            h ^= h >> np.uint64(29)
+            h *= np.uint64(0xBF58476D1CE4E5B9)
+            h ^= h >> np.uint64(32)
+            left, right = right, left ^ (h & self._mask)
+        return (left << self._half_bits) | right
+
+    def order(self, positions: np.ndarray) -> np.ndarray:
+        """Dataset indices for global reading positions (epoch = position // size)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        epochs, within = np.divmod(positions, self.size)
+        out = within.astype(np.uint64)
+        for epoch in np.unique(epochs[epochs > 0]).tolist():
+            keys, sel = self._keys(epoch), epochs == epoch
+            x = self._feistel(out[sel], keys)
+            while (outside := x >= self.size).any():
+                x[outside] = self._feistel(x[outside], keys)
+            out[sel] = x
+        return out.astype(np.int64)

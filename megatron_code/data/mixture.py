@@ -1,38 +1,125 @@
-"""Which source serves each sample of the run: a pure function of per-source consumed counts.
+"""Which source serves each sample: a pure function of the schedule, the step, and small counts.
 
-The rule is Megatron's BlendedDataset rule: sample n goes to the source whose count lags its
-weight the most (largest `w_d * max(n, 1) - count_d`, ties to the first), so every prefix of the
-run matches the weights to within one sample. The state is one count per source, which is all a resume needs.
+Within a phase, sample t (counted from the phase's start) goes to a source by Tijdeman's rule
+for the chairman assignment problem: with m sources of nonzero weight, delta = 1 / (2m - 2) and
+Lambda_d(t) the integral of source d's scheduled weight over the phase's first t samples, the
+candidates are the sources with Lambda_d(t) - count_d >= delta, and the one chosen is the
+candidate whose next sample falls due first (the least x with Lambda_d(x) >= count_d + 1 - delta).
+Tijdeman (1980) proved that this keeps |count_d(t) - Lambda_d(t)| <= 1 - delta for every source and
+every t, for weights that change from sample to sample as a ramp's do: within 0.5 samples with
+two sources, below one sample always. A source of weight 0 is never a candidate.
+
+The state is, per source, a count within the current phase and a position (samples consumed
+over the whole run); there is no index over the run and no communication: every rank computes
+the same picks.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from megatron_code.data.schedule import Phase, phase_index
 
-class Mixture:
-    def __init__(self, names: list[str], weights: list[float]):
-        if len(names) != len(weights) or not names:
-            raise ValueError("a mixture needs one weight per source")
-        total = float(sum(weights))
+
+class PhaseTargets:
+    """Lambda_d(x): the integral of each source's weight over the first x samples of a phase,
+    and its inverse. The weight moves linearly from `a` to `b` over `ramp` samples, then stays."""
+
+    def __init__(self, phase: Phase, names: list[str], samples_per_step: int):
+        self.b = [phase.weights.get(n, 0.0) for n in names]
+        self.a = [phase.ramp_from.get(n, 0.0) for n in names] if phase.ramp else list(self.b)
+        self.ramp = float(phase.ramp * samples_per_step)
+        self.active = [d for d in range(len(names)) if self.a[d] > 0 or self.b[d] > 0]
+        m = len(self.active)
+        self.delta = 1.0 / (2 * m - 2) if m > 1 else 0.0
+
+    def target(self, d: int, x: float) -> float:
+        a, b, ramp = self.a[d], self.b[d], self.ramp
+        if x >= ramp:
+            return (a + b) * ramp / 2 + b * (x - ramp)
+        return a * x + (b - a) * x * x / (2 * ramp)
+
+    def inverse(self, d: int, y: float) -> float:
+        """The least x with target(d, x) >= y (inf when the source never gets there)."""
+        a, b, ramp = self.a[d], self.b[d], self.ramp
+        at_ramp_end = (a + b) * ramp / 2
+        if y <= 0:
+            return 0.0
+        if y <= at_ramp_end:
+            # the root of (b - a) x^2 / (2 ramp) + a x - y, in the form without cancellation
+            return 2 * y / (a + math.sqrt(a * a + 2 * (b - a) * y / ramp))
+        if b <= 0:
+            return math.inf
+        return ramp + (y - at_ramp_end) / b
+
+
+class MixtureSampler:
+    """Picks (source, position) for every sample of every global batch, following the schedule.
+
+    `positions[d]` counts the samples source d served over the run (its reader's cursor);
+    `phase`, `phase_samples` and `counts` are the current phase and its per-source counts."""
+
+    def __init__(self, names: list[str], phases: list[Phase]):
         self.names = list(names)
-        self.weights = np.asarray(weights, dtype=np.float64) / total
-        self.consumed = np.zeros(len(names), dtype=np.int64)
+        self.phases = phases
+        self.positions = [0] * len(names)
+        self.phase = 0
+        self.phase_samples = 0
+        self.counts = [0] * len(names)
+        self._targets = None
 
-    def take(self, n: int) -> list[tuple[int, int]]:
-        """The next n samples as (source index, index within that source), advancing the state."""
-        picks = []
-        for _ in range(n):
-            d = int(np.argmax(self.weights * max(int(self.consumed.sum()), 1) - self.consumed))
-            picks.append((d, int(self.consumed[d])))
-            self.consumed[d] += 1
-        return picks
+    def set_phases(self, phases: list[Phase]) -> None:
+        """Adopt an edited schedule (the caller has checked with schedule.merge that the current
+        phase is unchanged, so its counts carry on)."""
+        self.phases = phases
+        self._targets = None
+
+    def _enter(self, step: int, samples_per_step: int) -> PhaseTargets:
+        index = phase_index(self.phases, step)
+        if index != self.phase:
+            self.phase, self.phase_samples, self.counts = index, 0, [0] * len(self.names)
+            self._targets = None
+        if self._targets is None or self._targets[0] != samples_per_step:
+            self._targets = (samples_per_step, PhaseTargets(self.phases[index], self.names, samples_per_step))
+        return self._targets[1]
+
+    def take(self, step: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The n samples of global batch `step`: (source index, position within source), advancing
+        the state. Phases change only at step boundaries, so a batch lies within one phase."""
+        targets = self._enter(step, n)
+        counts, t = self.counts, self.phase_samples
+        due = [targets.inverse(d, counts[d] + 1 - targets.delta) for d in range(len(counts))]
+        sources = np.empty(n, dtype=np.int64)
+        positions = np.empty(n, dtype=np.int64)
+        for j in range(n):
+            t += 1
+            best, best_due = -1, math.inf
+            for d in targets.active:
+                if targets.target(d, t) - counts[d] >= targets.delta and due[d] < best_due:
+                    best, best_due = d, due[d]
+            if best < 0:  # only reachable through rounding: take the largest deficit
+                best = max(targets.active, key=lambda d: targets.target(d, t) - counts[d])
+            counts[best] += 1
+            due[best] = targets.inverse(best, counts[best] + 1 - targets.delta)
+            sources[j] = best
+            positions[j] = self.positions[best]
+            self.positions[best] += 1
+        self.phase_samples = t
+        return sources, positions
+
+    def scheduled_weights(self, step: int, n: int) -> dict[str, float]:
+        """The mean scheduled weight of each source over global batch `step` of n samples."""
+        targets = self._enter(step, n)
+        t = self.phase_samples
+        return {name: (targets.target(d, t + n) - targets.target(d, t)) / n for d, name in enumerate(self.names)}
 
     def state_dict(self) -> dict:
-        return {"names": self.names, "consumed": self.consumed.tolist()}
+        return {"positions": dict(zip(self.names, self.positions)), "phase": self.phase,
+                "phase_samples": self.phase_samples, "counts": dict(zip(self.names, self.counts))}
 
     def load_state_dict(self, state: dict) -> None:
-        saved = dict(zip(state["names"], state["consumed"]))
-        missing = [n for n in saved if n not in self.names]
-        if missing:
-            raise ValueError(f"the checkpoint consumed data from sources {missing} that this config lacks")
-        self.consumed = np.asarray([saved.get(n, 0) for n in self.names], dtype=np.int64)
+        self.positions = [int(state["positions"].get(n, 0)) for n in self.names]
+        self.phase, self.phase_samples = int(state["phase"]), int(state["phase_samples"])
+        self.counts = [int(state["counts"].get(n, 0)) for n in self.names]
+        self._targets = None

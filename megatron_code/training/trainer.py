@@ -15,10 +15,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_code.config import Config
-from megatron_code.data.datasets import (MixtureLoader, SourceData, build_source_datasets, check_prefix,
-                                         default_cache_dir)
-from megatron_code.data.mixture import Mixture
-from megatron_code.data.preprocess import check_dataset_matches_tokenizer
+from megatron_code.data.pipeline import DataPipeline
 from megatron_code.data.tokenizer import load_tokenizer
 from megatron_code.evaluation.lm import gpt_sample_losses
 from megatron_code.evaluation.multiple_choice import score_multiple_choice
@@ -27,7 +24,7 @@ from megatron_code.kernels import build_attention, build_ops
 from megatron_code.model import GPT
 from megatron_code.parallel.distributed import Runtime, init_distributed
 from megatron_code.training.checkpoint import Checkpointer, resolve
-from megatron_code.training.loss import loss_fn
+from megatron_code.training.loss import loss_fn, per_source_loss, token_losses
 from megatron_code.training.metrics import MetricsLogger, flops_per_token, peak_flops
 from megatron_code.training.optim import build_optimizer, lr_at
 
@@ -48,12 +45,8 @@ class TrainResult:
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
-        # Cheap checks first: files and resume state, before datasets or the model are built.
-        for source in config.data.sources:
-            check_prefix(source.name, source.prefix)
+        # Cheap checks first: data files and resume state, before the model is built.
         self.tokenizer = load_tokenizer(config.data.tokenizer)
-        for source in config.data.sources:
-            check_dataset_matches_tokenizer(source.prefix, self.tokenizer)
         self.resume_from = resolve(config.checkpoint.load) if config.checkpoint.load else None
         self.eval_tasks = load_eval_tasks(config.train.eval_tasks)
 
@@ -61,6 +54,10 @@ class Trainer:
         if self.runtime.world_size > 1:
             raise RuntimeError(f"this build trains in one process; got WORLD_SIZE={self.runtime.world_size}")
         device = self.runtime.device
+        self.data = DataPipeline(config, self.tokenizer, device=device)
+        self.step = 0
+        if self.resume_from is not None:
+            self.data.load_state_dict(json.loads((self.resume_from / "trainer_state.json").read_text()).get("data", {}))
         self.run_dir = Path(config.train.output_dir)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if device.type == "cuda" and config.train.dtype in ("auto", "bf16")
@@ -79,58 +76,56 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config.optim, device)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint.keep_last)
 
-        self.sources: list[SourceData] = build_source_datasets(
-            config.data, self.tokenizer, config.train.seed, default_cache_dir(config.train.output_dir, config.data))
-        empty_valid = [s.name for s in self.sources if s.valid is None]
+        empty_valid = [s.name for s in self.data.sources if s.valid is None]
         if empty_valid and self.runtime.is_main and config.train.eval_interval:
             print(f"note: sources {empty_valid} have no validation documents with data.split={config.data.split}; "
                   "their validation loss is not reported")
-        mixture = Mixture([s.name for s in config.data.sources], [s.weight for s in config.data.sources])
-        self.loader = MixtureLoader(self.sources, mixture, config.train.micro_batch_size, device)
-
-        self.step = 0
         if self.resume_from is not None:
-            state = Checkpointer.load(self.resume_from, self.model, self.optimizer)
-            self.step = state["step"]
-            mixture.load_state_dict(state["mixture"])
+            self.step = Checkpointer.load(self.resume_from, self.model, self.optimizer)["step"]
         self.metrics = MetricsLogger(self.run_dir, self.runtime.is_main, config.train.tensorboard)
         if self.runtime.is_main:
             (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
     def trainer_state(self) -> dict:
-        return {"mixture": self.loader.mixture.state_dict(), "config": self.config.to_dict()}
+        return {"data": self.data.state_dict(), "config": self.config.to_dict()}
 
     def train_step(self) -> dict:
         cfg = self.config
         lr = lr_at(self.step, cfg.train.steps, cfg.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro_batches, per_source = self.loader.global_batch(cfg.train.global_batch_size)
-        token_count = int(sum(b["loss_mask"].sum() for b in micro_batches))
-        loss_sum = 0.0
-        for batch in micro_batches:
+        data = self.data.next_step()
+        names = self.data.names
+        loss_sum = torch.zeros((), device=self.runtime.device)
+        source_sums = torch.zeros(2, len(names), dtype=torch.float64, device=self.runtime.device)
+        for batch in data.micro_batches:
             with self.autocast:
-                loss = loss_fn(self.model, batch, self.ops, max(token_count, 1))
+                losses = token_losses(self.model, batch, self.ops)
+                loss = losses.sum() / max(data.loss_tokens, 1)
             loss.backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
+            source_sums += per_source_loss(losses, batch, len(names))
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                **{f"samples/{s.name}": int(n) for s, n in zip(self.sources, per_source)}}
+        # the step's one host sync
+        loss, norm, *sums = torch.cat([torch.stack([loss_sum, grad_norm]).double(), source_sums.flatten()]).tolist()
+        sums, counts = sums[:len(names)], sums[len(names):]
+        return {"loss": loss, "lr": lr, "grad_norm": norm, **data.metrics,
+                **{f"loss/{n}": s / c for n, s, c in zip(names, sums, counts) if c}}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean validation loss per source on a fixed set of held-out samples."""
         self.model.eval()
         out = {}
-        for source in self.sources:
+        for index, source in enumerate(self.data.sources):
             if source.valid is None:
                 continue
             total, count = 0.0, 0
-            for batch in self.loader.valid_batches(source, self.config.train.eval_batches):
+            for batch in self.data.valid_batches(index):
                 with self.autocast:
                     n = int(batch["loss_mask"].sum())
                     total += loss_fn(self.model, batch, self.ops, 1).item()
@@ -157,10 +152,6 @@ class Trainer:
         if not self.config.checkpoint.save:
             return None
         return self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
-
-    def tokens_per_source(self) -> dict[str, int]:
-        return {s.name: int(c) * self.config.data.seq_length
-                for s, c in zip(self.sources, self.loader.mixture.consumed)}
 
     def train(self) -> TrainResult:
         cfg, main = self.config, self.runtime.is_main
@@ -199,6 +190,7 @@ class Trainer:
         bar.close()
         result.step = self.step
         result.checkpoint = self.save()
-        result.tokens_per_source = self.tokens_per_source()
+        result.tokens_per_source = dict(self.data.cursor.tokens)
+        self.data.close()
         self.metrics.close()
         return result

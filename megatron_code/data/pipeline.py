@@ -1,0 +1,340 @@
+"""The data component of training: per-source datasets, the schedule and its sampler, resume
+checks, schedule edits while training, and a loader that builds global batches ahead of the step.
+
+Built once from (config, tokenizer, dp_rank, dp_size, device). Every rank computes the same picks
+for a global batch and takes its contiguous 1/dp_size of it. `state_dict()` is JSON-able (it goes
+into trainer_state.json): the step, each source's position, the current phase's counts, the
+schedule that applied from which step, and what the data order depends on (seq length, split,
+data seed, tokenizer and file fingerprints), which a resume checks.
+"""
+from __future__ import annotations
+
+import copy
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_code.data import schedule as sched
+from megatron_code.data.datasets import (EpochOrder, SourceData, build_source_datasets, check_prefix,
+                                         default_cache_dir, same_content)
+from megatron_code.data.errors import DataError
+from megatron_code.data.mixture import MixtureSampler
+from megatron_code.data.preprocess import check_dataset_matches_tokenizer
+
+STATE_FORMAT = 1
+
+
+@dataclass
+class StepBatch:
+    step: int
+    micro_batches: list[dict[str, torch.Tensor]]
+    """This rank's micro batches: tokens, labels, loss_mask, position_ids, source (int64 per
+    sample: an index into data.sources)."""
+    loss_tokens: int
+    """Loss-masked tokens in this rank's micro batches."""
+    metrics: dict[str, float]
+    """samples/<source>, tokens/<source> (of the global batch) and weight/<source> (scheduled)."""
+
+
+@dataclass
+class _Cursor:
+    """Everything that moves as batches are drawn; the loader advances a copy ahead of the step."""
+    step: int
+    sampler: MixtureSampler
+    tokens: dict[str, int]
+
+
+def collate(samples: list[dict], sources: np.ndarray, pin: bool) -> dict[str, torch.Tensor]:
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    batch["source"] = torch.from_numpy(np.ascontiguousarray(sources, dtype=np.int64))
+    return {k: v.pin_memory() for k, v in batch.items()} if pin else batch
+
+
+class DataPipeline:
+    def __init__(self, config, tokenizer, dp_rank: int = 0, dp_size: int = 1,
+                 device: torch.device | str = "cpu", group=None, log=None):
+        data, train = config.data, config.train
+        self.data, self.total_steps = data, train.steps
+        self.global_batch_size, self.micro_batch_size = train.global_batch_size, train.micro_batch_size
+        self.eval_batches = train.eval_batches
+        if self.global_batch_size % (self.micro_batch_size * dp_size):
+            raise DataError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                            f"train.micro_batch_size={self.micro_batch_size} x {dp_size} data-parallel ranks")
+        self.dp_rank, self.dp_size, self.group = dp_rank, dp_size, group
+        self.device = torch.device(device)
+        self.log = log or (lambda text: print(text) if not dist.is_initialized() or dist.get_rank() == 0 else None)
+        self.names = [s.name for s in data.sources]
+        phases, self.explicit = sched.configured_schedule(data, train.steps)
+        for source in data.sources:  # cheap checks before any index is built
+            check_prefix(source.name, source.prefix)
+            check_dataset_matches_tokenizer(source.prefix, tokenizer)
+        self.sources: list[SourceData] = build_source_datasets(
+            [(s.name, s.prefix) for s in data.sources], tokenizer, data.seq_length, data.split, data.seed,
+            default_cache_dir(train.output_dir, data.cache_dir))
+        self.orders = [EpochOrder(len(s.train), data.seed, s.name) for s in self.sources]
+        self.fingerprint = {"seq_length": data.seq_length, "split": data.split, "seed": data.seed,
+                            "tokenizer": tokenizer.fingerprint,
+                            "sources": {s.name: {"prefix": c.prefix, "files": s.fingerprint}
+                                        for s, c in zip(self.sources, data.sources)}}
+        self.cursor = _Cursor(0, MixtureSampler(self.names, phases), dict.fromkeys(self.names, 0))
+        self.changes: list[dict] = []
+        self._valid: dict[int, list[dict]] = {}
+        self._loader: _Loader | None = None
+        self._started_at = 0
+        self._noted: set[str] = set()
+        self.log("data schedule:\n  " + "\n  ".join(sched.describe(phases)))
+        self._check_plan(phases)
+
+    # ---------------------------------------------------------------------- the step's batches
+
+    def next_step(self) -> StepBatch:
+        """This rank's micro batches of the next global batch, and the step's data metrics."""
+        step = self.cursor.step
+        interval = self.data.schedule_reload_interval
+        if self.data.schedule_file and interval and step % interval == 0 and step != self._started_at:
+            self.reload_schedule()
+        if self._loader is None:
+            self._loader = _Loader(self, self.data.prefetch)
+        batch, cursor, notes = self._loader.get()
+        for note in notes:
+            self.log(note)
+        self.cursor = cursor
+        batch.micro_batches = [self.to_device(b) for b in batch.micro_batches]
+        return batch
+
+    def _draw(self, cursor: _Cursor) -> tuple[StepBatch, list[str]]:
+        """Advance `cursor` by one global batch; returns this rank's part and any notes."""
+        step, size = cursor.step, self.global_batch_size
+        weights = cursor.sampler.scheduled_weights(step, size)
+        sources, positions = cursor.sampler.take(step, size)
+        share = size // self.dp_size
+        mine = slice(self.dp_rank * share, (self.dp_rank + 1) * share)
+        notes, samples = [], []
+        for d, (order, source) in enumerate(zip(self.orders, self.sources)):
+            chosen = sources == d
+            if not chosen.any():
+                continue
+            first, last = int(positions[chosen][0]), int(positions[chosen][-1])
+            if last // order.size > first // order.size or (first % order.size == 0 and first > 0):
+                epoch = last // order.size + 1
+                if not self.data.allow_repeat:
+                    raise DataError(f"data source {source.name!r}: step {step} needs sample {last + 1:,} but the "
+                                    f"source holds {order.size:,} (data.allow_repeat=false)")
+                notes.append(f"warning: data source {source.name!r} starts epoch {epoch} at step {step}: its "
+                             f"{order.size:,} samples again, in a new order")
+        indices = np.empty(size, dtype=np.int64)
+        for d, order in enumerate(self.orders):
+            chosen = sources == d
+            if chosen.any():
+                indices[chosen] = order.order(positions[chosen])
+        for d, i in zip(sources[mine].tolist(), indices[mine].tolist()):
+            samples.append(self.sources[d].train[i])
+        pin = self.device.type == "cuda"
+        micro = [collate(samples[j: j + self.micro_batch_size], sources[mine][j: j + self.micro_batch_size], pin)
+                 for j in range(0, share, self.micro_batch_size)]
+        counts = np.bincount(sources, minlength=len(self.names))
+        seq = self.data.seq_length
+        for name, n in zip(self.names, counts.tolist()):
+            cursor.tokens[name] += n * seq
+        cursor.step += 1
+        metrics = {**{f"samples/{n}": int(c) for n, c in zip(self.names, counts)},
+                   **{f"tokens/{n}": int(c) * seq for n, c in zip(self.names, counts)},
+                   **{f"weight/{n}": w for n, w in weights.items()}}
+        loss_tokens = int(sum(int(b["loss_mask"].sum()) for b in micro))
+        return StepBatch(step, micro, loss_tokens, metrics), notes
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    # ---------------------------------------------------------------------- validation
+
+    def valid_batches(self, source: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's share of a fixed set of held-out samples of one source (the first
+        train.eval_batches x micro_batch_size of its validation split); empty without one."""
+        if source not in self._valid:
+            valid = self.sources[source].valid
+            n = min(len(valid), self.eval_batches * self.micro_batch_size) if valid is not None else 0
+            lo, hi = self.dp_rank * n // self.dp_size, (self.dp_rank + 1) * n // self.dp_size
+            mbs = self.micro_batch_size
+            self._valid[source] = [
+                collate([valid[i] for i in range(j, min(j + mbs, hi))], np.full(min(mbs, hi - j), source), False)
+                for j in range(lo, hi, mbs)]
+        return [self.to_device(b) for b in self._valid[source]]
+
+    # ---------------------------------------------------------------------- schedule edits
+
+    def reload_schedule(self) -> None:
+        """Re-read data.schedule_file (rank 0 reads, every rank gets its content) and adopt it
+        from the next global batch if it leaves the trained steps alone."""
+        now, where = self.cursor.step, f"data.schedule_file={self.data.schedule_file}"
+        message = [None]
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            try:
+                message[0] = sched.read_schedule_file(self.data.schedule_file)
+            except sched.ScheduleError as e:
+                message[0] = e
+        if dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.broadcast_object_list(message, src=dist.get_global_rank(self.group, 0) if self.group else 0,
+                                       group=self.group)
+        try:
+            if isinstance(message[0], Exception):
+                raise message[0]
+            edited = sched.resolve(message[0], self.names, {s.name: s.weight for s in self.data.sources},
+                                   self.total_steps, where)
+            adopted = sched.merge(self.cursor.sampler.phases, edited, now)
+            self._check_plan(adopted)
+        except (sched.ScheduleError, DataError) as e:
+            self.log(f"step {now}: schedule edit rejected, continuing on the current schedule: {e}")
+            return
+        self._adopt(adopted, now, where)
+
+    def _adopt(self, phases: list[sched.Phase], now: int, reason: str) -> None:
+        old = self.cursor.sampler.phases
+        if phases == old:
+            return
+        self.log(f"step {now}: schedule changed ({reason}), applies from this step:\n{sched.diff(old, phases)}")
+        self._stop_loader()
+        self.cursor.sampler.set_phases(phases)
+        self.changes.append({"step": now, "reason": reason, "schedule": sched.phases_to_json(phases)})
+
+    # ---------------------------------------------------------------------- resume
+
+    def state_dict(self) -> dict:
+        c = self.cursor
+        return {"format": STATE_FORMAT, "step": c.step, "sampler": c.sampler.state_dict(), "tokens": dict(c.tokens),
+                "schedule": sched.phases_to_json(c.sampler.phases), "changes": list(self.changes),
+                "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: check that the data order can continue, adopt the configured schedule's
+        future (or keep the saved one if the configuration rewrites trained steps), then
+        continue every source from its saved position."""
+        if state.get("format") != STATE_FORMAT:
+            raise DataError("the checkpoint's data state is from an older version (no schedule history or data "
+                            "fingerprint): its data order cannot be continued; start a new run")
+        self._check_fingerprint(state["fingerprint"], state["sampler"]["positions"])
+        self._stop_loader()
+        now = int(state["step"])
+        saved = sched.phases_from_json(state["schedule"])
+        sampler = MixtureSampler(self.names, saved)
+        sampler.load_state_dict(state["sampler"])
+        self.cursor = _Cursor(now, sampler, {n: int(state["tokens"].get(n, 0)) for n in self.names})
+        self.changes = list(state.get("changes", []))
+        self._started_at = now
+        if self.explicit:
+            try:
+                configured = sched.merge(saved, self._configured_phases(), now)
+            except sched.ScheduleError as e:
+                self.log(f"data.schedule: edit rejected on resume, continuing on the checkpoint's schedule: {e}")
+                configured = saved
+        else:  # the sources' weights: a change applies from the resume step
+            past = [p for p in saved if p.start < now]
+            weights = self._configured_phases()[0].weights
+            active = past[-1] if past else None
+            configured = past if active and active.weights == weights and not (
+                active.ramp and now < active.start + active.ramp) else past + [sched.Phase(now, weights)]
+        self._check_plan(configured)
+        self._adopt(configured, now, "configuration on resume")
+
+    def _configured_phases(self) -> list[sched.Phase]:
+        return sched.configured_schedule(self.data, self.total_steps)[0]
+
+    def _check_fingerprint(self, saved: dict, positions: dict) -> None:
+        problems = []
+        for key in ("seq_length", "split", "seed", "tokenizer"):
+            if saved.get(key) != self.fingerprint[key]:
+                problems.append(f"data.{key} changed: {saved.get(key)!r} -> {self.fingerprint[key]!r}")
+        for name, entry in saved["sources"].items():
+            now = self.fingerprint["sources"].get(name)
+            if now is None:
+                if positions.get(name, 0):
+                    problems.append(f"data source {name!r} fed {positions[name]:,} samples but is not in data.sources")
+            elif entry["prefix"] != now["prefix"]:
+                problems.append(f"data source {name!r}: prefix changed: {entry['prefix']} -> {now['prefix']}")
+            elif not same_content(entry["files"], now["files"]):
+                problems.append(f"data source {name!r}: the files at {now['prefix']} changed since the checkpoint "
+                                "(rebuilt?)")
+        if not problems:
+            return
+        if not self.data.allow_changed_data:
+            raise DataError("cannot resume: the data order depends on what changed:\n  " + "\n  ".join(problems)
+                            + "\npass --data.allow_changed_data=true to continue anyway")
+        self.log("data.allow_changed_data=true: resuming although\n  " + "\n  ".join(problems)
+                 + "\neach source continues at its saved position, which now indexes the new data")
+
+    def _check_plan(self, phases: list[sched.Phase]) -> None:
+        """Stop (data.allow_repeat=false) or warn when the schedule asks a source for more
+        samples than it holds."""
+        c = self.cursor
+        planned = sched.planned_samples(phases, self.names, c.step, self.total_steps, self.global_batch_size)
+        for d, (name, source) in enumerate(zip(self.names, self.sources)):
+            need = c.sampler.positions[d] + planned[name]
+            if need <= len(source.train):
+                continue
+            if not self.data.allow_repeat:
+                raise DataError(f"data source {name!r}: the schedule asks for up to {int(need):,} samples but it holds "
+                                f"{len(source.train):,} training samples of length {self.data.seq_length} "
+                                "(data.allow_repeat=false forbids a second epoch)")
+            if name not in self._noted:
+                self._noted.add(name)
+                self.log(f"note: data source {name!r} will be read about {need / len(source.train):.2f} times "
+                         "(each epoch in a new order)")
+
+    # ---------------------------------------------------------------------- the loader
+
+    def _stop_loader(self) -> None:
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
+
+    def close(self) -> None:
+        self._stop_loader()
+
+
+class _Loader:
+    """Draws global batches ahead of the step on a background thread (`depth` batches), each
+    with the cursor after it; depth 0 draws in the caller. Exceptions reach the caller."""
+
+    def __init__(self, pipeline: DataPipeline, depth: int):
+        self.pipeline, self.depth = pipeline, depth
+        self.cursor = copy.deepcopy(pipeline.cursor)
+        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self.stopped = threading.Event()
+        self.thread = None
+        if depth:
+            self.thread = threading.Thread(target=self._run, name="data-loader", daemon=True)
+            self.thread.start()
+
+    def _produce(self):
+        batch, notes = self.pipeline._draw(self.cursor)
+        return batch, copy.deepcopy(self.cursor), notes
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                item = self._produce()
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                item = e
+            while not self.stopped.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def get(self):
+        item = self.queue.get() if self.thread else self._produce()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()

@@ -1,0 +1,222 @@
+"""The data pipeline on real indexed data: resume and schedule edits serve every sample once, in
+the uninterrupted run's order; epochs reshuffle; caches follow the files; resume checks."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_code.config import ConfigError, load_config
+from megatron_code.data.errors import DataError
+from megatron_code.data.pipeline import DataPipeline
+from megatron_code.data.tokenizer import load_tokenizer
+
+
+def make(tiny_corpus, prefixes, tmp_path, *extra, weights=(2, 1), log=None, **kwargs):
+    sources = ", ".join(f"{{name: {n}, prefix: '{p}', weight: {w}}}" for (n, p), w in zip(prefixes.items(), weights))
+    config = load_config(None, [f"--data.sources=[{sources}]", f"--data.tokenizer={tiny_corpus.tokenizer}",
+                                "--data.seq_length=32", "--data.split=80,20,0", "--train.micro_batch_size=4",
+                                "--train.global_batch_size=8", "--train.steps=40", "--train.eval_batches=2",
+                                f"--train.output_dir={tmp_path}", *extra])
+    return DataPipeline(config, load_tokenizer(config.data.tokenizer), log=log or (lambda _: None), **kwargs)
+
+
+def draw(pipeline, steps):
+    """[(source, tokens of each sample)] per step, checking the batch's own columns on the way."""
+    out = []
+    for _ in range(steps):
+        batch = pipeline.next_step()
+        samples = []
+        for micro in batch.micro_batches:
+            assert set(micro) == {"tokens", "labels", "loss_mask", "position_ids", "source"}
+            samples += [(int(s), tuple(t.tolist())) for s, t in zip(micro["source"], micro["tokens"])]
+        assert batch.loss_tokens == sum(int(m["loss_mask"].sum()) for m in batch.micro_batches)
+        out.append(samples)
+    return out
+
+
+def test_resume_with_prefetch_serves_the_same_samples(tiny_corpus, tiny_indexed, tmp_path):
+    ramp = "--data.schedule=[{start: 0, weights: {text: 1, code: 1}}, {start: 6, weights: {text: 1}, ramp: 6}]"
+    full = draw(make(tiny_corpus, tiny_indexed, tmp_path, ramp, "--data.prefetch=0"), 16)
+    for stop in (3, 8):  # mid phase, mid ramp
+        first = make(tiny_corpus, tiny_indexed, tmp_path, ramp, "--data.prefetch=2")
+        head = draw(first, stop)
+        state = json.loads(json.dumps(first.state_dict()))
+        first.close()
+        resumed = make(tiny_corpus, tiny_indexed, tmp_path, ramp, "--data.prefetch=2")
+        resumed.load_state_dict(state)
+        assert head + draw(resumed, 16 - stop) == full
+        resumed.close()
+
+
+def test_weights_changed_on_resume_apply_from_the_change(tiny_corpus, tiny_indexed, tmp_path):
+    """The catch-up case: text only, then resume at 1:1; no catching up on code's history."""
+    logs = []
+    text_only = make(tiny_corpus, tiny_indexed, tmp_path, weights=(1, 0))
+    head = draw(text_only, 10)
+    assert {s for step in head for s, _ in step} == {0}
+    resumed = make(tiny_corpus, tiny_indexed, tmp_path, weights=(1, 1), log=logs.append)
+    resumed.load_state_dict(text_only.state_dict())
+    tail = draw(resumed, 10)
+    for step in tail:
+        assert sorted(s for s, _ in step) == [0] * 4 + [1] * 4
+    assert any("applies from this step" in line and "+phase 1: from step 10: text 0.500, code 0.500" in line
+               for line in logs)
+    text_samples = [t for step in head + tail for s, t in step if s == 0]
+    assert len(set(text_samples)) == len(text_samples) == 80 + 40  # nothing served twice
+    state = resumed.state_dict()
+    assert state["sampler"]["positions"] == {"text": 120, "code": 40}
+    assert state["tokens"] == {"text": 120 * 32, "code": 40 * 32}
+    assert [p["start"] for p in state["schedule"]] == [0, 10]
+
+
+def test_schedule_file_edits_apply_live_and_past_edits_are_rejected(tiny_corpus, tiny_indexed, tmp_path):
+    schedule = tmp_path / "schedule.yaml"
+    schedule.write_text("- {start: 0, weights: {text: 1, code: 1}}\n")
+    logs = []
+    args = (f"--data.schedule_file={schedule}", "--data.schedule_reload_interval=4", "--data.prefetch=2")
+    live = make(tiny_corpus, tiny_indexed, tmp_path, *args, log=logs.append)
+    head = draw(live, 5)  # the loader has built batches ahead: the edit must replace them
+    schedule.write_text("- {start: 0, weights: {text: 1, code: 1}}\n- {start: 6, weights: {code: 1}}\n")
+    middle = draw(live, 5)  # re-read at step 8: too late for a phase starting at 6
+    assert any("step 8: schedule edit rejected" in line and "rewrites steps 6..7" in line for line in logs)
+    schedule.write_text("- {start: 0, weights: {text: 1, code: 1}}\n- {start: 12, weights: {code: 1}}\n")
+    tail = draw(live, 6)  # steps 10..15: re-read at step 12, applies from step 12
+    assert [sorted({s for s, _ in step}) for step in tail] == [[0, 1]] * 2 + [[1]] * 4
+    live.close()
+    # the same as a run that had the final schedule from the start, since only the future changed
+    planned = tmp_path / "planned.yaml"
+    planned.write_text(schedule.read_text())
+    assert head + middle + tail == draw(make(tiny_corpus, tiny_indexed, tmp_path, f"--data.schedule_file={planned}",
+                                             "--data.prefetch=0"), 16)
+    history = live.state_dict()["changes"]
+    assert [c["step"] for c in history] == [12]
+
+
+def test_epochs_reshuffle_and_serve_every_sample_once(tiny_corpus, tiny_indexed, tmp_path):
+    logs = []
+    pipeline = make(tiny_corpus, tiny_indexed, tmp_path, "--data.seq_length=128", "--data.prefetch=0", "--train.steps=1000",
+                    weights=(0, 1), log=logs.append)
+    size = len(pipeline.sources[1].train)
+    steps = -(-2 * size // 8)
+    code = [t for step in draw(pipeline, steps) for s, t in step if s == 1]
+    first, second = code[:size], code[size:2 * size]
+    assert len(set(first)) == size and sorted(first) == sorted(second) and first != second
+    reference = pipeline.sources[1].train  # epoch 0 is megatron-core's own order
+    assert first == [tuple(reference[i]["tokens"].tolist()) for i in range(size)]
+    assert any(f"'code' starts epoch 2 at step {size // 8}" in line for line in logs)
+    assert any("will be read about" in line for line in logs)
+    with pytest.raises(DataError, match=r"'code': the schedule asks for up to 8,001 samples but it holds 375 .*allow_repeat=false"):
+        make(tiny_corpus, tiny_indexed, tmp_path, "--data.seq_length=128", "--data.allow_repeat=false", "--train.steps=1000",
+             weights=(0, 1))
+
+
+def test_data_parallel_ranks_split_the_global_batch(tiny_corpus, tiny_indexed, tmp_path):
+    whole = draw(make(tiny_corpus, tiny_indexed, tmp_path, "--data.prefetch=0"), 3)
+    ranks = [draw(make(tiny_corpus, tiny_indexed, tmp_path, "--data.prefetch=0", dp_rank=r, dp_size=2), 3)
+             for r in range(2)]
+    for step, (a, b) in enumerate(zip(*ranks)):
+        assert a + b == whole[step] and len(a) == len(b) == 4
+    with pytest.raises(DataError, match="not a multiple of train.micro_batch_size=4 x 4 data-parallel ranks"):
+        make(tiny_corpus, tiny_indexed, tmp_path, dp_rank=0, dp_size=4)
+
+
+def test_validation_batches_are_fixed_and_split_over_ranks(tiny_corpus, tiny_indexed, tmp_path):
+    one = make(tiny_corpus, tiny_indexed, tmp_path, weights=(1, 0))  # code: validation only
+    batches = one.valid_batches(1)
+    assert len(batches) == 2 and all((b["source"] == 1).all() for b in batches)
+    halves = [make(tiny_corpus, tiny_indexed, tmp_path, dp_rank=r, dp_size=2).valid_batches(1) for r in range(2)]
+    assert torch.equal(torch.cat([b["tokens"] for h in halves for b in h]), torch.cat([b["tokens"] for b in batches]))
+
+
+def test_resume_checks_name_what_changed(tiny_corpus, tiny_indexed, tmp_path):
+    saved = make(tiny_corpus, tiny_indexed, tmp_path)
+    draw(saved, 2)
+    state = saved.state_dict()
+    with pytest.raises(DataError, match=r"(?s)data.seq_length changed: 32 -> 64.*allow_changed_data=true"):
+        make(tiny_corpus, tiny_indexed, tmp_path, "--data.seq_length=64").load_state_dict(state)
+    other_tokenizer = json.loads(json.dumps(state))
+    other_tokenizer["fingerprint"]["tokenizer"] = "0" * 64
+    with pytest.raises(DataError, match=r"data.tokenizer changed"):
+        make(tiny_corpus, tiny_indexed, tmp_path).load_state_dict(other_tokenizer)
+    logs = []
+    allowed = make(tiny_corpus, tiny_indexed, tmp_path, "--data.seed=7", "--data.allow_changed_data=true",
+                   log=logs.append)
+    allowed.load_state_dict(state)
+    assert any("resuming although" in line and "data.seed changed: 1234 -> 7" in line for line in logs), logs
+    assert allowed.state_dict()["sampler"]["positions"] == state["sampler"]["positions"]
+
+
+def test_rebuilt_dataset_gets_new_indices_and_stops_a_resume(tiny_corpus, tiny_indexed, tmp_path):
+    from megatron_code.data.preprocess import preprocess
+
+    prefix = str(tmp_path / "data" / "code_text_document")
+    preprocess(tiny_corpus.code, tmp_path / "data" / "code", tiny_corpus.tokenizer, progress=False)
+    cache = tmp_path / "cache"
+    first = make(tiny_corpus, {"code": prefix}, tmp_path, f"--data.cache_dir={cache}", weights=(1,))
+    draw(first, 1)
+    state = first.state_dict()
+    smaller = tmp_path / "smaller.jsonl"
+    smaller.write_text("".join(open(tiny_corpus.code).readlines()[::2]))
+    preprocess(smaller, tmp_path / "data" / "code", tiny_corpus.tokenizer, progress=False)
+    rebuilt = make(tiny_corpus, {"code": prefix}, tmp_path, f"--data.cache_dir={cache}", weights=(1,))
+    fresh = make(tiny_corpus, {"code": prefix}, tmp_path, f"--data.cache_dir={tmp_path / 'empty'}", weights=(1,))
+    assert len(rebuilt.sources[0].train) == len(fresh.sources[0].train) != len(first.sources[0].train)
+    assert draw(rebuilt, 3) == draw(fresh, 3)
+    assert len([f for f in os.listdir(cache) if f.endswith("description.txt")]) == 4  # train + valid, twice
+    with pytest.raises(DataError, match=r"data source 'code': the files at .* changed since the checkpoint"):
+        make(tiny_corpus, {"code": prefix}, tmp_path, weights=(1,)).load_state_dict(state)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("--data.schedule=[{start: 0, weights: {text: -1, code: 1}}]", r"data.schedule\[0\].weights.text must be a number >= 0"),
+    ("--data.schedule=[{start: 0, weights: {text: 0, code: 0}}]", r"data.schedule\[0\].weights are all zero"),
+    ("--data.schedule=[{start: 0, weights: {text: 1}}, {start: 0.5, weights: {code: 1}}, {start: 10, weights: {code: 1}}]",
+     r"data.schedule\[2\].start \(step 10\) must come after data.schedule\[1\].start \(step 20\)"),
+    ("--data.schedule=[{start: 0, weights: {web: 1}}]", r"data.schedule\[0\].weights.web: unknown source"),
+    ("--data.schedule=cooldown(share=2)", r"cooldown has no option 'share'"),
+])
+def test_bad_schedules_name_the_field(tiny_corpus, tiny_indexed, tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        make(tiny_corpus, tiny_indexed, tmp_path, extra)
+
+
+def test_missing_prefix_names_the_source(tiny_corpus, tiny_indexed, tmp_path):
+    with pytest.raises(DataError, match=r"data source 'web': /nope/web.bin does not exist"):
+        make(tiny_corpus, {"web": "/nope/web"}, tmp_path, weights=(1,))
+
+
+def _draw_on_rank(rank, world_size, tokenizer, prefixes, out_dir, schedule_file):
+    """Each rank reads its own copy of the schedule file at start-up; only rank 0's is edited
+    mid-run, so rank 1 can switch only through what rank 0 broadcasts."""
+    from pathlib import Path
+    mine = Path(schedule_file).with_suffix(f".rank{rank}.yaml")
+    mine.write_text(Path(schedule_file).read_text())
+    sources = ", ".join(f"{{name: {n}, prefix: '{p}'}}" for n, p in prefixes.items())
+    config = load_config(None, [f"--data.sources=[{sources}]", f"--data.tokenizer={tokenizer}", "--data.seq_length=32",
+                                "--data.split=80,20,0", "--train.micro_batch_size=2", "--train.global_batch_size=8",
+                                "--train.steps=40", f"--train.output_dir={out_dir}", f"--data.schedule_file={mine}",
+                                "--data.schedule_reload_interval=4"])
+    pipeline = DataPipeline(config, load_tokenizer(tokenizer), dp_rank=rank, dp_size=world_size, log=lambda _: None)
+    head = draw(pipeline, 6)
+    if rank == 0:
+        mine.write_text("- {start: 0, weights: {text: 1, code: 1}}\n- {start: 8, weights: {code: 1}}\n")
+    tail = draw(pipeline, 6)
+    pipeline.close()
+    return head + tail
+
+
+def test_data_parallel_ranks_switch_together_on_a_live_edit(tiny_corpus, tiny_indexed, tmp_path):
+    from distributed_utils import run_distributed
+
+    schedule = tmp_path / "schedule.yaml"
+    schedule.write_text("- {start: 0, weights: {text: 1, code: 1}}\n")
+    ranks = run_distributed(_draw_on_rank, world_size=2, args=(str(tiny_corpus.tokenizer), tiny_indexed,
+                                                               str(tmp_path / "run"), str(schedule)))
+    planned = tmp_path / "planned.yaml"
+    planned.write_text("- {start: 0, weights: {text: 1, code: 1}}\n- {start: 8, weights: {code: 1}}\n")
+    whole = draw(make(tiny_corpus, tiny_indexed, tmp_path / "one", f"--data.schedule_file={planned}"), 12)
+    for step, (a, b) in enumerate(zip(*ranks)):
+        assert a + b == whole[step] and not set(a) & set(b)
+    assert {s for s, _ in ranks[1][-1]} == {1}
