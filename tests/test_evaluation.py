@@ -218,6 +218,29 @@ def test_our_scorer_agrees_with_lm_eval(trained_run, exported, eval_task_dir, tm
     assert on_export.per_item == scores.per_item
 
 
+def test_generation_is_our_models_greedy_decoding(trained_run, tiny_corpus, tmp_path):
+    """Batched generation (on the transformers twin, with its KV cache; or by recomputation for a
+    model no transformers class expresses) gives our GPT's own one-prompt greedy tokens."""
+    from megatron_code.config import PRESETS, Config, ModelConfig
+    from megatron_code.evaluation.lm import gpt_next_logits, greedy
+    from megatron_code.model import GPT
+    from megatron_code.training.weights import load_model, write_weights_only
+
+    torch.manual_seed(0)
+    mixed = Config(model=ModelConfig(**{**PRESETS["tiny"], "vocab_size": 1024, "activation": "gelu", "init_std": 0.3}))
+    mixed.data.tokenizer = str(tiny_corpus.tokenizer)
+    write_weights_only(tmp_path / "mixed", GPT(mixed.model).state_dict(), mixed)
+    for run in (trained_run, tmp_path / "mixed"):
+        model = load_language_model(run)
+        prompts = [model.tokenizer.encode(t) for t in ("def f(x):\n    return", "The quick brown fox", "import os\n\n")]
+        ours, _ = load_model(run)
+        alone = [greedy(gpt_next_logits(ours, 1024), [p], 12, model.max_length)[0] for p in prompts]
+        assert model.generate(prompts, 12, lambda ids: False) == alone
+        stop = alone[1][4]  # rows finish at different steps; each is cut where it finished
+        assert model.generate(prompts, 12, lambda ids: ids[-1] == stop) == [
+            ids[:ids.index(stop) + 1] if stop in ids else ids for ids in alone]
+
+
 def test_training_logs_task_scores(trained_run):
     lines = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     logged = {line["step"]: line for line in lines if "task/arithmetic_50/acc" in line}

@@ -3,8 +3,8 @@
     python tools/convert_checkpoint.py export --load runs/quickstart/train --out runs/hf/quickstart
     python tools/convert_checkpoint.py import --hf path/to/llama --out runs/llama_init
 
-export reads a checkpoint (a run, checkpoints or step directory; any parallel layout saved it)
-with no process group and no GPU, and writes config.json, safetensors shards with an index,
+export reads a checkpoint (a run, checkpoints or step directory) in one process with no GPU,
+through DCP's single-process path over the full-shape tensors a checkpoint holds, and writes config.json, safetensors shards with an index,
 generation_config.json and the tokenizer files: LlamaForCausalLM for Llama-style models,
 GPT2LMHeadModel (zero biases) for the GPT-2/PanGu style; vocabulary padding is cut to the
 tokenizer's size. `--dtype` sets the stored precision (fp32 by default).
@@ -38,7 +38,7 @@ import yaml
 from megatron_code.config import Config
 from megatron_code.data.errors import DataError
 from megatron_code.data.tokenizer import Tokenizer, export_hf_tokenizer, hf_tokenizer_dir, load_tokenizer
-from megatron_code.evaluation.lm import greedy
+from megatron_code.evaluation.lm import gpt_next_logits, greedy
 from megatron_code.model import GPT
 from megatron_code.model.hf import ConversionError, from_hf_config, from_hf_state, hf_architecture, hf_config, to_hf_state
 from megatron_code.training.checkpoint import CheckpointError
@@ -140,8 +140,7 @@ def verify(ours: GPT, theirs, tokens: torch.Tensor, vocab_size: int) -> Verifica
         prompt = tokens[:1, : tokens.shape[1] // 2]
         theirs_ids = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=GREEDY_TOKENS,
                                      do_sample=False, eos_token_id=None)[0, prompt.shape[1]:].tolist()
-    ours_ids = greedy(lambda t: ours(t)[0, -1, :vocab_size], prompt[0].tolist(), GREEDY_TOKENS,
-                      ours.config.max_seq_len)
+    (ours_ids,) = greedy(gpt_next_logits(ours, vocab_size), [prompt[0].tolist()], GREEDY_TOKENS, ours.config.max_seq_len)
     result = Verification(diff, ours_ids, theirs_ids)
     if not result.ok:
         result.suspect = locate_difference(ours, theirs, tokens)

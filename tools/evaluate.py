@@ -76,7 +76,7 @@ def _run(args) -> None:
             scores.append(score_multiple_choice(task, model.sample_losses, model.tokenizer, model.max_length,
                                                 args.batch_size, model.device))
         else:
-            scores.append(score_code(task, model, limits, args.max_new_tokens))
+            scores.append(score_code(task, model, limits, args.max_new_tokens, args.batch_size, progress=True))
         print(f"{task.name}: " + ", ".join(f"{m} {v:.4f}" for m, v in scores[-1].metrics.items())
               + f" (n={scores[-1].n})")
     extra = {}

@@ -13,7 +13,9 @@ import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from megatron_code.evaluation.lm import LanguageModel, greedy
+from tqdm import tqdm
+
+from megatron_code.evaluation.lm import LanguageModel
 from megatron_code.evaluation.results import TaskScores
 from megatron_code.evaluation.sandbox import Limits, run_python, sandbox_features
 from megatron_code.evaluation.tasks import CODE, Task
@@ -58,30 +60,29 @@ def sentence_bleu(hypothesis: list[str], reference: list[str], max_order: int = 
     return 100 * math.exp(brevity + sum(log_precisions) / len(log_precisions))
 
 
-def complete(model: LanguageModel, prompt: str, max_new_tokens: int) -> str:
-    """The greedy completion of `prompt`, cut where the function ends (or at end of document)."""
+def complete(model: LanguageModel, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
+             progress: bool = False) -> list[str]:
+    """Greedy completions of `prompts`, each cut where its function ends (or at end of document)."""
     tokenizer = model.tokenizer
     eod = tokenizer.eod_id
 
     def finished(ids: list[int]) -> bool:
-        if ids and ids[-1] == eod:
-            return True
-        text = tokenizer.decode(ids)
-        return _END.search(text) is not None
-    ids = greedy(model.next_logits, tokenizer.encode(prompt), max_new_tokens, model.max_length, finished,
-                 model.device)
-    if ids and ids[-1] == eod:
-        ids = ids[:-1]
-    return truncate_completion(tokenizer.decode(ids))
+        return ids[-1] == eod or _END.search(tokenizer.decode(ids)) is not None
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", disable=not progress):
+        batch = [tokenizer.encode(p) for p in prompts[start: start + batch_size]]
+        for ids in model.generate(batch, max_new_tokens, finished):
+            out.append(truncate_completion(tokenizer.decode(ids[:-1] if ids[-1] == eod else ids)))
+    return out
 
 
 def score_code(task: Task, model: LanguageModel, limits: Limits = Limits(), max_new_tokens: int = 128,
-               workers: int = 2) -> TaskScores:
+               batch_size: int = 16, workers: int = 2, progress: bool = False) -> TaskScores:
     """pass@1 (greedy) and BLEU for every item of a code task."""
     if task.kind != CODE:
         raise ValueError(f"{task.path} is a {task.kind} task, not code generation")
     sandbox_features()  # refuse early, before generating, where code cannot run contained
-    completions = [complete(model, item.prompt, max_new_tokens) for item in task.items]
+    completions = complete(model, [item.prompt for item in task.items], max_new_tokens, batch_size, progress)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         runs = list(pool.map(lambda pair: run_python(pair[0].prompt + pair[1], "\n".join(pair[0].tests), limits),
                              zip(task.items, completions)))

@@ -217,14 +217,15 @@ def from_hf_state(hf_state: dict[str, torch.Tensor], config: ModelConfig) -> dic
     return state
 
 
-def to_hf_llama(model):
-    """A LlamaForCausalLM with `model`'s config and a copy of its weights (vocabulary not cut)."""
+def to_hf_model(model, vocab_size: int | None = None):
+    """A transformers model (LlamaForCausalLM or GPT2LMHeadModel) with `model`'s config and a
+    copy of its weights, the vocabulary cut to `vocab_size` rows (default: not cut)."""
     import transformers
 
     c = model.config
-    if hf_architecture(c) != "llama":
-        raise ConversionError("only Llama-style models (rmsnorm, swiglu, rope) map onto LlamaForCausalLM")
-    hf = transformers.LlamaForCausalLM(hf_config(c, c.vocab_size, {})).to(model.embedding.weight.dtype)
+    vocab_size = vocab_size or c.vocab_size
+    family = transformers.LlamaForCausalLM if hf_architecture(c) == "llama" else transformers.GPT2LMHeadModel
+    hf = family(hf_config(c, vocab_size, {})).to(model.embedding.weight.dtype)
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    hf.load_state_dict(to_hf_state(state, c, c.vocab_size), strict=not c.tie_embeddings)
+    hf.load_state_dict(to_hf_state(state, c, vocab_size), strict=not c.tie_embeddings)  # a tied head is not stored
     return hf
