@@ -59,7 +59,7 @@ def test_export_matches_transformers(trained_run, exported):
     assert hf_tokenizer.decode(tokens[0]) == load_tokenizer(exported).decode(tokens[0].tolist())
 
 
-def test_export_bf16_and_errors(convert_tool, trained_run, exported, tmp_path, capsys):
+def test_export_bf16_and_errors(convert_tool, trained_run, exported, tiny_corpus, tmp_path, capsys):
     out = tmp_path / "bf16"
     assert convert_tool.main(["export", "--load", str(trained_run / "checkpoints"), "--out", str(out), "--dtype", "bf16"]) == 0
     printed = capsys.readouterr().out
@@ -83,6 +83,12 @@ def test_export_bf16_and_errors(convert_tool, trained_run, exported, tmp_path, c
     assert convert_tool.main(["export", "--load", str(partial.with_name("step_0000020")), "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert "lacks 6 model tensor(s) the config needs" in err and "model.layers.2.mlp.up.weight" in err
+
+    small = Config(model=ModelConfig(**{**PRESETS["tiny"], "vocab_size": 512}))
+    small.data.tokenizer = str(tiny_corpus.tokenizer)
+    write_weights_only(tmp_path / "small", GPT(small.model).state_dict(), small)
+    assert convert_tool.main(["export", "--load", str(tmp_path / "small"), "--out", str(tmp_path / "x")]) == 1
+    assert "has 1024 tokens but the checkpoint's embedding has 512 rows" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

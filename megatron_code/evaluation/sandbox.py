@@ -1,9 +1,9 @@
 """Run generated Python (a solution plus its test asserts) in a contained child process.
 
-The parent starts `python -I -S sandbox.py` in a fresh temporary directory and a new session,
-reads at most `Limits.output_bytes` of its output, and kills the process group at the wall-clock
-limit. Before the sample's code runs, the child (this file run as a script; standard library
-only) applies, to itself, limits the kernel enforces:
+The parent starts `python -I -S -B sandbox.py` (isolated, standard library only, no bytecode
+files) in a fresh temporary directory and a new session, reads at most `Limits.output_bytes` of
+its output, and kills the process group at the wall-clock limit. Before the sample's code runs,
+the child (this file run as a script) applies, to itself, limits the kernel enforces:
 
 - resources: address space (`memory_mb`), CPU seconds, largest file written, no core dumps;
 - no new processes or threads: a seccomp filter fails fork/vfork/clone/clone3;
@@ -140,7 +140,7 @@ def run_python(source: str, tests: str, limits: Limits = Limits()) -> ExecResult
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", os.path.abspath(__file__), workdir, json.dumps(asdict(limits)),
+                [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), workdir, json.dumps(asdict(limits)),
                  str(done_write)],
                 cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True, pass_fds=(done_write,))
