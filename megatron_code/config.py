@@ -92,8 +92,10 @@ class ModelConfig:
             return 4 * self.hidden_size
         return -(-int(8 * self.hidden_size / 3) // 64) * 64
 
-    def padded_vocab(self, tokenizer_vocab: int) -> int:
-        m = self.pad_vocab_to_multiple_of
+    def padded_vocab(self, tokenizer_vocab: int, tensor_parallel: int = 1) -> int:
+        """The tokenizer's vocabulary rounded up to `pad_vocab_to_multiple_of x tensor_parallel`,
+        so every tensor-parallel rank holds an equal, aligned slice of the embedding."""
+        m = self.pad_vocab_to_multiple_of * tensor_parallel
         return -(-tokenizer_vocab // m) * m
 
 
@@ -118,6 +120,63 @@ PRESETS: dict[str, dict[str, Any]] = {
                        activation="gelu", position_embedding="learned"),
     "7b": _llama(4096, 32, 32, 32, 11008, 4096),
 }
+
+
+PIPELINE_SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble")
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel ranks T: heads, MLP width and vocabulary are split over them."""
+    pipeline: int = 1
+    """Pipeline-parallel ranks P. Data parallel = world size / (T x P)."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank V (P x V stages in all); interleaved schedules need V >= 2."""
+    schedule: str = "1f1b"
+    """1f1b | interleaved_1f1b | zero_bubble (ZB1P: the backward split into input and weight
+    gradients, weight gradients filling the bubble; any virtual_stages)."""
+    layers_per_stage: list[int] = field(default_factory=list)
+    """Explicit pipeline split: layers of each of the P x V stages, in order; empty = even split."""
+    sequence_parallel: bool = False
+    """Norms, residual adds and stage-to-stage activations hold 1/T of the sequence per rank."""
+    dp_shard: str = "none"
+    """none (replicated, DDP) | zero2 (gradients and optimizer state sharded, FSDP2) | zero3 (parameters too)."""
+    activation_checkpointing: str = "none"
+    """none | selective (recompute attention's core in backward) | full (recompute every layer)."""
+
+    def validate(self) -> None:
+        _choice("parallel.schedule", self.schedule, PIPELINE_SCHEDULES)
+        _choice("parallel.dp_shard", self.dp_shard, ("none", "zero2", "zero3"))
+        _choice("parallel.activation_checkpointing", self.activation_checkpointing, ("none", "selective", "full"))
+        for name in ("tensor", "pipeline", "virtual_stages"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sequence_parallel and self.tensor == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor > 1 (it splits the "
+                              "sequence over the tensor-parallel ranks)")
+        if self.pipeline == 1 and (self.virtual_stages > 1 or self.layers_per_stage):
+            field_name = "virtual_stages" if self.virtual_stages > 1 else "layers_per_stage"
+            raise ConfigError(f"parallel.{field_name} is set but parallel.pipeline=1")
+        if self.pipeline > 1:
+            if self.schedule == "1f1b" and self.virtual_stages > 1:
+                raise ConfigError(f"parallel.schedule=1f1b runs one stage per rank, got parallel.virtual_stages="
+                                  f"{self.virtual_stages}; use interleaved_1f1b or zero_bubble")
+            if self.schedule == "interleaved_1f1b" and self.virtual_stages < 2:
+                raise ConfigError("parallel.schedule=interleaved_1f1b needs parallel.virtual_stages >= 2")
+        if self.layers_per_stage:
+            if len(self.layers_per_stage) != self.num_stages:
+                raise ConfigError(f"parallel.layers_per_stage has {len(self.layers_per_stage)} entries; "
+                                  f"pipeline x virtual_stages = {self.num_stages} stages need one each")
+            if min(self.layers_per_stage) < 1:
+                raise ConfigError(f"parallel.layers_per_stage={self.layers_per_stage}: every stage needs a layer")
+
+    @property
+    def num_stages(self) -> int:
+        return self.pipeline * self.virtual_stages
+
+    def data_parallel(self, world_size: int) -> int:
+        return world_size // (self.tensor * self.pipeline)
 
 
 @dataclass
@@ -265,23 +324,32 @@ class CheckpointConfig:
     """Save every N steps (0: only at the end)."""
     keep_last: int = 2
     load: str = ""
-    """Resume from this checkpoint directory (a run dir's `checkpoints/` or one `step_N` in it)."""
+    """Resume from this checkpoint directory (a run dir's `checkpoints/` or one `step_N` in it).
+    A weights-only checkpoint (e.g. imported from Hugging Face) starts as `init_from` does."""
+    init_from: str = ""
+    """Start from this checkpoint's model weights only: fresh optimizer, LR schedule and data
+    position, step 0. Any parallel layout can read a checkpoint saved under any other."""
     save: bool = True
 
     def validate(self) -> None:
         if self.interval < 0 or self.keep_last < 1:
             raise ConfigError("checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
+        if self.load and self.init_from:
+            raise ConfigError("set one of checkpoint.load (resume) and checkpoint.init_from (weights only), not both")
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
-    def validate(self) -> None:
+    def validate(self, world_size: int | None = None) -> None:
+        """Every field, then the checks across sections; with `world_size`, also whether this
+        many ranks can run the parallel layout (called before any process group exists)."""
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         if self.data.seq_length > self.model.max_seq_len:
@@ -292,6 +360,52 @@ class Config:
             configured_schedule(self.data, self.train.steps)
         except ScheduleError as e:
             raise ConfigError(str(e)) from None
+        self._validate_layout()
+        if world_size is not None:
+            self._validate_world(world_size)
+
+    def _validate_layout(self) -> None:
+        m, p, T = self.model, self.parallel, self.parallel.tensor
+        for name, value in (("num_heads", m.num_heads), ("num_kv_heads", m.kv_heads), ("ffn_hidden_size", m.ffn_size)):
+            if value % T:
+                raise ConfigError(f"parallel.tensor={T} does not divide model.{name}={value}")
+        if m.vocab_size and m.vocab_size % T:
+            raise ConfigError(f"parallel.tensor={T} does not divide model.vocab_size={m.vocab_size}")
+        if m.position_embedding == "learned" and m.max_seq_len % T:
+            raise ConfigError(f"parallel.tensor={T} does not divide model.max_seq_len={m.max_seq_len} "
+                              "(the learned position table is split over tensor-parallel ranks)")
+        if p.sequence_parallel and self.data.seq_length % T:
+            raise ConfigError(f"parallel.sequence_parallel=true needs data.seq_length={self.data.seq_length} "
+                              f"divisible by parallel.tensor={T}")
+        if p.layers_per_stage and sum(p.layers_per_stage) != m.num_layers:
+            raise ConfigError(f"parallel.layers_per_stage={p.layers_per_stage} sums to {sum(p.layers_per_stage)}, "
+                              f"not model.num_layers={m.num_layers}")
+        if not p.layers_per_stage and m.num_layers % p.num_stages:
+            raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline x "
+                              f"parallel.virtual_stages = {p.pipeline} x {p.virtual_stages} "
+                              "(or give parallel.layers_per_stage)")
+
+    def _validate_world(self, world_size: int) -> None:
+        p, t = self.parallel, self.train
+        if world_size % (p.tensor * p.pipeline):
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline "
+                              f"= {p.tensor} x {p.pipeline}")
+        dp = p.data_parallel(world_size)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                              f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+        n = t.global_batch_size // (t.micro_batch_size * dp)
+        if p.pipeline == 1:
+            return
+        where = (f"{n} micro batches per step (train.global_batch_size={t.global_batch_size} / "
+                 f"(train.micro_batch_size={t.micro_batch_size} x data-parallel {dp}))")
+        if p.schedule == "1f1b" and n < p.num_stages:
+            raise ConfigError(f"parallel.schedule={p.schedule} with {p.num_stages} stages needs at least "
+                              f"{p.num_stages} micro batches per step; got {where}")
+        rounds = max(1, n // p.pipeline)
+        if p.schedule in ("interleaved_1f1b", "zero_bubble") and n % rounds:
+            raise ConfigError(f"parallel.schedule={p.schedule} with parallel.pipeline={p.pipeline} needs the "
+                              f"micro batches per step to be a multiple of {rounds}; got {where}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,7 +1,12 @@
-"""`python -m megatron_code.train --config examples/X.yaml [--section.field=value ...] [--load DIR]`"""
+"""`python -m megatron_code.train --config examples/X.yaml [--section.field=value ...] [--load DIR]`
+
+Under torchrun every rank runs this; the layout comes from `parallel.*`, the ranks from torchrun:
+    torchrun --nproc_per_node=8 -m megatron_code.train --config X.yaml --parallel.tensor=2 --parallel.pipeline=2
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megatron_code.config import ConfigError, load_config
@@ -9,7 +14,7 @@ from megatron_code.config import ConfigError, load_config
 
 def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(
-        prog="megatron-code", description=__doc__,
+        prog="megatron-code", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any config field can be set as --section.field=value, e.g. --train.steps=100.")
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--load", help="resume from this checkpoint (same as --checkpoint.load=DIR)")
@@ -23,17 +28,34 @@ def parse_args(argv: list[str] | None = None):
     return args.config, overrides
 
 
+def _fail(error: Exception) -> None:
+    """Stop with the message on every rank: torchrun ends the other ranks as soon as one exits,
+    so a message left to rank 0 alone could be cut off."""
+    sys.exit(f"error: {error}")
+
+
 def main(argv: list[str] | None = None) -> None:
     path, overrides = parse_args(argv)
     try:
         config = load_config(path, overrides)
+        config.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's ranks fit the layout
     except ConfigError as e:
-        sys.exit(f"error: {e}")
-    from megatron_code.training.trainer import Trainer  # heavy imports only after the config is valid
+        _fail(e)
+    # heavy imports only after the config is valid
+    from megatron_code.data.errors import DataError
+    from megatron_code.parallel.distributed import shutdown_distributed
+    from megatron_code.training.checkpoint import CheckpointError
+    from megatron_code.training.trainer import Trainer
 
-    result = Trainer(config).train()
-    print(f"done: step {result.step}, final train loss {result.losses[-1] if result.losses else float('nan'):.4f}, "
-          f"checkpoint {result.checkpoint}")
+    try:
+        trainer = Trainer(config)
+    except (ConfigError, CheckpointError, DataError) as e:
+        _fail(e)
+    result = trainer.train()
+    if trainer.runtime.is_main:
+        print(f"done: step {result.step}, final train loss "
+              f"{result.losses[-1] if result.losses else float('nan'):.4f}, checkpoint {result.checkpoint}")
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

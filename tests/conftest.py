@@ -51,6 +51,21 @@ def tiny_indexed(tiny_corpus, tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def train_args(tiny_corpus, tiny_indexed):
+    """`train_args(out_dir, *overrides)`: the tiny preset (tied embeddings, GQA) in fp32 on the
+    text and code sources, 8 samples of 64 tokens per step, one per micro batch, 5 steps with
+    validation at the end; index caches shared by every run under the same parent directory."""
+    def make(out_dir, *extra) -> list[str]:
+        sources = ", ".join(f"{{name: {n}, prefix: '{p}', weight: {w}}}"
+                            for (n, p), w in zip(tiny_indexed.items(), (2, 1)))
+        return ["--model.preset=tiny", f"--data.sources=[{sources}]", f"--data.tokenizer={tiny_corpus.tokenizer}",
+                "--data.seq_length=64", "--data.split=80,20,0", f"--data.cache_dir={Path(out_dir).parent / 'cache'}",
+                "--train.micro_batch_size=1", "--train.global_batch_size=8", "--train.steps=5",
+                "--train.eval_interval=5", "--train.eval_batches=2", "--train.progress=false",
+                "--optim.warmup_steps=2", "--optim.lr=3e-3", f"--train.output_dir={out_dir}", *extra]
+    return make
+
+
 def eval_task_dir(tmp_path_factory) -> Path:
     """The built-in evaluation task files (arithmetic, logic, python_functions)."""
     from megatron_code.evaluation.tasks import write_builtin_tasks
@@ -61,25 +76,21 @@ def eval_task_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tiny_corpus, tiny_indexed, eval_task_dir, tmp_path_factory) -> Path:
-    """A run directory: the tiny Llama-style model (GQA, tied embeddings) trained 16 steps on
-    the tiny corpus with its embedding padded past the tokenizer's 1024 tokens to 1100 rows,
-    scoring 50 items of the arithmetic task at every validation (steps 8 and 16)."""
+def trained_run(train_args, eval_task_dir, tmp_path_factory) -> Path:
+    """A run directory: `train_args`' model trained 16 steps of 4 samples with its embedding
+    padded past the tokenizer's 1024 tokens to 1100 rows, scoring 50 items of the arithmetic
+    task at every validation (steps 8 and 16)."""
     from megatron_code.config import load_config
     from megatron_code.training.trainer import Trainer
 
-    run_dir = tmp_path_factory.mktemp("trained_run")
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    run_dir.mkdir()
     arithmetic = run_dir / "arithmetic_50.jsonl"
     arithmetic.write_text("".join((eval_task_dir / "arithmetic.jsonl").read_text().splitlines(True)[:50]))
-    config = load_config(None, base={
-        "model": {"preset": "tiny", "vocab_size": 1100},
-        "data": {"sources": [{"name": n, "prefix": p} for n, p in tiny_indexed.items()],
-                 "tokenizer": str(tiny_corpus.tokenizer), "seq_length": 64, "split": "90,10,0"},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "train": {"steps": 16, "micro_batch_size": 4, "global_batch_size": 4, "eval_interval": 8,
-                  "eval_batches": 1, "eval_tasks": [str(arithmetic)],
-                  "progress": False, "output_dir": str(run_dir)}})
-    Trainer(config).train()
+    Trainer(load_config(None, train_args(
+        run_dir, "--model.vocab_size=1100", "--train.steps=16", "--train.micro_batch_size=4",
+        "--train.global_batch_size=4", "--train.eval_interval=8", "--train.eval_batches=1",
+        f"--train.eval_tasks=[{arithmetic}]"))).train()
     return run_dir
 
 

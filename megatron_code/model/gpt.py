@@ -80,9 +80,11 @@ class Attention(nn.Module):
         self.out = layers.linear(config.num_heads * config.head_dim, config.hidden_size, "row", out_std)
 
     def forward(self, x, rope, positions, document_ids):
-        B, T, _ = x.shape
-        # Local head counts follow from the layer's width, so a tensor-parallel shard just works.
-        qkv = self.qkv(x).view(B, T, -1, self.q_per_kv + 2, self.head_dim)  # (B, T, Hk, g+2, D)
+        qkv = self.qkv(x)
+        # Sizes come from the projection: a tensor-parallel shard holds fewer heads, and under
+        # sequence parallelism x holds part of the sequence while qkv covers all of it.
+        B, T, _ = qkv.shape
+        qkv = qkv.view(B, T, -1, self.q_per_kv + 2, self.head_dim)  # (B, T, Hk, g+2, D)
         # split (not indexing): its backward is one cat, not a zero-filled qkv-sized grad per piece
         q, k, v = qkv.split([self.q_per_kv, 1, 1], dim=3)
         q = q.reshape(B, T, -1, self.head_dim)  # (B, T, Hq, D)
@@ -152,8 +154,10 @@ class GPT(nn.Module):
         after the final norm (for a fused linear + cross-entropy loss)."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[:2])
-        h = self.embedding(tokens) if self.embedding is not None else tokens
-        if self.position_embedding is not None and self.embedding is not None:
+        # A last pipeline stage with tied embeddings holds the embedding for its head, not to embed.
+        embed = self.embedding is not None and not torch.is_floating_point(tokens)
+        h = self.embedding(tokens) if embed else tokens
+        if self.position_embedding is not None and embed:
             h = h + self.position_embedding(positions)
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         for layer in self.layers.values():

@@ -1,4 +1,5 @@
-"""Process-group set-up: one place that picks the backend and device for this rank."""
+"""Process-group set-up: one place that picks the backend and device for this rank and lays the
+ranks out as a (pipeline, data, tensor) device mesh."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+MESH_DIMS = ("pp", "dp", "tp")
+"""Tensor-parallel ranks are adjacent (same node, fastest links); pipeline ranks farthest apart."""
 
 
 @dataclass(frozen=True)
@@ -15,10 +20,26 @@ class Runtime:
     world_size: int
     local_rank: int
     device: torch.device
+    mesh: DeviceMesh | None = None
+    """(pp, dp, tp) mesh over all ranks; None only for a bare `init_distributed()`."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def size(self, dim: str) -> int:
+        return self.mesh.size(MESH_DIMS.index(dim)) if self.mesh is not None else 1
+
+    def coordinate(self, dim: str) -> int:
+        return self.mesh.get_local_rank(dim) if self.mesh is not None else 0
+
+    def group(self, dim: str) -> dist.ProcessGroup:
+        return self.mesh.get_group(dim)
+
+    @property
+    def layout(self) -> str:
+        """`tp2-pp2-dp2`: how metrics and logs name the layout."""
+        return f"tp{self.size('tp')}-pp{self.size('pp')}-dp{self.size('dp')}"
 
 
 def _free_port() -> int:
@@ -35,6 +56,11 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def launched_world_size() -> int:
+    """The world size torchrun announced (1 outside torchrun), known before any process group."""
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
 def init_distributed(device_choice: str = "auto") -> Runtime:
     """Join the torchrun job, or make a 1-rank group: megatron-core's dataset builder and
     torch.distributed.checkpoint expect a process group even in a single process."""
@@ -48,6 +74,15 @@ def init_distributed(device_choice: str = "auto") -> Runtime:
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
     return Runtime(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device)
+
+
+def build_runtime(device_choice: str, tensor: int, pipeline: int) -> Runtime:
+    """The process group and the (pp, dp, tp) mesh; data parallel takes the remaining ranks.
+    The caller has checked that the world size divides (see `Config.validate(world_size)`)."""
+    runtime = init_distributed(device_choice)
+    shape = (pipeline, runtime.world_size // (tensor * pipeline), tensor)
+    mesh = init_device_mesh(runtime.device.type, shape, mesh_dim_names=MESH_DIMS)
+    return Runtime(runtime.rank, runtime.world_size, runtime.local_rank, runtime.device, mesh)
 
 
 def shutdown_distributed() -> None:

@@ -1,49 +1,102 @@
-"""Checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+"""Checkpoints through torch.distributed.checkpoint (DCP): every rank writes its own shards, any
+parallel layout reads any other's, and nothing half-written is ever taken for a checkpoint.
 
-Layout of `<run>/checkpoints/step_000100/`:
-  *.distcp, .metadata   model and optimizer state, keyed by parameter name (DCP reshards on load)
-  trainer_state.json    step, mixture state, the full config
-  rng_rank<r>.pt        each rank's RNG states
-A checkpoint is written to `step_N.tmp` and renamed when complete; `latest` names the newest.
+Layout of `<run>/checkpoints/step_0000100/`:
+  *.distcp, .metadata   DCP tensors: "model.<name>" for every parameter, and the optimizer state
+                        as "optimizer.state.<name>.<exp_avg|exp_avg_sq|step>" and
+                        "optimizer.param_groups.<name>.<lr|betas|...>"
+  trainer_state.json    {"step", "weights_only", "config", "layout", and each plain-data state:
+                        "train" (the step counter), "data" (the data pipeline's position)}
+  rng_rank<r>.json      each rank's RNG states, as plain data
+A checkpoint is written to `step_N.tmp`, fsynced, renamed; then `latest` names it. Saving prunes
+stale `step_*.tmp` directories and keeps the newest `keep_last` checkpoints by step number
+(never the one just written).
+
+Contract for readers (conversion, evaluation, `init_from`):
+- "model.<name>" holds each parameter under the single-process model's name (`layers.3.mlp.up.weight`)
+  in its full canonical shape whatever the layout that wrote it: tensor-parallel shards are
+  DTensors saved with their placements, pipeline stages keep global names, FSDP shards merge.
+  The fused SwiGLU weight is (2, ffn, hidden) = (gate, up); qkv is grouped per kv head as
+  [q_1..q_g, k, v]; the vocabulary is padded (rows past the tokenizer's vocabulary are padding).
+  The config in trainer_state.json says how to read them. `load_model_state(path)` reads them
+  in one process, with no process group.
+- A weights-only checkpoint (e.g. imported from Hugging Face) has "weights_only": true, a config,
+  and only "model.*" tensors. `--load` treats it as `checkpoint.init_from`: model weights only,
+  fresh optimizer, LR schedule and data position, step 0, under any layout.
+- A checkpoint loads under another vocabulary padding: rows both have are copied, rows only the
+  new model has keep their initial values (they are padding).
+- Evaluation under any layout: `ParallelModel.evaluate(batch)` (parallel/model.py) takes the same
+  batch of tokens, labels and loss_mask on every rank and returns each sample's masked loss sum
+  and loss-token count on every rank (validation loss, multiple-choice scoring).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import shutil
+import warnings
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from megatron_code.config import ModelConfig, config_from_dict
+
+VOCAB_PARAMETERS = ("embedding.weight", "output.weight")
+_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+class TrainState:
+    """The step counter, a plain-data state of its own."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
+# ----------------------------------------------------------------------------------------------
+# files
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    """Write to a temporary name, fsync, rename over `path`, fsync the directory."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def resolve(path: str | Path) -> Path:
@@ -60,46 +113,176 @@ def resolve(path: str | Path) -> Path:
                           f"with trainer_state.json, or a directory with a `latest` file)")
 
 
-class Checkpointer:
-    def __init__(self, directory: Path, keep_last: int):
-        self.directory, self.keep_last = directory, keep_last
+def read_trainer_state(path: str | Path) -> dict:
+    return json.loads((resolve(path) / "trainer_state.json").read_text())
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict) -> Path:
+
+# The model fields that decide parameter shapes (the vocabulary may differ by padding only).
+_SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "kv_heads", "ffn_size", "norm", "activation",
+                 "position_embedding", "tie_embeddings")
+
+
+def check_model_config(saved_state: dict, model: ModelConfig, path: Path) -> None:
+    """Stop before any work when a checkpoint's model cannot load into `model`."""
+    saved = config_from_dict(saved_state["config"], model_only=True).model  # an import has no data sources
+    for name in _SHAPE_FIELDS + (("max_seq_len",) if model.position_embedding == "learned" else ()):
+        if getattr(saved, name) != getattr(model, name):
+            raise CheckpointError(f"checkpoint {path} holds a model with model.{name}={getattr(saved, name)!r}; "
+                                  f"this config has {getattr(model, name)!r}")
+
+
+def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every parameter of a checkpoint, full size on CPU, keyed by the single-process model's
+    names; read in this process with no process group, whatever layout wrote it."""
+    reader = dcp.FileSystemReader(resolve(path))
+    metadata = reader.read_metadata().state_dict_metadata
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.items()
+             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # DCP warns that there is no process group: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    return {k[len("model."):]: v for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states as plain data
+
+def _rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------------------------------------
+# vocabulary padding: load rows into a table of another height
+
+def _is_vocab_tensor(key: str) -> bool:
+    return any(key == f"model.{n}" or key.startswith(f"optimizer.state.{n}.") for n in VOCAB_PARAMETERS)
+
+
+def _flat_keys(state: dict) -> dict[str, tuple[str, str]]:
+    """DCP's key of every entry of {component: {name: value}} -> (component, name)."""
+    return {f"{outer}.{inner}": (outer, inner) for outer, inner_state in state.items() for inner in inner_state}
+
+
+def _padding_stand_ins(flat: dict, saved: dict) -> dict[str, torch.Tensor]:
+    """Full-size buffers of the saved shape for vocab tensors whose height differs; other shape
+    differences are errors naming the tensor."""
+    stand_ins = {}
+    for key, value in flat.items():
+        meta = saved.get(key)
+        if not isinstance(value, torch.Tensor) or not isinstance(meta, TensorStorageMetadata):
+            continue
+        if tuple(meta.size) == tuple(value.shape):
+            continue
+        if not (_is_vocab_tensor(key) and tuple(meta.size)[1:] == tuple(value.shape)[1:]):
+            raise CheckpointError(f"checkpoint tensor {key} has shape {tuple(meta.size)}, this model's is "
+                                  f"{tuple(value.shape)}: the model config differs from the checkpoint's")
+        stand_ins[key] = torch.empty(meta.size, dtype=value.dtype, device="cpu")
+    return stand_ins
+
+
+@torch.no_grad()
+def _copy_rows(full: torch.Tensor, target: torch.Tensor) -> None:
+    """Copy the rows `target` (this rank's shard of a possibly taller or shorter table) shares with `full`."""
+    if isinstance(target, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+        target = target.to_local()
+    else:
+        shape, offset = target.shape, (0,) * target.dim()
+    rows = max(0, min(shape[0], full.shape[0] - offset[0]))
+    region = tuple(slice(o, o + s) for o, s in zip(offset[1:], shape[1:]))
+    target[:rows].copy_(full[(slice(offset[0], offset[0] + rows),) + region])
+
+
+# ----------------------------------------------------------------------------------------------
+
+class Checkpointer:
+    """Saves and loads one dict of components. `sharded` states (model, optimizer) go through DCP,
+    `plain` ones (train, data) into trainer_state.json; RNG states go per rank."""
+
+    def __init__(self, directory: Path, keep_last: int, sharded: dict[str, Stateful], plain: dict[str, Stateful],
+                 metadata: dict):
+        self.directory, self.keep_last = directory, keep_last
+        self.sharded, self.plain, self.metadata = sharded, plain, metadata
+
+    def save(self, step: int) -> Path:
         rank = dist.get_rank()
         final = self.directory / f"step_{step:07d}"
         tmp = self.directory / f"step_{step:07d}.tmp"
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in self.directory.glob("step_*.tmp"):  # left by a save that did not finish
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
-        torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+        dcp.save({name: component.state_dict() for name, component in self.sharded.items()}, checkpoint_id=tmp)
+        _write_durable(tmp / f"rng_rank{rank}.json", json.dumps(_rng_state()))
         dist.barrier()
         if rank == 0:
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+            state = {"step": step, "weights_only": False, **self.metadata,
+                     **{name: component.state_dict() for name, component in self.plain.items()}}
+            _write_durable(tmp / "trainer_state.json", json.dumps(state, indent=1))
+            for written in tmp.iterdir():
+                _fsync(written)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _write_atomic(self.directory / "latest", final.name)
-            self._prune()
+            _fsync(self.directory)
+            _write_durable(self.directory / "latest", final.name)
+            self._prune(final)
         dist.barrier()
         return final
 
-    def _prune(self) -> None:
-        done = sorted(p for p in self.directory.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    def _prune(self, just_written: Path) -> None:
+        done = sorted((p for p in self.directory.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)),
+                      key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
         for old in done[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != just_written:
+                shutil.rmtree(old, ignore_errors=True)
 
-    @staticmethod
-    def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Load model and optimizer state in place; returns the trainer state."""
+    def load(self, path: str | Path, weights_only: bool = False) -> bool:
+        """Load a checkpoint into the components in place. With `weights_only` (or a weights-only
+        checkpoint) only the model's weights; returns whether everything was resumed."""
         step_dir = resolve(path)
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=step_dir)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        rng_file = step_dir / f"rng_rank{dist.get_rank()}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
-        return json.loads((step_dir / "trainer_state.json").read_text())
+        saved = json.loads((step_dir / "trainer_state.json").read_text())
+        weights_only = weights_only or saved.get("weights_only", False)
+        names = ["model"] if weights_only else list(self.sharded)
+        if not weights_only:  # plain states first: the data pipeline checks that its order can continue
+            missing = [name for name in self.plain if name not in saved]
+            if missing:
+                raise CheckpointError(f"{step_dir} has no {missing} state: an older format; start from its weights "
+                                      f"with --checkpoint.init_from={step_dir}")
+            for name, component in self.plain.items():
+                component.load_state_dict(saved[name])
+        state = {name: self.sharded[name].state_dict() for name in names}
+        keys = _flat_keys(state)
+        flat = {key: state[outer][inner] for key, (outer, inner) in keys.items()}
+        stand_ins = _padding_stand_ins(flat, dcp.FileSystemReader(step_dir).read_metadata().state_dict_metadata)
+        loaded = {**flat, **stand_ins}
+        dcp.load(loaded, checkpoint_id=step_dir)  # tensors in place; other values replaced in `loaded`
+        for key, (outer, inner) in keys.items():
+            if key in stand_ins:
+                _copy_rows(stand_ins[key], flat[key])
+            else:
+                state[outer][inner] = loaded[key]
+        for name in names:
+            self.sharded[name].load_state_dict(state[name])
+        if weights_only:
+            return False
+        rng_file = step_dir / f"rng_rank{dist.get_rank()}.json"
+        if rng_file.is_file():  # absent when resuming on more ranks than saved
+            _set_rng_state(json.loads(rng_file.read_text()))
+        return True

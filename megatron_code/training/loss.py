@@ -1,32 +1,73 @@
-"""The language-modelling loss over a (micro) batch."""
+"""The language-modelling loss: the output head and per-token cross-entropy on the last stage's
+hidden states (vocabulary-parallel under tensor parallelism: full logits are never gathered),
+and the per-source loss totals a step reports."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_code.parallel.tensor_parallel import TensorParallel, local
+
+NO_TENSOR_PARALLEL = TensorParallel(None)
 
 
-def token_losses(model: torch.nn.Module, batch: dict, ops) -> torch.Tensor:
-    """Per-token losses (batch, seq), zero where the loss mask is. With the model's
-    `fused_linear_cross_entropy`, the output projection runs inside the chunked loss."""
-    labels = batch["labels"].flatten()
+def token_losses(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, ops,
+                 tp: TensorParallel = NO_TENSOR_PARALLEL) -> torch.Tensor:
+    """Per-token loss (B, T), fp32, from hidden states after the final norm (a sequence shard
+    under SP). Each tensor-parallel rank projects onto its vocabulary slice of the head; the
+    loss kernels reduce over the tensor-parallel group, so every rank gets every token's loss.
+    With `fused_linear_cross_entropy` the head runs inside the chunked loss."""
+    weight = local(model.output_weight)
     if model.config.fused_linear_cross_entropy:
-        hidden = model(batch["tokens"], batch["position_ids"], return_hidden=True)
-        losses = ops.fused_linear_cross_entropy(hidden.flatten(0, 1), model.output_weight, labels)
+        hidden = tp.gather(hidden, reduce_grad=False)  # the fused kernel sums the input gradient itself
+        losses = ops.fused_linear_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten(), tp_group=tp.group)
     else:
-        logits = model(batch["tokens"], batch["position_ids"])
-        losses = ops.cross_entropy(logits.flatten(0, 1), labels)
-    return (losses * batch["loss_mask"].flatten()).view(batch["labels"].shape)
+        logits = F.linear(tp.gather(hidden), weight)  # (B, T, V / T)
+        losses = ops.cross_entropy(logits.flatten(0, 1), labels.flatten(), tp_group=tp.group)
+    return losses.view(labels.shape)
 
 
 def loss_fn(model: torch.nn.Module, batch: dict, ops, token_count: int) -> torch.Tensor:
-    """Sum of per-token losses over loss-masked tokens, divided by the global batch's count, so
-    accumulated micro batches add up to the global mean."""
-    return token_losses(model, batch, ops).sum() / token_count
+    """One process: sum of per-token losses over loss-masked tokens, divided by the global
+    batch's count, so accumulated micro batches add up to the global mean."""
+    hidden = model(batch["tokens"], batch["position_ids"], return_hidden=True)
+    return (token_losses(model, hidden, batch["labels"], ops) * batch["loss_mask"]).sum() / token_count
 
 
-def per_source_loss(losses: torch.Tensor, batch: dict, num_sources: int) -> torch.Tensor:
-    """(2, num_sources) float64: summed token loss and loss-token count per source (the batch's
-    `source` column), to be added up over micro batches and divided once per step."""
-    out = torch.zeros(2, num_sources, dtype=torch.float64, device=losses.device)
-    out[0].index_add_(0, batch["source"], losses.detach().sum(1).double())
-    out[1].index_add_(0, batch["source"], batch["loss_mask"].sum(1).double())
-    return out
+class LossTotals:
+    """Masked loss sums and token counts per data source over one step, accumulated on the device
+    (no host sync per micro batch) and summed over ranks once per step."""
+
+    def __init__(self, num_sources: int, device: torch.device):
+        self.totals = torch.zeros(2, num_sources, dtype=torch.float64, device=device)  # (sum, count)
+
+    def add(self, sample_losses: torch.Tensor, sample_tokens: torch.Tensor, source: torch.Tensor) -> None:
+        self.totals[0].index_add_(0, source, sample_losses.detach().double())
+        self.totals[1].index_add_(0, source, sample_tokens.detach().double())
+
+    def all_reduce(self, counted_here: bool) -> None:
+        """Sum over all ranks; only ranks with `counted_here` contribute (one tensor-parallel rank
+        of each last pipeline stage: the others computed the same numbers)."""
+        if not counted_here:
+            self.totals.zero_()
+        dist.all_reduce(self.totals)
+
+    def mean(self) -> float:
+        sums, counts = self.totals.sum(1).tolist()
+        return sums / max(counts, 1.0)
+
+    def per_source(self, names: list[str]) -> dict[str, float]:
+        sums, counts = self.totals.tolist()
+        return {name: s / c for name, s, c in zip(names, sums, counts) if c > 0}
+
+
+def pack_target(batch: dict) -> torch.Tensor:
+    """labels, loss mask and source of each sample as one (B, 2T + 1) float64 tensor: the pipeline
+    schedule splits a single target tensor into micro batches (float64 holds the ids exactly)."""
+    return torch.cat([batch["labels"].double(), batch["loss_mask"].double(), batch["source"].double()[:, None]], 1)
+
+
+def unpack_target(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seq = (target.shape[1] - 1) // 2
+    return target[:, :seq].long(), target[:, seq:2 * seq].float(), target[:, -1].long()

@@ -22,7 +22,9 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def flops_per_token(config: ModelConfig, seq_length: int) -> float:
-    """Training FLOPs per token: 6 x parameters in matmuls, plus causal attention scores."""
+    """Training FLOPs per token of the whole model: 6 x parameters in matmuls, plus causal
+    attention scores. Per GPU: divide a step's total by the world size (every rank computes an
+    equal share under any tensor x pipeline x data layout; activation recomputation not counted)."""
     h, L, hd = config.hidden_size, config.num_layers, config.head_dim
     qkv = h * (config.num_heads + 2 * config.kv_heads) * hd
     attn_out = config.num_heads * hd * h
@@ -34,8 +36,10 @@ def flops_per_token(config: ModelConfig, seq_length: int) -> float:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
+    """`every_record` (e.g. the parallel layout) goes into each JSONL line."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, every_record: dict | None = None):
+        self.enabled, self.every_record = enabled, every_record or {}
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
         if enabled:
@@ -53,7 +57,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+            f.write(json.dumps({"step": step, **values, **self.every_record}) + "\n")
         if self.writer is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):

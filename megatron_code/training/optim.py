@@ -5,8 +5,14 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 
 from megatron_code.config import OptimConfig
+
+# One entry per parameter name ("state.<name>.exp_avg", "param_groups.<name>.lr"): pipeline stages
+# hold different parameters, and any layout can read any other's state by name.
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -46,3 +52,36 @@ def lr_at(step: int, total_steps: int, config: OptimConfig) -> float:
     if config.schedule == "cosine":
         return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
     return config.lr + (config.min_lr - config.lr) * progress
+
+
+class Optimizers:
+    """One AdamW per model part (pipeline stage) of this rank, stepped together; the
+    checkpointer's "optimizer" state, keyed by parameter names."""
+
+    def __init__(self, parts: list[nn.Module], config: OptimConfig, device: torch.device):
+        self.parts = parts
+        self.optimizers = [build_optimizer(part, config, device) for part in parts]
+
+    def set_lr(self, lr: float) -> None:
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        state = {}
+        for part, optimizer in zip(self.parts, self.optimizers):
+            state.update(get_optimizer_state_dict(part, optimizer, options=_FLAT))
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for part, optimizer in zip(self.parts, self.optimizers):
+            names = get_optimizer_state_dict(part, optimizer, options=_FLAT).keys()
+            set_optimizer_state_dict(part, optimizer, {k: state[k] for k in names}, options=_FLAT)

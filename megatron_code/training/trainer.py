@@ -1,10 +1,10 @@
-"""The training loop. Components are built first (every user error surfaces before any expensive
-work), then `train()` runs; everything stateful goes through the checkpointer."""
+"""The training loop. One builder per component -- runtime, data, model, optimizer -- runs first
+(every user error surfaces before any expensive work), then `train()`. Every stateful component
+is a Stateful the checkpointer saves and loads as one dict."""
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,21 +14,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megatron_code.config import Config
+from megatron_code.config import Config, ConfigError
 from megatron_code.data.pipeline import DataPipeline
 from megatron_code.data.tokenizer import load_tokenizer
-from megatron_code.evaluation.lm import gpt_sample_losses
 from megatron_code.evaluation.multiple_choice import score_multiple_choice
 from megatron_code.evaluation.tasks import load_eval_tasks
-from megatron_code.kernels import build_attention, build_ops
-from megatron_code.model import GPT
-from megatron_code.parallel.distributed import Runtime, init_distributed
-from megatron_code.training.checkpoint import Checkpointer, resolve
-from megatron_code.training.loss import loss_fn, per_source_loss, token_losses
+from megatron_code.parallel.distributed import Runtime, build_runtime, launched_world_size
+from megatron_code.parallel.model import ParallelModel, build_model
+from megatron_code.training.checkpoint import Checkpointer, TrainState, check_model_config, read_trainer_state, resolve
+from megatron_code.training.loss import LossTotals
 from megatron_code.training.metrics import MetricsLogger, flops_per_token, peak_flops
-from megatron_code.training.optim import build_optimizer, lr_at
-
-log = logging.getLogger(__name__)
+from megatron_code.training.optim import Optimizers, lr_at
 
 
 @dataclass
@@ -42,121 +38,120 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
+def build_data(config: Config, tokenizer, runtime: Runtime) -> DataPipeline:
+    """The data component: asked each step for this data-parallel rank's micro batches of the
+    step's global batch (`next_step`), and for this rank's share of held-out batches
+    (`valid_batches`); its state is plain data. Batches carry tokens, labels, loss_mask,
+    position_ids and `source` (index into data.sources)."""
+    return DataPipeline(config, tokenizer, runtime.coordinate("dp"), runtime.size("dp"), runtime.device)
+
+
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
-        # Cheap checks first: data files and resume state, before the model is built.
+        # Cheap checks first: the layout, the tokenizer and checkpoints, before datasets or the model.
+        config.validate(world_size=launched_world_size())
         self.tokenizer = load_tokenizer(config.data.tokenizer)
-        self.resume_from = resolve(config.checkpoint.load) if config.checkpoint.load else None
+        ckpt = config.checkpoint
+        start_from = resolve(ckpt.load or ckpt.init_from) if (ckpt.load or ckpt.init_from) else None
+        if start_from is not None:
+            check_model_config(read_trainer_state(start_from), config.model, start_from)
         self.eval_tasks = load_eval_tasks(config.train.eval_tasks)
 
-        self.runtime: Runtime = init_distributed(config.train.device)
-        if self.runtime.world_size > 1:
-            raise RuntimeError(f"this build trains in one process; got WORLD_SIZE={self.runtime.world_size}")
-        device = self.runtime.device
-        self.data = DataPipeline(config, self.tokenizer, device=device)
-        self.step = 0
-        if self.resume_from is not None:
-            self.data.load_state_dict(json.loads((self.resume_from / "trainer_state.json").read_text()).get("data", {}))
+        self.runtime = build_runtime(config.train.device, config.parallel.tensor, config.parallel.pipeline)
+        device, main = self.runtime.device, self.runtime.is_main
         self.run_dir = Path(config.train.output_dir)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if device.type == "cuda" and config.train.dtype in ("auto", "bf16")
-                         else contextlib.nullcontext())
-
-        config.model.vocab_size = config.model.vocab_size or config.model.padded_vocab(self.tokenizer.vocab_size)
-        if config.model.vocab_size < self.tokenizer.vocab_size:
-            raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
-                             f"{self.tokenizer.vocab_size} ({config.data.tokenizer})")
-        self.ops = build_ops(config.model.kernels, device)
-        attention = build_attention(config.model.attention, device)
+        use_bf16 = device.type == "cuda" and config.train.dtype in ("auto", "bf16")
+        self.autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16
+                         else contextlib.nullcontext)
+        self._set_vocab_size(main)
 
         torch.manual_seed(config.train.seed)
         np.random.seed(config.train.seed)
-        self.model = GPT(config.model, ops=self.ops, attention=attention).to(device)
-        self.optimizer = build_optimizer(self.model, config.optim, device)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint.keep_last)
-
+        self.data = build_data(config, self.tokenizer, self.runtime)
         empty_valid = [s.name for s in self.data.sources if s.valid is None]
-        if empty_valid and self.runtime.is_main and config.train.eval_interval:
+        if empty_valid and main and config.train.eval_interval:
             print(f"note: sources {empty_valid} have no validation documents with data.split={config.data.split}; "
                   "their validation loss is not reported")
-        if self.resume_from is not None:
-            self.step = Checkpointer.load(self.resume_from, self.model, self.optimizer)["step"]
-        self.metrics = MetricsLogger(self.run_dir, self.runtime.is_main, config.train.tensorboard)
-        if self.runtime.is_main:
+        self.model: ParallelModel = build_model(config, self.runtime, self.autocast)
+        self.optimizer = Optimizers(self.model.parts, config.optim, device)
+        self.train_state = TrainState()
+        self.checkpointer = Checkpointer(
+            self.run_dir / "checkpoints", ckpt.keep_last,
+            sharded={"model": self.model, "optimizer": self.optimizer},
+            plain={"train": self.train_state, "data": self.data},
+            metadata={"config": config.to_dict(), "layout": self.runtime.layout})
+        if start_from is not None:
+            self.checkpointer.load(start_from, weights_only=not ckpt.load)
+        self.metrics = MetricsLogger(self.run_dir, main, config.train.tensorboard, {"layout": self.runtime.layout})
+        if main:
             (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
-    def trainer_state(self) -> dict:
-        return {"data": self.data.state_dict(), "config": self.config.to_dict()}
+    def _set_vocab_size(self, main: bool) -> None:
+        model, T, tokens = self.config.model, self.config.parallel.tensor, self.tokenizer.vocab_size
+        if model.vocab_size == 0:
+            model.vocab_size = model.padded_vocab(tokens, T)
+            if main and model.vocab_size != tokens:
+                print(f"model.vocab_size={model.vocab_size}: the tokenizer's {tokens} ids padded to a multiple of "
+                      f"model.pad_vocab_to_multiple_of x parallel.tensor = {model.pad_vocab_to_multiple_of} x {T}")
+        elif model.vocab_size < tokens:
+            raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
+                              f"{tokens} ({self.config.data.tokenizer})")
+
+    @property
+    def step(self) -> int:
+        return self.train_state.step
 
     def train_step(self) -> dict:
         cfg = self.config
         lr = lr_at(self.step, cfg.train.steps, cfg.optim)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.optimizer.set_lr(lr)
         data = self.data.next_step()
-        names = self.data.names
-        loss_sum = torch.zeros((), device=self.runtime.device)
-        source_sums = torch.zeros(2, len(names), dtype=torch.float64, device=self.runtime.device)
-        for batch in data.micro_batches:
-            with self.autocast:
-                losses = token_losses(self.model, batch, self.ops)
-                loss = losses.sum() / max(data.loss_tokens, 1)
-            loss.backward()
-            loss_sum += loss.detach()
-            source_sums += per_source_loss(losses, batch, len(names))
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        totals = LossTotals(len(self.data.names), self.runtime.device)
+        self.model.forward_backward(data.micro_batches, totals)
+        grad_norm = self.model.clip_grad_norm_(cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        # the step's one host sync
-        loss, norm, *sums = torch.cat([torch.stack([loss_sum, grad_norm]).double(), source_sums.flatten()]).tolist()
-        sums, counts = sums[:len(names)], sums[len(names):]
-        return {"loss": loss, "lr": lr, "grad_norm": norm, **data.metrics,
-                **{f"loss/{n}": s / c for n, s, c in zip(names, sums, counts) if c}}
+        self.optimizer.zero_grad()
+        self.train_state.step += 1
+        return {"loss": totals.mean(), "lr": lr, "grad_norm": grad_norm.item(), **data.metrics,
+                **{f"loss/{k}": v for k, v in totals.per_source(self.data.names).items()}}
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss per source on a fixed set of held-out samples."""
-        self.model.eval()
+        """Mean validation loss per source on a fixed set of held-out samples (each data-parallel
+        rank evaluates its share)."""
         out = {}
         for index, source in enumerate(self.data.sources):
             if source.valid is None:
                 continue
-            total, count = 0.0, 0
-            for batch in self.data.valid_batches(index):
-                with self.autocast:
-                    n = int(batch["loss_mask"].sum())
-                    total += loss_fn(self.model, batch, self.ops, 1).item()
-                    count += n
-            out[source.name] = total / max(count, 1)
-        self.model.train()
+            batches = self.data.valid_batches(index)
+            totals = LossTotals(1, self.runtime.device)
+            if batches:
+                sums, counts = self.model.evaluate({k: torch.cat([b[k] for b in batches]) for k in batches[0]},
+                                                   split_over_data_parallel=False)
+                totals.add(sums, counts, torch.zeros_like(sums, dtype=torch.long))
+            totals.all_reduce(counted_here=self.runtime.coordinate("tp") == 0 and self.runtime.coordinate("pp") == 0)
+            out[source.name] = totals.mean()
         return out
 
-    @torch.no_grad()
     def evaluate_tasks(self) -> dict[str, float]:
-        """Accuracies on the `train.eval_tasks` multiple-choice files."""
-        self.model.eval()
-        sample_losses = gpt_sample_losses(self.model, self.tokenizer.vocab_size)
+        """Accuracies on the `train.eval_tasks` multiple-choice files, scored through the
+        evaluation forward (any layout; every rank gets the same numbers)."""
+        def sample_losses(tokens, labels, loss_mask):
+            return self.model.evaluate({"tokens": tokens, "labels": labels, "loss_mask": loss_mask})
         out = {}
         for task in self.eval_tasks:
-            with self.autocast:
-                scores = score_multiple_choice(task, sample_losses, self.tokenizer, self.config.data.seq_length,
-                                               self.config.train.micro_batch_size, self.runtime.device)
+            scores = score_multiple_choice(task, sample_losses, self.tokenizer, self.config.data.seq_length,
+                                           self.config.train.global_batch_size, self.runtime.device)
             out.update({f"task/{task.name}/{metric}": value for metric, value in scores.metrics.items()})
-        self.model.train()
         return out
 
     def save(self) -> Path | None:
-        if not self.config.checkpoint.save:
-            return None
-        return self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
+        return self.checkpointer.save(self.step) if self.config.checkpoint.save else None
 
     def train(self) -> TrainResult:
         cfg, main = self.config, self.runtime.is_main
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
-        flops_per_step = flops_per_token(cfg.model, cfg.data.seq_length) * tokens_per_step
+        flops_per_gpu_step = flops_per_token(cfg.model, cfg.data.seq_length) * tokens_per_step / self.runtime.world_size
         peak = peak_flops(self.runtime.device)
         result = TrainResult(self.run_dir, self.step)
         bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not (main and cfg.train.progress),
@@ -167,8 +162,9 @@ class Trainer:
             metrics = self.train_step()
             seconds = time.perf_counter() - start
             metrics["tokens_per_s"] = tokens_per_step / seconds
+            metrics["tokens_per_s_per_gpu"] = metrics["tokens_per_s"] / self.runtime.world_size
             if peak:
-                metrics["mfu"] = flops_per_step / seconds / peak
+                metrics["mfu"] = flops_per_gpu_step / seconds / peak
             result.losses.append(metrics["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")

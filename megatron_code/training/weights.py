@@ -1,11 +1,11 @@
 """Model weights of a checkpoint, read and written with no process group and no GPU.
 
 Model state in a checkpoint is keyed "model.<parameter name>" with full (canonical) shapes,
-whatever tensor/pipeline/data-parallel layout saved it, so one process can read it through
-DCP's no-dist path. Used by conversion (tools/convert_checkpoint.py), evaluation, and to write
-weights-only checkpoints: the usual step directory holding only model tensors, with
-trainer_state.json {"step": 0, "weights_only": true, "config": ...}, from which a run starts
-with a fresh optimizer and schedule.
+whatever tensor/pipeline/data-parallel layout saved it, so one process reads it through DCP's
+no-dist path (checkpoint.load_model_state). Used by conversion (tools/convert_checkpoint.py) and
+evaluation, and to write weights-only checkpoints: the usual step directory holding only model
+tensors, with trainer_state.json {"step": 0, "weights_only": true, "config": ...}, from which a
+run starts (`checkpoint.init_from`, or `--load`) with a fresh optimizer, schedule and data.
 """
 from __future__ import annotations
 
@@ -18,11 +18,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_code.config import Config, config_from_dict
-from megatron_code.training.checkpoint import CheckpointError, resolve
+from megatron_code.training.checkpoint import CheckpointError, load_model_state, resolve
 
 MODEL_PREFIX = "model."
 
@@ -68,28 +66,20 @@ def read_checkpoint(path: str | Path) -> CheckpointWeights:
     if "config" not in trainer_state:
         raise CheckpointError(f"{step_dir}/trainer_state.json has no config")
     config = config_from_dict(trainer_state["config"], model_only=True)
-    reader = FileSystemReader(str(step_dir))
     try:
-        stored = reader.read_metadata().state_dict_metadata
+        stored = load_model_state(step_dir)
     except (OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{step_dir}: unreadable checkpoint metadata ({e})") from None
+        raise CheckpointError(f"{step_dir}: unreadable checkpoint ({e})") from None
     shapes = expected_shapes(config)
-    missing = [n for n in shapes if MODEL_PREFIX + n not in stored]
+    missing = [n for n in shapes if n not in stored]
     if missing:
         raise CheckpointError(f"{step_dir} lacks {len(missing)} model tensor(s) the config needs: "
                               + ", ".join(MODEL_PREFIX + n for n in missing[:6]) + (" ..." if len(missing) > 6 else ""))
-    state = {}
     for name, shape in shapes.items():
-        meta = stored[MODEL_PREFIX + name]
-        if not isinstance(meta, TensorStorageMetadata) or meta.size != shape:
-            got = getattr(meta, "size", type(meta).__name__)
-            raise CheckpointError(f"{step_dir}: {MODEL_PREFIX}{name} has shape {tuple(got)}, the config "
-                                  f"needs {tuple(shape)}")
-        state[name] = torch.empty(shape, dtype=meta.properties.dtype)
-    with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
-        dcp.load({"model": state}, storage_reader=reader, no_dist=True)
-    return CheckpointWeights(step_dir, int(trainer_state.get("step", 0)), config, state)
+        if stored[name].shape != shape:
+            raise CheckpointError(f"{step_dir}: {MODEL_PREFIX}{name} has shape {tuple(stored[name].shape)}, the "
+                                  f"config needs {tuple(shape)}")
+    return CheckpointWeights(step_dir, int(trainer_state.get("step", 0)), config, {n: stored[n] for n in shapes})
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32):

@@ -1,0 +1,230 @@
+"""The model as one rank holds it under any (tensor, pipeline, data) layout, and how a step's
+micro batches run through it.
+
+`build_model` applies the parallelisms from outside, in order: tensor parallel (the injected layer
+factory and kernel ops), the pipeline split, layout-free initialization, activation
+checkpointing, data parallel. `ParallelModel` then runs forward and backward over this rank's
+micro batches (a pipeline schedule when P > 1, a plain accumulation loop otherwise), evaluates
+batches under any layout, clips gradients globally and is the checkpointer's "model" state,
+keyed by the single-process model's parameter names.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule
+
+from megatron_code.config import Config
+from megatron_code.kernels import build_attention, build_ops
+from megatron_code.model import GPT
+from megatron_code.parallel.activation_checkpointing import apply_ac
+from megatron_code.parallel.clipping import clip_grad_norm_
+from megatron_code.parallel.data_parallel import apply_dp
+from megatron_code.parallel.distributed import Runtime
+from megatron_code.parallel.pipeline_parallel import (TiedEmbedding, apply_pp, build_schedule, build_stages,
+                                                      local_stage_ids, stage_layers)
+from megatron_code.parallel.tensor_parallel import (ParallelLayerFactory, TensorParallel, init_parameters,
+                                                    tensor_parallel_ops)
+from megatron_code.training.loss import LossTotals, pack_target, token_losses, unpack_target
+
+
+def build_model(config: Config, runtime: Runtime, autocast: Callable[[], contextlib.AbstractContextManager]
+                ) -> "ParallelModel":
+    p = config.parallel
+    tp = TensorParallel(runtime.mesh["tp"], p.sequence_parallel)
+    ops = tensor_parallel_ops(build_ops(config.model.kernels, runtime.device), tp)
+    attention = build_attention(config.model.attention, runtime.device)
+    stage_ids = local_stage_ids(runtime.coordinate("pp"), p)
+    parts = apply_pp(lambda: GPT(config.model, ParallelLayerFactory(tp=tp), ops, attention), stage_ids,
+                     stage_layers(config.model.num_layers, p))
+    for part in parts:
+        init_parameters(part, config.train.seed, runtime.device, tp)
+        apply_ac(part, p.activation_checkpointing)
+        apply_dp(part, runtime.mesh["dp"], p.dp_shard)
+    tied = (TiedEmbedding(parts, stage_ids, p.num_stages, runtime)
+            if config.model.tie_embeddings and p.pipeline > 1 else None)
+    return ParallelModel(config, runtime, parts, stage_ids, ops, tp, tied, autocast)
+
+
+class ParallelModel:
+    def __init__(self, config: Config, runtime: Runtime, parts: list[GPT], stage_ids: list[int], ops,
+                 tp: TensorParallel, tied: TiedEmbedding | None,
+                 autocast: Callable[[], contextlib.AbstractContextManager]):
+        self.config, self.runtime, self.parts, self.stage_ids = config, runtime, parts, stage_ids
+        self.ops, self.tp, self.tied, self.autocast = ops, tp, tied, autocast
+        num_stages = config.parallel.num_stages
+        self.first = parts[stage_ids.index(0)] if 0 in stage_ids else None
+        self.last = parts[stage_ids.index(num_stages - 1)] if num_stages - 1 in stage_ids else None
+        self.pipelined = config.parallel.pipeline > 1
+        self.micro_batch_size = config.train.micro_batch_size
+        # Where the loss of each micro batch goes: per-sample (loss sum, token count, source) to a
+        # sink, and the loss to backward divided by the global token count. Set per call, because
+        # the pipeline schedule calls the loss as loss_fn(output, target).
+        self._sink: Callable | None = None
+        self._token_count: torch.Tensor | None = None
+        self._eval_schedules: dict[int, object] = {}
+        if self.pipelined:
+            dp = runtime.size("dp")
+            n_micro = config.train.global_batch_size // (config.train.micro_batch_size * dp)
+            self.schedule = build_schedule(self._stages(), config.parallel.schedule, n_micro, self._pipeline_loss)
+        self._num_parameters = self._count_parameters()
+
+    # ------------------------------------------------------------------------------------------
+    # training step
+
+    def forward_backward(self, micro_batches: list[dict], totals: LossTotals) -> None:
+        """Forward and backward over this data-parallel rank's micro batches; gradients end up
+        summed over data-parallel ranks and the tied embedding's copies. The loss is divided by
+        the global batch's loss-token count (one all-reduce), and `totals` gets each micro
+        batch's per-source loss sums."""
+        token_count = torch.stack([mb["loss_mask"].sum() for mb in micro_batches]).sum()
+        if self.runtime.size("dp") > 1:
+            dist.all_reduce(token_count, group=self.runtime.group("dp"))
+        self._sink, self._token_count = totals.add, token_count.clamp(min=1.0)
+        if self.pipelined:
+            batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
+            with self.autocast():
+                self.schedule.step(*self._pipeline_args(batch), target=pack_target(batch) if self.last else None,
+                                   return_outputs=False, positions=batch["position_ids"], return_hidden=True)
+        else:
+            model = self.parts[0]
+            for i, mb in enumerate(micro_batches):
+                if isinstance(model, FSDPModule):  # reduce gradients once, after the last micro batch
+                    model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+                with self.autocast():
+                    hidden = model(mb["tokens"], mb["position_ids"], return_hidden=True)
+                    loss = self._loss(model, hidden, mb["labels"], mb["loss_mask"], mb["source"])
+                loss.backward()
+        if self.tied is not None:
+            self.tied.sync_grads()
+        totals.all_reduce(counted_here=self.last is not None and self.tp.rank == 0)
+
+    def _loss(self, model: GPT, hidden, labels, loss_mask, source) -> torch.Tensor:
+        sample_losses = (token_losses(model, hidden, labels, self.ops, self.tp) * loss_mask).sum(1)
+        self._sink(sample_losses.detach(), loss_mask.sum(1), source)
+        return sample_losses.sum() / self._token_count
+
+    def _pipeline_loss(self, hidden, target) -> torch.Tensor:
+        labels, loss_mask, source = unpack_target(target)
+        return self._loss(self.last, hidden, labels, loss_mask, source)
+
+    def _pipeline_args(self, batch: dict) -> tuple:
+        return (batch["tokens"],) if self.first is not None else ()
+
+    def _stages(self):
+        cfg = self.config
+        return build_stages(self.parts, self.stage_ids, cfg.parallel.num_stages, self.runtime, self.micro_batch_size,
+                            cfg.data.seq_length, self.tp.sequence_shard(cfg.data.seq_length), cfg.model.hidden_size)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        pp_group = self.runtime.group("pp") if self.pipelined else None
+        duplicates = self.tied.duplicates() if self.tied is not None else []
+        return clip_grad_norm_(self.parameters(), max_norm, pp_group, duplicates)
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict, split_over_data_parallel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (masked loss sum, loss-token count) of `batch` -- tokens, labels, loss_mask,
+        optionally position_ids; any number of samples -- returned on every rank. By default
+        every rank passes the same batch and data-parallel ranks each evaluate a contiguous
+        share; with `split_over_data_parallel=False` each data-parallel rank passes its own
+        samples and gets their results."""
+        tokens = batch["tokens"]
+        batch = {"position_ids": torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens),
+                 **{k: batch[k] for k in ("tokens", "labels", "loss_mask", "position_ids") if k in batch}}
+        dp = self.runtime.size("dp") if split_over_data_parallel else 1
+        size = tokens.shape[0]
+        share = math.ceil(size / dp)
+        if dp > 1:  # pad to dp equal shares (padding rows carry no loss tokens), keep this rank's
+            rows = torch.arange(share * dp, device=tokens.device)
+            batch = {k: v[rows.clamp(max=size - 1)] for k, v in batch.items()}
+            batch["loss_mask"] = batch["loss_mask"] * (rows < size)[:, None]
+            start = self.runtime.coordinate("dp") * share
+            batch = {k: v[start:start + share] for k, v in batch.items()}
+        for part in self.parts:
+            part.eval()
+        try:
+            result = self._evaluate_share(batch)
+        finally:
+            for part in self.parts:
+                part.train()
+        if dp > 1:
+            gathered = result.new_empty(dp * 2, share)
+            dist.all_gather_into_tensor(gathered, result, group=self.runtime.group("dp"))
+            result = gathered.view(dp, 2, share).transpose(0, 1).flatten(1)
+        return result[0, :size], result[1, :size]
+
+    def _evaluate_share(self, batch: dict) -> torch.Tensor:
+        """(2, n) sums and counts of this rank's samples, on every rank of its pipeline."""
+        n, mbs = batch["tokens"].shape[0], self.micro_batch_size
+        rows = []
+        self._sink, self._token_count = (lambda losses, tokens, _: rows.append(torch.stack([losses, tokens]))), 1.0
+        batch["source"] = torch.zeros(n, dtype=torch.long, device=batch["tokens"].device)
+        if not self.pipelined:
+            model = self.parts[0]
+            for s in range(0, n, mbs):
+                mb = {k: v[s:s + mbs] for k, v in batch.items()}
+                with self.autocast():
+                    hidden = model(mb["tokens"], mb["position_ids"], return_hidden=True)
+                    self._loss(model, hidden, mb["labels"], mb["loss_mask"], mb["source"])
+            return torch.cat(rows, 1).double()
+        n_micro = math.ceil(n / mbs)
+        index = torch.arange(n_micro * mbs, device=batch["tokens"].device).clamp(max=n - 1)  # whole micro batches
+        full = {k: v[index] for k, v in batch.items()}
+        if n_micro not in self._eval_schedules:
+            self._eval_schedules[n_micro] = build_schedule(self._stages(), "eval", n_micro, self._pipeline_loss)
+        with self.autocast():  # the loss runs inside the schedule, while FSDP still holds the full head
+            self._eval_schedules[n_micro].eval(*self._pipeline_args(full), target=pack_target(full) if self.last else None,
+                                               positions=full["position_ids"], return_hidden=True)
+        out = torch.cat(rows, 1)[:, :n].double() if self.last is not None else torch.zeros(
+            2, n, dtype=torch.float64, device=index.device)
+        dist.broadcast(out, src=self.runtime.mesh["pp"].mesh[-1].item(), group=self.runtime.group("pp"))
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # parameters and state
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        seen, out = set(), []
+        for part in self.parts:
+            for p in part.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def _count_parameters(self) -> int:
+        skip = {id(p) for p in self.tied.duplicates()} if self.tied is not None else set()
+        count = torch.tensor(sum(p.numel() for p in self.parameters() if id(p) not in skip), dtype=torch.float64,
+                             device=self.runtime.device)
+        if self.pipelined:
+            dist.all_reduce(count, group=self.runtime.group("pp"))
+        return int(count.item())
+
+    def num_parameters(self) -> int:
+        """Parameters of the whole model (all stages, full shapes), each counted once."""
+        return self._num_parameters
+
+    def train(self) -> None:
+        for part in self.parts:
+            part.train()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every stage's parameters under the single-process model's names, as DTensors where
+        sharded (the tied embedding, held by two stages, appears once per rank holding it)."""
+        state = {}
+        for part in self.parts:
+            state.update(get_model_state_dict(part))
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for part in self.parts:
+            names = get_model_state_dict(part).keys()
+            set_model_state_dict(part, {k: state[k] for k in names})

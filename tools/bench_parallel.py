@@ -1,0 +1,249 @@
+"""Training-step throughput, memory and communication of parallel layouts, against one process.
+
+For each layout (T x P x DP ranks) the tool launches `torchrun` on this machine and runs the
+trainer's own model, step and optimizer (`parallel.model.build_model`, `ParallelModel.forward_backward`,
+AdamW) on random tokens: warm-up steps, then timed steps. Per layout it reports
+
+  step time (median), tokens/s (all ranks) and per rank, model FLOP/s per rank (and MFU on a GPU
+  with a known peak), peak memory per rank (CUDA allocator peak on GPU, process max RSS on CPU);
+  comm share: the time ranks spend in collectives and pipeline send/recv (CPU: self time of the
+  c10d ops on the calling thread, waits included; GPU: NCCL kernel time), over the step time;
+  for pipeline layouts, the schedule's theoretical bubble -- (P - 1) / (V m + P - 1) for
+  1F1B and interleaved 1F1B with m micro batches (zero bubble: a third of 1F1B's) -- and the
+  measured idle share 1 - t_1 / (P t_P), where t_1 is the one-process step time of the same
+  batch (it also counts the send/recv time and the TP/DP work of the layout).
+
+Threads: `--cores C` are split over the ranks (at least one each). The default, all cores,
+gives every layout the same machine; `--cores 1` gives every rank one thread, so N ranks have N
+times the compute of one process, as N GPUs would: tokens/s per rank against one process is
+then the layout's parallel efficiency.
+
+    python tools/bench_parallel.py                               # tiny: 1x1x1, TP 2, PP 2, DP 2 on CPU
+    python tools/bench_parallel.py --layouts 1x1x1 2x1x1 1x2x1 --preset quickstart --json out.json
+    python tools/bench_parallel.py --layouts 1x4x1 --schedule interleaved_1f1b --virtual-stages 2
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from megatron_code.config import PRESETS, Config, DataConfig, ModelConfig, ParallelConfig, SourceConfig, TrainConfig
+
+_WORKER_OPTIONS = ("preset", "vocab_size", "seq_length", "micro_batch_size", "global_batch_size", "schedule",
+                   "virtual_stages", "dp_shard", "activation_checkpointing", "device", "warmup", "steps", "cores")
+_COMM_OP = re.compile(r"^(c10d::|_c10d_functional::|nccl|ncclDevKernel)")
+
+
+def parse_layout(text: str) -> tuple[int, int, int]:
+    t, p, d = (int(x) for x in text.split("x"))
+    return t, p, d
+
+
+def build_config(args, t: int, p: int, world: int) -> Config:
+    model = ModelConfig(**{**PRESETS[args.preset], "vocab_size": args.vocab_size,
+                           "max_seq_len": max(args.seq_length, PRESETS[args.preset]["max_seq_len"])})
+    parallel = ParallelConfig(tensor=t, pipeline=p, virtual_stages=args.virtual_stages if p > 1 else 1,
+                              schedule=args.schedule if p > 1 else "1f1b", sequence_parallel=args.sequence_parallel and t > 1,
+                              dp_shard=args.dp_shard, activation_checkpointing=args.activation_checkpointing)
+    data = DataConfig(sources=[SourceConfig("random", "(random tokens)")], tokenizer="(none)", seq_length=args.seq_length)
+    config = Config(model=model, parallel=parallel, data=data,
+                    train=TrainConfig(micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size))
+    config.validate(world_size=world)
+    return config
+
+
+def random_micro_batches(args, dp_rank: int, dp_size: int, device: torch.device) -> list[dict]:
+    """This rank's share of a global batch of random tokens (the same on every rank)."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, args.vocab_size, (args.global_batch_size, args.seq_length + 1), generator=g)
+    share = args.global_batch_size // dp_size
+    tokens = tokens[dp_rank * share:(dp_rank + 1) * share]
+    out = []
+    for s in range(0, share, args.micro_batch_size):
+        chunk = tokens[s:s + args.micro_batch_size]
+        out.append({k: v.to(device) for k, v in {
+            "tokens": chunk[:, :-1], "labels": chunk[:, 1:], "loss_mask": torch.ones(chunk.shape[0], args.seq_length),
+            "position_ids": torch.arange(args.seq_length).expand(chunk.shape[0], -1),
+            "source": torch.zeros(chunk.shape[0], dtype=torch.long)}.items()})
+    return out
+
+
+def worker(args) -> None:
+    """One rank of one layout, under torchrun; rank 0 writes every rank's numbers to --out."""
+    import torch.distributed as dist
+
+    from megatron_code.parallel.distributed import build_runtime
+    from megatron_code.parallel.model import build_model
+    from megatron_code.training.loss import LossTotals
+    from megatron_code.training.metrics import flops_per_token, peak_flops
+    from megatron_code.training.optim import Optimizers
+
+    t, p, _ = parse_layout(args.layout)
+    world = int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(max(1, args.cores // world))
+    config = build_config(args, t, p, world)
+    runtime = build_runtime(args.device, t, p)
+    device = runtime.device
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
+                else contextlib.nullcontext)
+    torch.manual_seed(0)
+    model = build_model(config, runtime, autocast)
+    optimizer = Optimizers(model.parts, config.optim, device)
+    batches = random_micro_batches(args, runtime.coordinate("dp"), runtime.size("dp"), device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier()
+
+    def step():
+        model.forward_backward(batches, LossTotals(1, device))
+        model.clip_grad_norm_(1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync()
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        sync()
+    profiled = time.perf_counter() - start
+    comm = sum((e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total) for e in
+               prof.key_averages() if _COMM_OP.match(e.key)) / 1e6
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    median = statistics.median(times)
+    tokens = args.global_batch_size * args.seq_length
+    flops_per_rank = flops_per_token(config.model, args.seq_length) * tokens / world / median
+    mine = {"rank": runtime.rank, "median_step_s": median, "comm_share": comm / profiled, "peak_memory_bytes": peak,
+            "model_flops_per_s": flops_per_rank}
+    peak_rate = peak_flops(device)
+    if peak_rate:
+        mine["mfu"] = flops_per_rank / peak_rate
+    ranks = [None] * world
+    dist.all_gather_object(ranks, mine)
+    if runtime.is_main:
+        slowest = max(r["median_step_s"] for r in ranks)  # the step ends when the last rank is done
+        result = {"layout": args.layout, "world_size": world, "threads_per_rank": torch.get_num_threads(),
+                  "device": device.type, "parameters": model.num_parameters(), "median_step_s": slowest,
+                  "tokens_per_s": tokens / slowest, "tokens_per_s_per_rank": tokens / slowest / world,
+                  "ranks": ranks, "step_times_s": times}
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+    dist.barrier()  # no rank tears gloo down while another still talks
+    dist.destroy_process_group()
+
+
+def theoretical_bubble(args, t: int, p: int, d: int) -> float | None:
+    if p == 1:
+        return None
+    m = args.global_batch_size // (args.micro_batch_size * d)
+    v = args.virtual_stages if args.schedule != "1f1b" else 1
+    one_f_one_b = (p - 1) / (v * m + p - 1)
+    return one_f_one_b / 3 if args.schedule == "zero_bubble" else one_f_one_b
+
+
+def run_layout(args, layout: str) -> dict:
+    t, p, d = parse_layout(layout)
+    world = t * p * d
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        forwarded = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in _WORKER_OPTIONS]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                   __file__, "--worker", f"--layout={layout}", f"--out={out}", *forwarded,
+                   *(["--sequence-parallel"] if args.sequence_parallel else [])]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"layout {layout} failed:\n{done.stderr[-4000:]}")
+        with open(out) as f:
+            return json.load(f)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layouts", nargs="+", default=["1x1x1", "2x1x1", "1x2x1", "1x1x2"],
+                        help="T x P x DP, e.g. 2x1x1 (the first should be 1x1x1: the baseline)")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--micro-batch-size", type=int, default=2)
+    parser.add_argument("--global-batch-size", type=int, default=16)
+    parser.add_argument("--schedule", default="1f1b", choices=("1f1b", "interleaved_1f1b", "zero_bubble"))
+    parser.add_argument("--virtual-stages", type=int, default=1)
+    parser.add_argument("--sequence-parallel", action="store_true")
+    parser.add_argument("--dp-shard", default="none", choices=("none", "zero2", "zero3"))
+    parser.add_argument("--activation-checkpointing", default="none", choices=("none", "selective", "full"))
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per layout and round")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every layout, in turns; the median counts")
+    parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads in all")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--layout", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+
+    print(f"preset={args.preset} vocab={args.vocab_size} seq={args.seq_length} micro={args.micro_batch_size} "
+          f"global={args.global_batch_size} schedule={args.schedule} V={args.virtual_stages} "
+          f"dp_shard={args.dp_shard} cores={args.cores} rounds={args.rounds} torch={torch.__version__}", flush=True)
+    rounds = {layout: [] for layout in args.layouts}
+    for _ in range(args.rounds):  # layouts take turns, so slow drifts in machine load hit all alike
+        for layout in args.layouts:
+            rounds[layout].append(run_layout(args, layout))
+    results = []
+    for layout, runs in rounds.items():
+        r = sorted(runs, key=lambda x: x["median_step_s"])[len(runs) // 2]  # the median round
+        r["round_step_s"] = [x["median_step_s"] for x in runs]
+        t, p, d = parse_layout(layout)
+        r["theoretical_bubble"] = theoretical_bubble(args, t, p, d)
+        baseline = results[0] if results and results[0]["world_size"] == 1 else None
+        r["measured_idle"] = (1 - baseline["median_step_s"] / (p * r["median_step_s"])
+                              if baseline and p > 1 else None)
+        results.append(r)
+    print(f"{'layout':<8} {'step ms':>8} {'tok/s':>8} {'tok/s/rank':>10} {'GFLOP/s/rank':>12} {'peak MiB/rank':>13} "
+          f"{'comm':>6} {'bubble theory':>13} {'idle measured':>13}")
+    for r in results:
+        ranks = r["ranks"]
+        print(f"{r['layout']:<8} {1e3 * r['median_step_s']:>8.1f} {r['tokens_per_s']:>8.0f} "
+              f"{r['tokens_per_s_per_rank']:>10.0f} "
+              f"{statistics.mean(x['model_flops_per_s'] for x in ranks) / 1e9:>12.2f} "
+              f"{max(x['peak_memory_bytes'] for x in ranks) / 2**20:>13.0f} "
+              f"{statistics.mean(x['comm_share'] for x in ranks):>6.1%} "
+              + (f"{r['theoretical_bubble']:>13.1%} {r['measured_idle']:>13.1%}" if r["measured_idle"] is not None
+                 else f"{'':>13} {'':>13}"))
+    if args.json:
+        options = {k: v for k, v in vars(args).items() if k not in ("json", "worker", "layout", "out")}
+        with open(args.json, "w") as f:  # the machine is shared: its load says how noisy the numbers are
+            json.dump({"config": options, "torch": torch.__version__, "load_average_1min": os.getloadavg()[0],
+                       "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
