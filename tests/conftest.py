@@ -66,6 +66,7 @@ def train_args(tiny_corpus, tiny_indexed):
     return make
 
 
+@pytest.fixture(scope="session")
 def eval_task_dir(tmp_path_factory) -> Path:
     """The built-in evaluation task files (arithmetic, logic, python_functions)."""
     from megatron_code.evaluation.tasks import write_builtin_tasks

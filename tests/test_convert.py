@@ -6,6 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -182,6 +183,51 @@ def test_import_then_export_is_exact(convert_tool, arch, tiny_corpus, tmp_path, 
     assert sorted(back) == sorted(original)
     for name, tensor in original.items():
         assert torch.equal(back[name], tensor), name
+
+
+def test_training_continues_from_an_import(convert_tool, tiny_corpus, train_args, tmp_path):
+    from megatron_code.config import load_config
+    from megatron_code.training.trainer import Trainer
+
+    random_hf(tmp_path / "hf", tiny_corpus.hf_tokenizer, transformers.LlamaConfig(**LLAMA, tie_word_embeddings=True))
+    run = tmp_path / "imported"
+    assert convert_tool.main(["import", "--hf", str(tmp_path / "hf"), "--out", str(run), "--no-verify"]) == 0
+    trainer = Trainer(load_config(run / "config.yaml", train_args(tmp_path / "continued", "--train.steps=3",
+                                                                  f"--checkpoint.init_from={run}")))
+    model = trainer.model.state_dict()
+    for name, value in read_checkpoint(run).state.items():
+        assert torch.equal(model[name], value), name
+    result = trainer.train()
+    assert result.step == 3 and all(np.isfinite(result.losses)) and result.losses[-1] < result.losses[0]
+
+
+def _train_and_score(rank: int, world_size: int, args: list[str], tokens: torch.Tensor):
+    from megatron_code.config import load_config
+    from megatron_code.training.trainer import Trainer
+
+    trainer = Trainer(load_config(None, args))
+    checkpoint = trainer.train().checkpoint
+    sums, counts = trainer.model.evaluate({"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+                                           "loss_mask": torch.ones(tokens[:, 1:].shape)})
+    return str(checkpoint), sums.tolist()
+
+
+def test_export_of_a_tensor_parallel_checkpoint(convert_tool, tiny_corpus, train_args, tmp_path):
+    """Trained and saved on 2 ranks with tensor parallelism; exported in this process, with no
+    process group: transformers' losses on real text equal the 2-rank run's own."""
+    from distributed_utils import run_distributed
+
+    tokens = text_tokens(load_tokenizer(tiny_corpus.tokenizer), n=48)
+    args = train_args(tmp_path / "tp2", "--parallel.tensor=2", "--train.steps=2", "--train.global_batch_size=2",
+                      "--train.eval_interval=0")
+    (checkpoint, sums), _ = run_distributed(_train_and_score, world_size=2, timeout_s=600, args=(args, tokens))
+    assert json.loads((Path(checkpoint) / "trainer_state.json").read_text())["layout"] == "tp2-pp1-dp1"
+    assert convert_tool.main(["export", "--load", checkpoint, "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=tokens[:, :-1]).logits
+    theirs = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").sum(1)
+    torch.testing.assert_close(theirs, torch.tensor(sums), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("config, problem", [

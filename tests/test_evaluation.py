@@ -242,12 +242,20 @@ def test_generation_is_our_models_greedy_decoding(trained_run, tiny_corpus, tmp_
 
 
 def test_training_logs_task_scores(trained_run):
+    """Training scores through its evaluation forward, whose loss (the training loss) spans the
+    padded vocabulary; the same scorer over our model's full logits gives the logged numbers."""
+    from megatron_code.evaluation.lm import masked_sums
+    from megatron_code.training.weights import load_model
+
     lines = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     logged = {line["step"]: line for line in lines if "task/arithmetic_50/acc" in line}
     assert sorted(logged) == [8, 16]
-    model = load_language_model(trained_run)  # the final checkpoint: the weights of the last validation
-    offline = score_multiple_choice(load_task(trained_run / "arithmetic_50.jsonl"), model.sample_losses,
-                                    model.tokenizer, 64)
+    model, weights = load_model(trained_run)  # the final checkpoint: the weights of the last validation
+    assert weights.state["embedding.weight"].shape[0] == 1100
+    with torch.no_grad():
+        offline = score_multiple_choice(load_task(trained_run / "arithmetic_50.jsonl"),
+                                        lambda t, l, m: masked_sums(model(t), l, m),
+                                        load_language_model(trained_run).tokenizer, 64, batch_size=4)
     for metric in ("acc", "acc_norm", "acc_ppl"):
         assert logged[16][f"task/arithmetic_50/{metric}"] == pytest.approx(offline.metrics[metric])
 
