@@ -40,7 +40,7 @@ from megatron_code.data.errors import DataError
 from megatron_code.data.tokenizer import Tokenizer, export_hf_tokenizer, hf_tokenizer_dir, load_tokenizer
 from megatron_code.evaluation.lm import gpt_next_logits, greedy
 from megatron_code.model import GPT
-from megatron_code.model.hf import ConversionError, from_hf_config, from_hf_state, hf_architecture, hf_config, to_hf_state
+from megatron_code.model.hf import ConversionError, from_hf_config, from_hf_state, hf_config, to_hf_state
 from megatron_code.training.checkpoint import CheckpointError
 from megatron_code.training.weights import read_checkpoint, write_weights_only
 
@@ -164,10 +164,13 @@ def _finish_verification(result: Verification, what: str) -> None:
 # ------------------------------------------------------------------------------------------ export
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    """A fresh temporary folder beside `out`, after refusing an existing `out` unless `overwrite`."""
+def _refuse_existing(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+
+
+def _temporary_beside(out: Path) -> Path:
+    """Where the result is written before it is renamed to `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
 
@@ -230,28 +233,25 @@ def _write_safetensors(state: dict[str, torch.Tensor], out: Path, shard_bytes: i
 
 def export_checkpoint(load: str | Path, out: str | Path, dtype: str = "fp32", overwrite: bool = False,
                       tokenizer: str | None = None, shard_mb: int = 5000, verify_result: bool = True) -> Path:
-    from transformers import GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
     out = Path(out)
-    if out.exists() and not overwrite:  # before reading anything
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    _refuse_existing(out, overwrite)  # before reading anything
     weights = read_checkpoint(load)
     model_config = weights.config.model
-    hf_architecture(model_config)  # refuses what no transformers class expresses, before writing
     source, tok = _tokenizer_source(weights.config, tokenizer)
     vocab = tok.vocab_size
     if vocab > model_config.vocab_size:
         raise ConversionError(f"the tokenizer {source} has {vocab} tokens but the checkpoint's embedding has "
                               f"{model_config.vocab_size} rows: it is not this model's tokenizer")
-    print(f"export: {weights.path} (step {weights.step}) -> {out} as "
-          f"{'LlamaForCausalLM' if hf_architecture(model_config) == 'llama' else 'GPT2LMHeadModel'}, "
-          f"vocabulary {model_config.vocab_size} -> {vocab}, {dtype}")
     special = {f"{name}_token_id": _optional_id(tok, f"{attribute}_id")
                for name, attribute in (("bos", "bos"), ("eos", "eod"), ("pad", "pad"))}
-    config = hf_config(model_config, vocab, special)
-    config.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+    config = hf_config(model_config, vocab, special)  # refuses what no transformers class expresses
+    config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
+    print(f"export: {weights.path} (step {weights.step}) -> {out} as {config.architectures[0]}, "
+          f"vocabulary {model_config.vocab_size} -> {vocab}, {dtype}")
     state = {k: v.to(DTYPES[dtype]) for k, v in to_hf_state(weights.state, model_config, vocab).items()}
-    tmp = _prepare_out(out, overwrite)
+    tmp = _temporary_beside(out)
     try:
         config.save_pretrained(tmp)
         GenerationConfig(**special).save_pretrained(tmp)
@@ -261,7 +261,6 @@ def export_checkpoint(load: str | Path, out: str | Path, dtype: str = "fp32", ov
         if verify_result:
             ours = GPT(model_config)  # the same rounded weights in fp32, against transformers
             ours.load_state_dict({k: v.to(DTYPES[dtype]).float() for k, v in weights.state.items()})
-            from transformers import AutoTokenizer
             AutoTokenizer.from_pretrained(tmp)  # loads with no code of ours
             tokens = verification_tokens(tok, model_config.max_seq_len)
             _finish_verification(verify(ours.eval(), _load_hf_model(tmp), tokens, vocab), "export")
@@ -302,11 +301,10 @@ def import_checkpoint(hf: str | Path, out: str | Path, overwrite: bool = False, 
     hf, out = Path(hf), Path(out)
     if not (hf / "config.json").is_file():
         raise ConversionError(f"{hf}: not a transformers folder (no config.json)")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    _refuse_existing(out, overwrite)
     hf_cfg = AutoConfig.from_pretrained(hf)
     model_config = from_hf_config(hf_cfg)  # refuses what we cannot express, before reading weights
-    tmp = _prepare_out(out, overwrite)
+    tmp = _temporary_beside(out)
     try:
         AutoTokenizer.from_pretrained(hf).save_pretrained(tmp / "tokenizer")
         tok = load_tokenizer(tmp / "tokenizer")
