@@ -110,6 +110,11 @@ def convert_tool():
 
 
 @pytest.fixture(scope="session")
+def evaluate_tool():
+    return load_tool("evaluate")
+
+
+@pytest.fixture(scope="session")
 def exported(trained_run, convert_tool, tmp_path_factory) -> Path:
     """`trained_run` exported by tools/convert_checkpoint.py (fp32, one safetensors shard per tensor)."""
     out = tmp_path_factory.mktemp("export") / "hf"

@@ -275,10 +275,8 @@ def test_eval_tasks_are_checked_at_start_up(tiny_corpus, tiny_indexed, eval_task
         Trainer(config(eval_task_dir / "python_functions.jsonl"))
 
 
-def test_evaluate_tool_end_to_end(trained_run, exported, eval_task_dir, tmp_path, capsys):
-    from conftest import load_tool
-
-    evaluate = load_tool("evaluate")
+def test_evaluate_tool_end_to_end(evaluate_tool, trained_run, exported, eval_task_dir, tmp_path, capsys):
+    evaluate = evaluate_tool
     assert evaluate.main(["--list"]) == 0
     listing = capsys.readouterr().out
     for name in ("arithmetic", "logiqa", "sciq", "arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "mbpp"):

@@ -3,8 +3,11 @@ folder (an export, or any causal LM transformers loads).
 
 Scoring goes through one function, `SampleLosses`: for a batch of tokens, labels and loss mask
 it returns each sample's summed masked loss and its token count. The training loop's
-evaluation forward has this shape under any parallel layout, so the same scorers run inside
-training and here.
+evaluation forward (`ParallelModel.evaluate`) has this shape under any parallel layout, so the
+same scorers run inside training and here. One difference: in training that loss is the
+training loss, normalized over the padded vocabulary; here, as in an export, over the
+tokenizer's vocabulary (the padding rows' share of probability, which training drives down).
+Generation is greedy, in left-padded batches.
 """
 from __future__ import annotations
 
