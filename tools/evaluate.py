@@ -68,7 +68,7 @@ def _run(args) -> None:
 
     paths = args.tasks or write_builtin_tasks(DEFAULT_TASK_DIR)
     tasks = [load_task(p) for p in paths]  # every task file checked before the model loads
-    model = load_language_model(args.model, args.device)
+    model = load_language_model(args.model, args.device, tokenizer=args.tokenizer)
     limits = Limits(seconds=args.timeout, memory_mb=args.memory_mb)
     scores = []
     for task in tasks:
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--confirm-run-unsafe-code", action="store_true",
                      help="let lm-eval execute generated code for its code tasks (outside our sandbox)")
     run.add_argument("--out", help="results JSON (default: <run>/eval/step_N.json or <folder>/eval_results.json)")
+    run.add_argument("--tokenizer", help="tokenizer file or folder, when a checkpoint's data.tokenizer moved")
     run.add_argument("--device", default="cpu")
     run.add_argument("--batch-size", type=int, default=16)
     run.add_argument("--max-new-tokens", type=int, default=128, help="code generation length")

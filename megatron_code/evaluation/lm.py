@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from megatron_code.data.errors import DataError
 from megatron_code.data.tokenizer import Tokenizer, load_tokenizer
 
 SampleLosses = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -100,14 +101,17 @@ def is_hf_folder(path: str | Path) -> bool:
     return config.is_file() and "model_type" in json.loads(config.read_text())
 
 
-def load_language_model(path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> LanguageModel:
-    """A checkpoint of ours (run, checkpoints or step directory) or a Hugging Face folder."""
+def load_language_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        tokenizer: str | None = None) -> LanguageModel:
+    """A checkpoint of ours (run, checkpoints or step directory) or a Hugging Face folder;
+    `tokenizer` replaces a checkpoint's data.tokenizer (a path relative to where it trained)."""
     device = torch.device(device)
-    return _load_hf(Path(path), device, dtype) if is_hf_folder(path) else _load_ours(Path(path), device, dtype)
+    if is_hf_folder(path):
+        return _load_hf(Path(path), device, dtype)
+    return _load_ours(Path(path), device, dtype, tokenizer)
 
 
-def _load_ours(path: Path, device: torch.device, dtype: torch.dtype) -> LanguageModel:
+def _load_ours(path: Path, device: torch.device, dtype: torch.dtype, tokenizer_path: str | None) -> LanguageModel:
     """Our GPT scores; generation runs on its transformers twin (model/hf.py, the mapping the
     conversion tests hold to transformers within 1e-4), which keeps a KV cache. A model no
     transformers class expresses generates by recomputing each step."""
@@ -116,7 +120,10 @@ def _load_ours(path: Path, device: torch.device, dtype: torch.dtype) -> Language
 
     model, weights = load_model(path, dtype)
     model.to(device)
-    tokenizer = load_tokenizer(weights.config.data.tokenizer)
+    try:
+        tokenizer = load_tokenizer(tokenizer_path or weights.config.data.tokenizer)
+    except DataError as e:
+        raise DataError(f"{e}{'' if tokenizer_path else f' (data.tokenizer of {weights.path}; pass --tokenizer)'}") from None
     vocab, max_length = tokenizer.vocab_size, weights.config.model.max_seq_len
     try:
         generate = _hf_generate(to_hf_model(model, vocab).eval(), max_length, tokenizer.eod_id, device)
