@@ -1,4 +1,5 @@
-"""Tokenizer: exact round trips, fixed special ids, the HF export, the cached batch encoder."""
+"""Tokenizer: exact round trips, fixed special ids, pad ids that never collide, the HF export,
+batch encoding equal to SentencePiece's own per-text encode."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizer_zoo import zoo  # noqa: F401  (a fixture)
 
 from megatron_code.data.errors import DataError
-from megatron_code.data.tokenizer import (CHAT_TOKENS, SPECIAL_TOKENS, SentencePieceTokenizer, load_tokenizer,
-                                          train_tokenizer)
+from megatron_code.data.tokenizer import (CHAT_TOKENS, NO_PAD, SPECIAL_TOKENS, SentencePieceTokenizer,
+                                          load_tokenizer, train_tokenizer)
 
 CODE = 'class A:\n\tdef f(self, x):\n\t\treturn {"k": [1, 2.5e-3]}\n\n\n    # four spaces\n        \n\r\nx  =  1\n'
 PROSE = "  Leading spaces, trailing ones.  \nUnicode: héllo wörld, naïve café, 日本語, Ελληνικά, emoji 😀 — “quotes”.\n\n"
@@ -51,22 +53,36 @@ def test_special_tokens_have_fixed_ids_and_never_come_from_text(tiny_corpus) -> 
     assert tok.decode([tok.user_id, *tok.encode("hi"), tok.end_id, tok.eod_id]) == "<|user|>hi<|end|><EOD>"
 
 
-def test_batch_encoder_is_exactly_sentencepiece(tiny_corpus) -> None:
-    """The segment-cached batch path must give SentencePiece's ids for any text."""
-    tok = load_tokenizer(tiny_corpus.tokenizer)
+@pytest.mark.parametrize("model", ["sp_default", "sp_llama", "sp_own"])
+def test_batch_encoding_is_sentencepiece_per_text(zoo, tiny_corpus, model: str) -> None:
+    """Any text, any batch: exactly `SentencePieceProcessor.encode(text)`, so models with a dummy
+    prefix keep each text's leading "▁" however texts are batched."""
+    import sentencepiece as spm
+
+    path = getattr(zoo, model)
+    sp = spm.SentencePieceProcessor(model_file=str(path))
     rng = random.Random(0)
     atoms = ["def", " ", "  ", "    ", "\t", "\n", "x_1", "__init__", "(self)", "é", "日本", "😀", "▁", "\x00", "42",
-             "3.14", "'s", "--", "  ", "Ünïcode", "\r\n", "", "{", "}"]
-    fuzz = ["".join(rng.choice(atoms) for _ in range(rng.randrange(0, 60))) for _ in range(400)]
+             "3.14", "'s", "--", "Ünïcode", "\r\n", "", "{", "}", "<EOD>", "</s>"]
+    fuzz = ["".join(rng.choice(atoms) for _ in range(rng.randrange(0, 60))) for _ in range(300)]
     texts = corpus_texts(tiny_corpus) + fuzz + TRICKY
     rng.shuffle(texts)
-    reference = [tok.sp.encode(t) for t in texts]
-    for batch in (1, 7, 64, len(texts)):
-        fresh = SentencePieceTokenizer(tiny_corpus.tokenizer)  # cold caches each time
-        got = [ids for i in range(0, len(texts), batch) for ids in fresh.encode_batch(texts[i:i + batch])]
-        assert got == reference
+    reference = [sp.encode(t) for t in texts]
+    tok = SentencePieceTokenizer(path)
+    for batch in (1, 7, len(texts)):
+        assert [ids for i in range(0, len(texts), batch) for ids in tok.encode_batch(texts[i:i + batch])] == reference
     tokens, lengths = tok.encode_flat(texts)
     assert tokens.dtype == np.int32 and lengths.tolist() == [len(r) for r in reference]
+
+
+def test_pad_id_is_the_models_own_or_one_no_text_encodes_to(zoo, tiny_corpus) -> None:
+    """megatron-core masks the loss where labels equal the pad id, so it must not be a real token
+    that text or EOD produces: tokenizers without a pad token get NO_PAD (-1)."""
+    assert load_tokenizer(tiny_corpus.tokenizer).pad_id == 3  # <PAD>
+    assert load_tokenizer(tiny_corpus.hf_tokenizer).pad_id == 3
+    assert load_tokenizer(zoo.sp_default).pad_id == NO_PAD  # SentencePiece's default: no pad piece
+    gpt2 = load_tokenizer(zoo.hf_gpt2)  # eos, no pad
+    assert gpt2.pad_id == NO_PAD and gpt2.eod_id == gpt2.token_to_id("<|endoftext|>")
 
 
 def test_hf_folder_loads_in_transformers_and_encodes_identically(tiny_corpus) -> None:

@@ -1,144 +1,162 @@
-"""Benchmark preprocess_data against Megatron-LM's algorithm on the same corpus, tokenizer and cores.
+"""Benchmark tools/preprocess_data.py against Megatron-LM's own tools/preprocess_data.py, side by side.
 
-The baseline below reproduces what Megatron-LM's `tools/preprocess_data.py` does for
-SentencePiece models without sentence splitting: a multiprocessing.Pool whose workers get the
-input one line at a time (`imap`, chunksize 32), each running json.loads, the tokenizer
-(megatron-core's own SentencePiece wrapper, as Megatron-LM builds it) and appending EOD, and
-a main process that feeds every document to megatron-core's IndexedDatasetBuilder. It was
-written for this benchmark from reading that script; no code was copied.
+Both tools run as they are run by hand: a fresh process each, the same JSONL corpus, the same
+flags (`--tokenizer-type SentencePieceTokenizer --append-eod --workers N`), one tokenizer at a
+time; wall time includes start-up. CPU time is that of the tool and all its processes. Then
+the .bin and .idx files are compared byte for byte.
 
-    python tools/bench_preprocess.py                        # built-in corpus, 4 MB per source
-    python tools/bench_preprocess.py --input a.jsonl --tokenizer spm.model --workers 2 --repeat 3
+    python tools/bench_preprocess.py --megatron-lm /path/to/Megatron-LM [--megatron-python PY]
 
-Prints MB/s and docs/s for both, the speed-up, and whether both wrote identical bytes.
+The corpus (default at least 50 MB) is built from what the running Python installation
+carries: the .py files of its installed packages and standard library as code, the docstrings
+of those modules as prose, shuffled together with a fixed seed. The tokenizers are 32k-piece
+SentencePiece models trained on it: one with SentencePiece's default options (unigram,
+nmt_nfkc, dummy prefix), one with those defaults but BPE and byte fallback (the kind Llama-2
+and Mistral ship), and tools/train_tokenizer.py's own. Megatron-LM's tool needs torch and
+`six regex pyyaml pydantic` in the interpreter that runs it (--megatron-python).
 """
 from __future__ import annotations
 
 import argparse
-import filecmp
 import json
-import multiprocessing
 import os
+import random
 import resource
-import statistics
+import subprocess
 import sys
-import tempfile
+import sysconfig
 import time
-import warnings
 from pathlib import Path
 
-from megatron_code.data.corpus import QUICKSTART_MAX_BYTES_PER_SOURCE, prepare_builtin_corpus
-from megatron_code.data.preprocess import dataset_prefix, preprocess
+import sentencepiece as spm
+
+from megatron_code.data.corpus import _docstring_document, _module_name
 from megatron_code.data.tokenizer import train_tokenizer
 
-
-class _MegatronStyleEncoder:
-    """Per-worker state of the baseline: the tokenizer is built once per worker process."""
-
-    tokenizer = None
-
-    def __init__(self, tokenizer_model: str, key: str) -> None:
-        self.tokenizer_model, self.key = tokenizer_model, key
-
-    def initializer(self) -> None:
-        _MegatronStyleEncoder.tokenizer = _megatron_tokenizer(self.tokenizer_model)
-
-    def encode(self, json_line: str) -> tuple[list[int], list[int], int]:
-        text = json.loads(json_line)[self.key]
-        ids = self.tokenizer.tokenize(text)
-        lengths = [len(ids)] if ids else []
-        if ids:
-            ids.append(self.tokenizer.eod)
-            lengths[-1] += 1
-        return ids, lengths, len(json_line)
+TOOL = Path(__file__).resolve().parent / "preprocess_data.py"
 
 
-def _megatron_tokenizer(model: str):
-    from megatron.core.tokenizers import MegatronTokenizer
-
-    return MegatronTokenizer.from_pretrained(tokenizer_path=model, metadata_path={"library": "sentencepiece"})
-
-
-def megatron_baseline(input_path: Path, output_prefix: Path, tokenizer_model: str, workers: int) -> int:
-    """Megatron-LM's preprocessing loop (see the module docstring); returns documents written."""
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    encoder = _MegatronStyleEncoder(tokenizer_model, "text")
-    vocab_size = _megatron_tokenizer(tokenizer_model).vocab_size
-    builder = IndexedDatasetBuilder(f"{output_prefix}.bin", dtype=DType.optimal_dtype(vocab_size))
-    documents = 0
-    with (open(input_path, encoding="utf-8") as fin,
-          multiprocessing.Pool(workers, initializer=encoder.initializer) as pool):
-        for ids, lengths, _ in pool.imap(encoder.encode, fin, 32):
-            builder.add_document(ids, lengths)
-            documents += 1
-        pool.close()
-        pool.join()
-    builder.finalize(f"{output_prefix}.idx")
-    return documents
-
-
-def _timed(fn, *args) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process and its finished children)."""
-    def cpu() -> float:
-        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-    wall, used = time.perf_counter(), cpu()
-    fn(*args)
-    return time.perf_counter() - wall, cpu() - used
+def build_corpus(path: Path, megabytes: float, seed: int = 1234) -> Path:
+    """Code and docstring prose from the installed packages, about 55:45 by bytes (see module doc)."""
+    if path.exists():
+        return path
+    roots = [Path(sysconfig.get_paths()[k]) for k in ("purelib", "stdlib")]
+    files = sorted((root, p.relative_to(root)) for root in roots for p in root.rglob("*.py")
+                   if not {"test", "tests", "__pycache__"} & set(p.relative_to(root).parts))
+    random.Random(seed).shuffle(files)
+    docs, code_bytes, text_bytes = [], 0, 0
+    for root, rel in files:
+        if code_bytes + text_bytes >= megabytes * 1e6:
+            break
+        try:
+            source = (root / rel).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if not 200 <= len(source) <= 1_000_000:
+            continue
+        if code_bytes <= 1.2 * text_bytes:
+            docs.append(source)
+            code_bytes += len(source.encode())
+        if (prose := _docstring_document(_module_name(str(rel)), source)) is not None:
+            docs.append(prose)
+            text_bytes += len(prose.encode())
+    random.Random(seed).shuffle(docs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    os.replace(tmp, path)
+    print(f"corpus: {path} ({code_bytes / 1e6:.1f} MB code, {text_bytes / 1e6:.1f} MB prose, {len(docs):,} documents)")
+    return path
 
 
-def bench(inputs: list[Path], tokenizer: Path, workers: int, repeat: int, out_dir: Path) -> bool:
-    """Run both pipelines `repeat` times, interleaved; print medians; True when outputs match."""
+def build_tokenizers(corpus: Path, out: Path, vocab_size: int) -> dict[str, Path]:
+    texts = [json.loads(line)["text"] for line in corpus.open(encoding="utf-8")]
+    lines = [s for t in texts for s in t.splitlines() if s.strip()]
+    models = {}
+    for name, options in (("sentencepiece-defaults", {}),
+                          ("sentencepiece-defaults-bpe-byte-fallback", {"model_type": "bpe", "byte_fallback": True})):
+        models[name] = out / f"{name}-{vocab_size}.model"
+        if not models[name].exists():
+            spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(models[name])[:-6],
+                                           vocab_size=vocab_size, input_sentence_size=300_000,
+                                           shuffle_input_sentence=True, num_threads=os.cpu_count() or 1,
+                                           minloglevel=2, **options)
+    jsonl = out / "tokenizer-sample.jsonl"
+    if not jsonl.exists():
+        jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[::4]), encoding="utf-8")
+    models["train_tokenizer"] = train_tokenizer([jsonl], out / f"own-{vocab_size}", vocab_size=vocab_size,
+                                                progress=False)
+    return models
+
+
+def timed(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the command and all its processes); fails loudly."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode:
+        sys.exit(f"failed ({done.returncode}): {' '.join(command)}\n{done.stderr[-3000:]}")
+    return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
+def bench(corpus: Path, models: dict[str, Path], megatron_lm: Path, megatron_python: str, workers: int,
+          repeat: int, out: Path) -> bool:
+    megabytes = corpus.stat().st_size / 1e6
+    documents = sum(1 for _ in corpus.open("rb"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(megatron_lm), os.environ.get("PYTHONPATH", "")])}
+    print(f"{corpus.name}: {megabytes:.1f} MB, {documents:,} documents, {workers} workers each, "
+          f"{os.cpu_count()} cores, median of {repeat}; wall includes start-up; CPU = all processes of the tool")
     all_identical = True
-    for path in inputs:
-        megabytes = path.stat().st_size / 1e6
-        documents = sum(1 for line in open(path, "rb") if line.strip())
-        ours_prefix, theirs_prefix = out_dir / f"ours_{path.stem}", out_dir / f"megatron_{path.stem}"
-        runs: dict[str, list[tuple[float, float]]] = {"megatron-lm": [], "megatron_code": []}
+    for name, model in models.items():
+        flags = ["--input", str(corpus), "--json-keys", "text", "--tokenizer-type", "SentencePieceTokenizer",
+                 "--tokenizer-model", str(model), "--append-eod", "--workers", str(workers)]
+        commands = {"Megatron-LM": [megatron_python, str(megatron_lm / "tools" / "preprocess_data.py"), *flags,
+                                    "--output-prefix", str(out / "megatron"), "--log-interval", "100000000"],
+                    "megatron_code": [sys.executable, str(TOOL), *flags, "--output-prefix", str(out / "ours"),
+                                      "--quiet"]}
+        runs: dict[str, list[tuple[float, float]]] = {tool: [] for tool in commands}
         for _ in range(repeat):
-            runs["megatron-lm"].append(_timed(megatron_baseline, path, theirs_prefix, str(tokenizer), workers))
-            runs["megatron_code"].append(_timed(lambda: preprocess(path, ours_prefix, tokenizer, workers=workers,
-                                                                   progress=False)))
-        identical = all(filecmp.cmp(f"{theirs_prefix}.{ext}", f"{dataset_prefix(ours_prefix, 'text')}.{ext}",
-                                    shallow=False) for ext in ("bin", "idx"))
+            for tool, command in commands.items():  # interleaved, so that noise hits both alike
+                runs[tool].append(timed(command, env if tool == "Megatron-LM" else dict(os.environ), out))
+        identical = all(Path(f"{out}/ours_text_document.{ext}").read_bytes()
+                        == Path(f"{out}/megatron_text_document.{ext}").read_bytes() for ext in ("bin", "idx"))
         all_identical &= identical
-        print(f"\n{path.name}: {megabytes:.2f} MB, {documents:,} documents, {workers} workers, "
-              f"median of {repeat} (CPU s = all processes)")
-        for name, times in runs.items():
-            wall = statistics.median(t for t, _ in times)
-            cpu = statistics.median(c for _, c in times)
-            print(f"  {name:14s} {wall:6.2f} s  {megabytes / wall:6.2f} MB/s  {documents / wall:8,.0f} docs/s"
-                  f"  {cpu:6.2f} CPU s")
-        ratio = (statistics.median(t for t, _ in runs["megatron-lm"])
-                 / statistics.median(t for t, _ in runs["megatron_code"]))
-        cpu_ratio = (statistics.median(c for _, c in runs["megatron-lm"])
-                     / statistics.median(c for _, c in runs["megatron_code"]))
-        print(f"  speed-up {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU; .bin/.idx byte-identical: {identical}")
+        print(f"\n{name} ({model.name})")
+        medians = {}
+        for tool, times in runs.items():
+            wall, cpu = (sorted(x)[len(x) // 2] for x in zip(*times))
+            medians[tool] = wall, cpu
+            print(f"  {tool:14s} wall {wall:7.2f} s  CPU {cpu:7.2f} s  {megabytes / wall:6.2f} MB/s  "
+                  f"(walls: {', '.join(f'{w:.2f}' for w, _ in times)})")
+        (their_wall, their_cpu), (our_wall, our_cpu) = medians["Megatron-LM"], medians["megatron_code"]
+        print(f"  speed-up {their_wall / our_wall:.2f}x wall, {their_cpu / our_cpu:.2f}x CPU; "
+              f".bin/.idx byte-identical: {identical}")
     return all_identical
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", type=Path, nargs="*",
-                        help="JSONL files with a 'text' key (default: the built-in corpus)")
-    parser.add_argument("--tokenizer", type=Path, help="SentencePiece .model (default: trained on the inputs)")
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--max-bytes-per-source", type=int, default=QUICKSTART_MAX_BYTES_PER_SOURCE,
-                        help="cap of the built-in corpus")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out-dir", type=Path, default=Path(tempfile.gettempdir()) / "megatron_code_bench_preprocess")
+    parser.add_argument("--megatron-lm", type=Path, default=os.environ.get("MEGATRON_LM_DIR"),
+                        help="Megatron-LM checkout (default: $MEGATRON_LM_DIR)")
+    parser.add_argument("--megatron-python", default=os.environ.get("MEGATRON_LM_PYTHON", sys.executable),
+                        help="interpreter for Megatron-LM's tool (default: $MEGATRON_LM_PYTHON, else this one)")
+    parser.add_argument("--megabytes", type=float, default=55, help="corpus size")
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--only", nargs="+", help="run only these tokenizers (names as printed)")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/bench_preprocess"))
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")  # megatron-core warns about Transformer Engine / apex on import
-
+    if args.megatron_lm is None or not (args.megatron_lm / "tools" / "preprocess_data.py").is_file():
+        parser.error("--megatron-lm (or $MEGATRON_LM_DIR) must name a Megatron-LM checkout")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    inputs = args.input or list(prepare_builtin_corpus(args.out_dir / "corpus",
-                                                       max_bytes_per_source=args.max_bytes_per_source).values())
-    tokenizer = args.tokenizer or train_tokenizer(inputs, args.out_dir / "tokenizer" / "spm",
-                                                  vocab_size=args.vocab_size)
-    _megatron_tokenizer(str(tokenizer))  # import megatron-core before timing, as its script does at start-up
-    return 0 if bench(inputs, tokenizer, args.workers, args.repeat, args.out_dir) else 1
+    corpus = build_corpus(args.out_dir / f"corpus-{args.megabytes:g}MB.jsonl", args.megabytes)
+    models = {name: path for name, path in build_tokenizers(corpus, args.out_dir, args.vocab_size).items()
+              if not args.only or name in args.only}
+    return 0 if bench(corpus, models, args.megatron_lm.resolve(), args.megatron_python, args.workers, args.repeat,
+                      args.out_dir.resolve()) else 1
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ that contains "<|user|>" stays plain text); code that needs them inserts their i
 wrappers use. <CLS>, <SEP> and <MASK> are reserved because Megatron's legacy wrapper appends
 them when missing: with them in the model, its vocab size equals ours.
 
-Batch encoding (`encode_flat`, `encode_batch`) returns exactly SentencePiece's ids, 2-3x
-faster: texts are cut where no vocabulary piece can span the cut, and the ids of each
-distinct segment are computed once (see `_SegmentCache`).
+`pad_id` is the model's own pad token when it has one that is not also its EOD, else
+NO_PAD (-1), which no text ever encodes to: megatron-core's GPTDataset pads short samples with
+it and masks their loss, so tokenizers without a pad token (GPT-2, Llama-3 style) train too.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from itertools import chain, repeat
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 MEGATRON_RESERVED = ("<CLS>", "<SEP>", "<MASK>")
 SPECIAL_TOKENS = (UNK, BOS, EOD, PAD) + CHAT_TOKENS + MEGATRON_RESERVED
 """All special tokens, in id order (token i has id i)."""
+NO_PAD = -1
+"""`pad_id` of a tokenizer without its own pad token (megatron-core's own choice for that case)."""
 
 FORMAT_VERSION = 1
 TRAINER_OPTIONS: dict[str, Any] = {
@@ -116,7 +118,10 @@ class Tokenizer(ABC):
 
     @property
     def pad_id(self) -> int:
-        return self._special(PAD, "<pad>")
+        """The pad token's id, or NO_PAD when there is none (or it is the EOD token, whose
+        loss must not be masked)."""
+        pad = next((i for name in (PAD, "<pad>") if (i := self.token_to_id(name)) is not None), NO_PAD)
+        return NO_PAD if pad == self.eod_id else pad
 
     @property
     def bos_id(self) -> int:
@@ -140,172 +145,22 @@ class Tokenizer(ABC):
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the vocabulary in id order: equal for a .model and its HF export."""
-        pieces = [self.id_to_token(i) for i in range(self.vocab_size)]
-        return hashlib.sha256(json.dumps(pieces, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
+        """Of the vocabulary in id order: equal for a .model and its HF export."""
+        return vocabulary_fingerprint([self.id_to_token(i) for i in range(self.vocab_size)])
+
+
+def vocabulary_fingerprint(tokens: Sequence[str]) -> str:
+    """sha256 of the token strings in id order."""
+    return hashlib.sha256(json.dumps(list(tokens), ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 # ------------------------------------------------------------------------------- SentencePiece
 
-_SPACES = " \u2581"  # SentencePiece writes a space as U+2581 and reads U+2581 as a space
-# Both regexes cut every text into segments and keep NUL apart: NUL joins a batch of texts
-# into one string (one regex call, one SentencePiece call) and marks where each text ends.
-_COARSE = re.compile(r"\x00|[ \u2581]*[^ \u2581\x00]+|[ \u2581]+")
-_FINE = re.compile(r"\x00|[ \u2581]*(?:[^\W\d_]+|\d|(?:[^\w \u2581\x00]|_)+)|[ \u2581]+")
-# The same cuts spelled for ASCII-only text, which Python's re matches about twice as fast.
-_COARSE_ASCII = re.compile(r"\x00| *[^ \x00]+| +")
-_FINE_ASCII = re.compile(r"\x00| *(?:[A-Za-z]+|[0-9]|[^A-Za-z0-9 \x00]+)| +")
-_DIGIT, _LETTER = re.compile(r"\d"), re.compile(r"[^\W\d_]")
-_SKIP_BATCHES = 3
-_COARSE_MIN_HIT_RATE = 0.75
-"""Tuned on the built-in corpus (cold caches) and 40 MB of library code (warm caches)."""
-_SEGMENT_BATCH_CHARS = 1 << 15
-"""SentencePiece gets slower per character on longer inputs; batches of texts are joined
-into strings of about this many characters."""
 
-
-def _char_class(c: str) -> str:
-    """The classes _FINE cuts between: space, digit, letter, other."""
-    return "S" if c in _SPACES else "D" if _DIGIT.match(c) else "L" if _LETTER.match(c) else "O"
-
-
-def _class_pairs(pieces: Sequence[str]) -> set[tuple[str, str]]:
-    """The (_char_class, _char_class) of every pair of adjacent characters inside the pieces."""
-    joined = "\x00".join(pieces)  # spelled in classes, pieces apart: every adjacent pair in one string
-    classes = joined.translate({ord(c): _char_class(c) for c in set(joined) - {"\x00"}})
-    return {(a, b) for a in "SDLO" for b in "SDLO" if a + b in classes}
-
-
-def _cuts_are_safe(pieces: Sequence[str] | set[tuple[str, str]], allowed: Callable[[str, str], bool]) -> bool:
-    """True when every pair of adjacent characters inside every piece is `allowed`: a regex
-    that cuts text only between pairs that are not allowed then never separates characters
-    one BPE merge could join, so each segment encodes alone exactly as inside the text.
-    `pieces` may also be their `_class_pairs`."""
-    pairs = pieces if isinstance(pieces, set) else _class_pairs(pieces)
-    return all(allowed(a, b) for a, b in pairs)
-
-
-def _no_tokens() -> tuple[np.ndarray, np.ndarray]:
-    return np.empty(0, np.int32), np.empty(0, np.int64)
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + n) over (s, n): where each output item comes from."""
-    ends = np.cumsum(lengths)
-    return np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
-
-
-def _merge(parts: Sequence[tuple[list[int], tuple[np.ndarray, np.ndarray]]], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Encodings of disjoint subsets of n texts, (text indices, (tokens, lengths)), put back in order."""
-    lengths = np.zeros(n, np.int64)
-    for index, (_, part_lengths) in parts:
-        lengths[index] = part_lengths
-    starts = np.cumsum(lengths) - lengths
-    tokens = np.empty(int(lengths.sum()), np.int32)
-    for index, (part_tokens, part_lengths) in parts:
-        tokens[_ranges(starts[index], part_lengths)] = part_tokens
-    return tokens, lengths
-
-
-def _split_at(tokens: np.ndarray, sep: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of NUL-joined texts -> (tokens without the separators, tokens per text)."""
-    is_sep = tokens == sep
-    return tokens[~is_sep], np.diff(np.flatnonzero(is_sep), prepend=-1, append=len(tokens)) - 1
-
-
-class _Growable:
-    """A numpy array with amortized appends."""
-
-    def __init__(self, dtype: type) -> None:
-        self.data, self.size = np.empty(1024, dtype), 0
-
-    def extend(self, values: np.ndarray) -> None:
-        need = self.size + len(values)
-        if need > len(self.data):
-            grown = np.empty(max(need, 2 * len(self.data)), self.data.dtype)
-            grown[: self.size] = self.data[: self.size]
-            self.data = grown
-        self.data[self.size: need] = values
-        self.size = need
-
-    def view(self) -> np.ndarray:
-        return self.data[: self.size]
-
-
-class _SegmentCache:
-    """Encodes texts by cutting them with a regex and looking each segment up in a cache;
-    segments seen for the first time go to `lower` together. Text repeats at the segment
-    level (identifiers, indentation, words), so most of it is never encoded twice.
-
-    SentencePiece's BPE merges adjacent symbols into vocabulary pieces; when no piece holds
-    the two characters on either side of a cut, no merge crosses it, and each segment encodes
-    alone to exactly the ids it gets inside the text (`_cuts_are_safe` checks the vocabulary
-    before a cache is used)."""
-
-    def __init__(self, regexes: tuple[re.Pattern[str], re.Pattern[str]],
-                 lower: Callable[[list[str]], tuple[np.ndarray, np.ndarray]], nul_id: int,
-                 min_hit_rate: float = 0.0, max_tokens: int = 1 << 24) -> None:
-        """`regexes`: the cuts for any text and the same cuts for ASCII-only text. When fewer
-        than `min_hit_rate` of a batch's segments were cached, the next batches go straight
-        to `lower` (this level costs more than it saves until its cache has warmed up)."""
-        self.regex, self.ascii_regex = regexes
-        # ASCII-only text is cut as bytes: Python's re finds the same segments about twice as
-        # fast in bytes, and the cache keeps them as bytes (decoded only when first seen).
-        self.bytes_regex = re.compile(self.ascii_regex.pattern.encode("ascii"))
-        self.lower, self.nul_id, self.min_hit_rate, self.max_tokens = lower, nul_id, min_hit_rate, max_tokens
-        self._skip = 0
-        self._reset()
-
-    def _reset(self) -> None:
-        self.index: dict[str | bytes, int] = {"\x00": 0, b"\x00": 0}
-        self.starts, self.lengths, self.tokens = _Growable(np.int64), _Growable(np.int64), _Growable(np.int32)
-        self.starts.extend(np.zeros(1, np.int64))
-        self.lengths.extend(np.ones(1, np.int64))
-        self.tokens.extend(np.full(1, self.nul_id, np.int32))
-
-    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Texts must not contain NUL (the caller routes those elsewhere)."""
-        if not texts:
-            return _no_tokens()
-        if self._skip:
-            self._skip -= 1
-            return self.lower(list(texts))
-        if self.tokens.size > self.max_tokens:
-            self._reset()  # bounds memory on corpora with an endless tail of rare segments
-        ascii_texts = [i for i, t in enumerate(texts) if t.isascii()]
-        if len(ascii_texts) in (0, len(texts)):
-            return self._encode(texts, self.ascii_regex if ascii_texts else self.regex)
-        other = sorted(set(range(len(texts))).difference(ascii_texts))
-        return _merge([(ascii_texts, self._encode([texts[i] for i in ascii_texts], self.ascii_regex)),
-                       (other, self._encode([texts[i] for i in other], self.regex))], len(texts))
-
-    def _encode(self, texts: Sequence[str], regex: re.Pattern[str]) -> tuple[np.ndarray, np.ndarray]:
-        as_bytes = regex is self.ascii_regex
-        if as_bytes:
-            segments = self.bytes_regex.findall("\x00".join(texts).encode("ascii"))
-        else:
-            segments = regex.findall("\x00".join(texts))
-        # One C-level pass looks every segment up and gives each unseen one a provisional
-        # row (first + its position); unseen segments then get consecutive rows.
-        first = self.starts.size
-        rows = np.fromiter(map(self.index.setdefault, segments, range(first, first + len(segments))),
-                           np.int64, len(segments))
-        unseen = rows >= first
-        if unseen.any():
-            positions = np.unique(rows[unseen]) - first
-            new = [segments[p] for p in positions.tolist()]
-            final = np.empty(len(segments), np.int64)
-            final[positions] = np.arange(first, first + len(new))
-            rows[unseen] = final[rows[unseen] - first]
-            if len(new) > (1 - self.min_hit_rate) * len(segments):
-                self._skip = _SKIP_BATCHES
-            self.index.update(zip(new, range(first, first + len(new))))
-            tokens, lengths = self.lower([b.decode("ascii") for b in new] if as_bytes else new)
-            self.starts.extend(self.tokens.size + np.cumsum(lengths) - lengths)
-            self.lengths.extend(lengths)
-            self.tokens.extend(tokens)
-        gather = _ranges(self.starts.view()[rows], self.lengths.view()[rows])
-        return _split_at(self.tokens.view()[gather], self.nul_id)
+def flatten_ids(encoded: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of ids -> (all ids concatenated as int32, each list's length as int64)."""
+    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+    return np.fromiter(chain.from_iterable(encoded), np.int32, int(lengths.sum())), lengths
 
 
 def _for_ids(method: Callable[[Any], Any], ids: list[int]) -> list[Any]:
@@ -321,7 +176,9 @@ def _for_ids(method: Callable[[Any], Any], ids: list[int]) -> list[Any]:
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A SentencePiece model; batch encoding is exactly `SentencePieceProcessor.encode`."""
+    """A SentencePiece model. Every text is encoded on its own by `SentencePieceProcessor.encode`
+    (a batch is one call that loops over the texts in C++), so ids never depend on which other
+    texts share a batch: models with a dummy prefix give each text its leading "▁"."""
 
     def __init__(self, model_file: Path | str) -> None:
         import sentencepiece as spm
@@ -331,61 +188,12 @@ class SentencePieceTokenizer(Tokenizer):
             self.sp = spm.SentencePieceProcessor(model_file=self.path)
         except (OSError, RuntimeError) as e:
             raise DataError(f"{self.path}: not a SentencePiece model ({e})") from None
-        n = self.sp.get_piece_size()
-        ids = list(range(n))
+        ids = list(range(self.sp.get_piece_size()))
         self._pieces = _for_ids(self.sp.id_to_piece, ids)
         self._ids = {p: i for i, p in enumerate(self._pieces)}
-        control = _for_ids(self.sp.is_control, ids)
-        self._control = {i for i in ids if control[i]}
-        self._not_learned = [a or b or c for a, b, c in zip(control, _for_ids(self.sp.is_byte, ids),
-                                                             _for_ids(self.sp.is_unknown, ids))]
+        self._control = {i for i, c in zip(ids, _for_ids(self.sp.is_control, ids)) if c}
         self.num_threads = os.cpu_count() or 1
         """Threads SentencePiece may use per call (preprocess workers set 1)."""
-        self._encoder = self._build_encoder()
-
-    def _build_encoder(self) -> Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]:
-        """The fastest exact encoder this vocabulary allows (see _cuts_are_safe)."""
-        learned = [p for p, skip in zip(self._pieces, self._not_learned) if not skip]
-        # Several texts become one by joining them with NUL when no piece holds NUL and NUL
-        # encodes to its own byte id, which then marks where each text's ids end.
-        nul = self._ids.get("<0x00>")
-        self._nul = nul if nul is not None and not any("\x00" in p for p in learned) else None
-        encoder = self._encode_exact
-        if self._nul is None or not self._is_verbatim():
-            return encoder
-        pairs = _class_pairs(learned)
-        if _cuts_are_safe(pairs, lambda a, b: a == "S" or a == b != "D"):
-            encoder = _SegmentCache((_FINE, _FINE_ASCII), encoder, self._nul).encode
-        if _cuts_are_safe(pairs, lambda a, b: a == "S" or b != "S"):
-            encoder = _SegmentCache((_COARSE, _COARSE_ASCII), encoder, self._nul, _COARSE_MIN_HIT_RATE).encode
-        return encoder
-
-    def _is_verbatim(self) -> bool:
-        """Segments encode alone as in context only without a dummy prefix and without
-        normalization (no whitespace folding, no NFKC joining a letter and its accent)."""
-        probe = "  x  \u00a0e\u0301\uff21\t\n  "
-        return (self.sp.decode(self.sp.encode(probe)) == probe
-                and not self.sp.encode("x", out_type=str)[0].startswith("\u2581"))
-
-    def _encode_exact(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        if not texts:
-            return _no_tokens()
-        if self._nul is None or any("\x00" in t for t in texts):
-            out = self.sp.encode(list(texts), num_threads=self.num_threads)
-            lengths = np.fromiter(map(len, out), np.int64, len(out))
-            return np.fromiter(chain.from_iterable(out), np.int32, int(lengths.sum())), lengths
-        groups, members, size = [], [], 0
-        for text in texts:
-            members.append(text)
-            size += len(text) + 1
-            if size > _SEGMENT_BATCH_CHARS:
-                groups.append("\x00".join(members))
-                members, size = [], 0
-        if members:
-            groups.append("\x00".join(members))
-        out = self.sp.encode(groups, num_threads=self.num_threads)
-        flat = np.fromiter(chain.from_iterable(chain.from_iterable(zip(out, repeat((self._nul,))))), np.int32)
-        return _split_at(flat[:-1], self._nul)
 
     @property
     def vocab_size(self) -> int:
@@ -396,19 +204,16 @@ class SentencePieceTokenizer(Tokenizer):
         # Megatron's SentencePiece wrappers end documents with the model's eos
         return self.sp.eos_id() if self.sp.eos_id() >= 0 else super().eod_id
 
+    @property
+    def pad_id(self) -> int:
+        pad = self.sp.pad_id()
+        return pad if pad >= 0 and pad != self.eod_id else super().pad_id
+
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
     def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        if not texts:
-            return _no_tokens()
-        with_nul = [i for i, t in enumerate(texts) if "\x00" in t] if self._nul is not None else []
-        if not with_nul:
-            return self._encoder(texts)
-        # NUL separates texts inside the fast encoders: texts holding NUL are encoded plainly
-        rest = sorted(set(range(len(texts))).difference(with_nul))
-        return _merge([(with_nul, self._encode_exact([texts[i] for i in with_nul])),
-                       (rest, self._encoder([texts[i] for i in rest]))], len(texts))
+        return flatten_ids(self.sp.encode(list(texts), num_threads=self.num_threads) if texts else [])
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]
@@ -463,7 +268,8 @@ class HFTokenizer(Tokenizer):
 
     @property
     def pad_id(self) -> int:
-        return self._named("pad_token", PAD, "<pad>")
+        pad = self.token_to_id(self._names["pad_token"]) if "pad_token" in self._names else None
+        return pad if pad is not None and pad != self.eod_id else super().pad_id
 
     @property
     def bos_id(self) -> int:
@@ -473,9 +279,7 @@ class HFTokenizer(Tokenizer):
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        out = [e.ids for e in self.tok.encode_batch_fast(list(texts), add_special_tokens=False)]
-        lengths = np.fromiter(map(len, out), np.int64, len(out))
-        return np.fromiter(chain.from_iterable(out), np.int32, int(lengths.sum())), lengths
+        return flatten_ids([e.ids for e in self.tok.encode_batch_fast(list(texts), add_special_tokens=False)])
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
