@@ -30,8 +30,11 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout", "transformers>=4.45", "tokenizers>=0.19", "safetensors", "matplotlib"],
+        # lm-eval (with its [hf] extra) installs in about a minute, so CI runs the lm-eval tests too
+        "dev": ["pytest>=7", "pytest-timeout", "transformers>=4.45", "tokenizers>=0.19", "safetensors", "matplotlib",
+                "lm-eval[hf]>=0.4.9,<0.5"],
         "hf": ["transformers>=4.45", "tokenizers>=0.19", "datasets"],
+        "eval": ["lm-eval[hf]>=0.4.9,<0.5", "transformers>=4.45", "tokenizers>=0.19", "safetensors"],
         "tensorboard": ["tensorboard"],
         "plot": ["matplotlib"],
     },

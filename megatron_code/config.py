@@ -304,6 +304,9 @@ class TrainConfig:
     """Validation every N steps (and at the end); 0 disables periodic validation."""
     eval_batches: int = 4
     """Micro batches per source per validation."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Multiple-choice task files (JSONL, see megatron_code/evaluation/tasks.py) scored at every
+    validation; their accuracies go to the metrics as task/<name>/<acc|acc_norm|acc_ppl>."""
     output_dir: str = "runs/default"
     tensorboard: bool = False
     progress: bool = True
@@ -535,8 +538,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
-def config_from_dict(values: dict) -> Config:
-    """Rebuild a saved config (e.g. from a checkpoint)."""
+def config_from_dict(values: dict, model_only: bool = False) -> Config:
+    """Rebuild a saved config (e.g. from a checkpoint). `model_only` validates just the model
+    section (a weights-only checkpoint made by import has no data sources)."""
     config = _build(Config, values, "config")
-    config.validate()
+    (config.model if model_only else config).validate()
     return config

@@ -1,6 +1,8 @@
 """Shared test set-up. Triton kernels run on CPU through the interpreter, which must be switched
 on before anything imports triton (kernels are bound to interpreter or compiler at import)."""
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,3 +64,59 @@ def train_args(tiny_corpus, tiny_indexed):
                 "--train.eval_interval=5", "--train.eval_batches=2", "--train.progress=false",
                 "--optim.warmup_steps=2", "--optim.lr=3e-3", f"--train.output_dir={out_dir}", *extra]
     return make
+
+
+@pytest.fixture(scope="session")
+def eval_task_dir(tmp_path_factory) -> Path:
+    """The built-in evaluation task files (arithmetic, logic, python_functions)."""
+    from megatron_code.evaluation.tasks import write_builtin_tasks
+
+    out = tmp_path_factory.mktemp("eval_tasks")
+    write_builtin_tasks(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(train_args, eval_task_dir, tmp_path_factory) -> Path:
+    """A run directory: `train_args`' model trained 16 steps of 4 samples with its embedding
+    padded past the tokenizer's 1024 tokens to 1100 rows, scoring 50 items of the arithmetic
+    task at every validation (steps 8 and 16)."""
+    from megatron_code.config import load_config
+    from megatron_code.training.trainer import Trainer
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    run_dir.mkdir()
+    arithmetic = run_dir / "arithmetic_50.jsonl"
+    arithmetic.write_text("".join((eval_task_dir / "arithmetic.jsonl").read_text().splitlines(True)[:50]))
+    Trainer(load_config(None, train_args(
+        run_dir, "--model.vocab_size=1100", "--train.steps=16", "--train.micro_batch_size=4",
+        "--train.global_batch_size=4", "--train.eval_interval=8", "--train.eval_batches=1",
+        f"--train.eval_tasks=[{arithmetic}]"))).train()
+    return run_dir
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def convert_tool():
+    return load_tool("convert_checkpoint")
+
+
+@pytest.fixture(scope="session")
+def evaluate_tool():
+    return load_tool("evaluate")
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run, convert_tool, tmp_path_factory) -> Path:
+    """`trained_run` exported by tools/convert_checkpoint.py (fp32, one safetensors shard per tensor)."""
+    out = tmp_path_factory.mktemp("export") / "hf"
+    assert convert_tool.main(["export", "--load", str(trained_run), "--out", str(out), "--shard-mb", "0"]) == 0
+    return out

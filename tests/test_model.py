@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from megatron_code.config import PRESETS, ModelConfig
 from megatron_code.model import GPT
-from megatron_code.model.hf import to_hf_llama
+from megatron_code.model.hf import to_hf_model
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -66,7 +66,7 @@ def test_matches_transformers_llama(arch):
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
     pytest.importorskip("transformers")
-    hf = to_hf_llama(model).eval()
+    hf = to_hf_model(model).eval()
     tokens = torch.randint(0, 128, (2, 33))
     with torch.no_grad():  # both keep fp32 RoPE tables, computed differently: ~1e-7 apart
         torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-6, atol=1e-6)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from megatron_code.config import PRESETS, ModelConfig
 from megatron_code.kernels import KernelOps, build_attention, build_ops
 from megatron_code.model import GPT
-from megatron_code.model.hf import to_hf_llama
+from megatron_code.model.hf import to_hf_model
 from megatron_code.training.loss import loss_fn
 
 
@@ -50,7 +50,7 @@ def build_config(preset: str, vocab_size: int, seq_length: int) -> ModelConfig:
 
 def build_hf_llama(model: GPT, device: torch.device):
     """LlamaForCausalLM with our config and our weights."""
-    return to_hf_llama(model).to(device).train()
+    return to_hf_model(model).to(device).train()
 
 
 def make_step(name: str, model: torch.nn.Module, tokens: torch.Tensor, loss: str, autocast,

@@ -124,7 +124,7 @@ _SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "kv_heads", "ffn_size
 
 def check_model_config(saved_state: dict, model: ModelConfig, path: Path) -> None:
     """Stop before any work when a checkpoint's model cannot load into `model`."""
-    saved = config_from_dict(saved_state["config"]).model
+    saved = config_from_dict(saved_state["config"], model_only=True).model  # an import has no data sources
     for name in _SHAPE_FIELDS + (("max_seq_len",) if model.position_embedding == "learned" else ()):
         if getattr(saved, name) != getattr(model, name):
             raise CheckpointError(f"checkpoint {path} holds a model with model.{name}={getattr(saved, name)!r}; "

@@ -17,6 +17,8 @@ from tqdm import tqdm
 from megatron_code.config import Config, ConfigError
 from megatron_code.data.pipeline import DataPipeline
 from megatron_code.data.tokenizer import load_tokenizer
+from megatron_code.evaluation.multiple_choice import score_multiple_choice
+from megatron_code.evaluation.tasks import load_eval_tasks
 from megatron_code.parallel.distributed import Runtime, build_runtime, launched_world_size
 from megatron_code.parallel.model import ParallelModel, build_model
 from megatron_code.training.checkpoint import Checkpointer, TrainState, check_model_config, read_trainer_state, resolve
@@ -54,6 +56,7 @@ class Trainer:
         start_from = resolve(ckpt.load or ckpt.init_from) if (ckpt.load or ckpt.init_from) else None
         if start_from is not None:
             check_model_config(read_trainer_state(start_from), config.model, start_from)
+        self.eval_tasks = load_eval_tasks(config.train.eval_tasks)
 
         self.runtime = build_runtime(config.train.device, config.parallel.tensor, config.parallel.pipeline)
         device, main = self.runtime.device, self.runtime.is_main
@@ -131,6 +134,18 @@ class Trainer:
             out[source.name] = totals.mean()
         return out
 
+    def evaluate_tasks(self) -> dict[str, float]:
+        """Accuracies on the `train.eval_tasks` multiple-choice files, scored through the
+        evaluation forward (any layout; every rank gets the same numbers)."""
+        def sample_losses(tokens, labels, loss_mask):
+            return self.model.evaluate({"tokens": tokens, "labels": labels, "loss_mask": loss_mask})
+        out = {}
+        for task in self.eval_tasks:
+            scores = score_multiple_choice(task, sample_losses, self.tokenizer, self.config.data.seq_length,
+                                           self.config.train.global_batch_size, self.runtime.device)
+            out.update({f"task/{task.name}/{metric}": value for metric, value in scores.metrics.items()})
+        return out
+
     def save(self) -> Path | None:
         return self.checkpointer.save(self.step) if self.config.checkpoint.save else None
 
@@ -158,6 +173,7 @@ class Trainer:
             if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or last):
                 result.valid_losses = self.evaluate()
                 metrics.update({f"valid_loss/{k}": v for k, v in result.valid_losses.items()})
+                metrics.update(self.evaluate_tasks())
                 if main:
                     bar.write(f"step {self.step}: valid loss " +
                               ", ".join(f"{k} {v:.3f}" for k, v in result.valid_losses.items()))

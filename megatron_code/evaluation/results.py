@@ -1,0 +1,119 @@
+"""Evaluation results: one JSON per model, and the comparison of experiment arms.
+
+A results file holds the model (path, step), one row per task and metric (value, n) and, per
+task, the item ids and per-item values, so arms can be compared item by item:
+
+    {"model": "runs/code/checkpoints/step_0001000", "step": 1000,
+     "results": [{"task": "arithmetic", "metric": "acc", "value": 0.31, "n": 200, "source": "megatron_code"}],
+     "items": {"arithmetic": {"ids": [...], "values": {"acc": [1.0, 0.0, ...]}}}}
+
+`compare` prints a markdown table of arms by task and metric: each arm's value, and for every
+arm after the first its difference from the first with a 95% bootstrap confidence interval
+(paired over items when both arms scored the same items, else resampled independently).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class TaskScores:
+    task: str
+    kind: str
+    n: int
+    metrics: dict[str, float]
+    ids: list[str]
+    per_item: dict[str, list[float]]
+    """metric -> one value per item (0/1 for accuracies, a score for BLEU)."""
+    source: str = "megatron_code"
+    """Who scored it: megatron_code or lm-eval."""
+    samples: list[dict] = field(default_factory=list)
+    """Generations and their outcome, for code tasks."""
+
+    @classmethod
+    def from_items(cls, task: str, kind: str, ids: list[str], per_item: dict[str, list[float]], **kw) -> "TaskScores":
+        metrics = {name: float(np.mean(values)) for name, values in per_item.items()}
+        return cls(task, kind, len(ids), metrics, ids, per_item, **kw)
+
+
+def write_results(path: str | Path, model: str, step: int | None, scores: list[TaskScores],
+                  extra: dict | None = None) -> Path:
+    path = Path(path)
+    results = {
+        "model": model, "step": step,
+        "results": [{"task": s.task, "metric": m, "value": v, "n": s.n, "source": s.source}
+                    for s in scores for m, v in s.metrics.items()],
+        "items": {s.task: {"ids": s.ids, "values": s.per_item} for s in scores},
+        **(extra or {}),
+    }
+    samples = {s.task: s.samples for s in scores if s.samples}
+    if samples:
+        results["samples"] = samples
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def find_results(path: str | Path) -> Path:
+    """A results file, or the newest results file a model or run directory holds
+    (`eval/*.json` or `eval_results.json`)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    found = sorted(path.glob("eval/*.json"), key=lambda p: p.stat().st_mtime)
+    found += [p for p in [path / "eval_results.json"] if p.is_file()]
+    if not found:
+        raise FileNotFoundError(f"{path}: no results file (expected a .json, <run>/eval/*.json or eval_results.json; "
+                                "make one with `tools/evaluate.py run`)")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def bootstrap_difference(a: list[float], b: list[float], paired: bool, resamples: int = 2000,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """(mean(b) - mean(a), 2.5th and 97.5th percentiles of that difference over resamples)."""
+    a_values, b_values = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    rng = np.random.default_rng(seed)
+    if paired:
+        idx = rng.integers(0, len(a_values), size=(resamples, len(a_values)))
+        diffs = b_values[idx].mean(1) - a_values[idx].mean(1)
+    else:
+        diffs = (b_values[rng.integers(0, len(b_values), size=(resamples, len(b_values)))].mean(1)
+                 - a_values[rng.integers(0, len(a_values), size=(resamples, len(a_values)))].mean(1))
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(b_values.mean() - a_values.mean()), float(low), float(high)
+
+
+def _label(results: dict, path: Path) -> str:
+    model = Path(results["model"])
+    run = model.parent.parent.name if model.parent.name == "checkpoints" else model.name
+    return f"{run}@{results['step']}" if results.get("step") is not None else run or str(path)
+
+
+def compare(paths: list[str | Path], resamples: int = 2000) -> str:
+    """The markdown table of arms (the first is the baseline) by task and metric."""
+    files = [find_results(p) for p in paths]
+    arms = [json.loads(f.read_text()) for f in files]
+    labels = [_label(r, f) for r, f in zip(arms, files)]
+    header = ["task", "metric", "n"] + labels + [f"{label} - {labels[0]} [95% CI]" for label in labels[1:]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    keys = list(dict.fromkeys((row["task"], row["metric"]) for arm in arms for row in arm["results"]))
+    for task, metric in keys:
+        values = [arm["items"].get(task, {}).get("values", {}).get(metric) for arm in arms]
+        ids = [arm["items"].get(task, {}).get("ids") for arm in arms]
+        cells = [f"{np.mean(v):.4f}" if v else "-" for v in values]
+        for v, item_ids in zip(values[1:], ids[1:]):
+            if not v or not values[0]:
+                cells.append("-")
+                continue
+            diff, low, high = bootstrap_difference(values[0], v, paired=item_ids == ids[0], resamples=resamples)
+            cells.append(f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]")
+        n = "/".join(sorted({str(len(v)) for v in values if v}))
+        lines.append("| " + " | ".join([task, metric, n] + cells) + " |")
+    return "\n".join(lines)

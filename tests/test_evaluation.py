@@ -1,0 +1,305 @@
+"""Evaluation: the sandbox and pass@1, the synthetic tasks, BLEU against sacrebleu, the bootstrap
+against scipy, our multiple-choice scorer against lm-evaluation-harness on the exported model,
+in-training task scores, and tools/evaluate.py end to end."""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_code.evaluation import sandbox
+from megatron_code.evaluation.code import code_tokens, sentence_bleu, truncate_completion
+from megatron_code.evaluation.lm import load_language_model
+from megatron_code.evaluation.multiple_choice import score_multiple_choice
+from megatron_code.evaluation.results import bootstrap_difference
+from megatron_code.evaluation.sandbox import Limits, run_python
+from megatron_code.evaluation.synthetic import EVAL_SIZES, GENERATORS, generate, split_of
+from megatron_code.evaluation.tasks import TaskError, load_task
+
+ADD = 'def add(a, b):\n    """Return a + b."""\n'
+TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n"
+LIMITS = Limits(seconds=1.5, memory_mb=256, output_bytes=4096, file_bytes=1 << 16)
+
+SOLUTIONS = {
+    "correct": ("    return a + b\n", "passed"),
+    "wrong": ("    return a - b\n", "failed"),
+    "crashing": ("    return a / 0\n", "failed"),
+    "syntax error": ("    return a +\n", "failed"),
+    "infinite loop": ("    while True:\n        pass\n", "timeout"),
+    "sleeps": ("    import time\n    time.sleep(60)\n", "timeout"),
+    "exits before the tests": ("    return a + b\nimport sys\nsys.exit(0)\n", "exited"),
+    "os._exit before the tests": ("    return a + b\nimport os\nos._exit(0)\n", "exited"),
+    "huge output": ("    return a + b\nwhile True:\n    print('x' * 10000)\n", "output_limit"),
+    "huge memory": ("    return a + b\nblob = bytearray(1 << 30)\n", "failed"),
+    "huge file": ("    return a + b\nopen('big', 'wb').write(b'x' * (1 << 20))\n", "failed"),
+    "network": ("    return a + b\nimport socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n", "failed"),
+    "threads": ("    return a + b\nimport threading\nthreading.Thread(target=print).start()\n", "failed"),
+    "subprocess": ("    return a + b\nimport subprocess\nsubprocess.run(['true'])\n", "failed"),
+    "signals the evaluator": ("    return a + b\nimport os, signal\nos.kill(os.getppid(), signal.SIGTERM)\n", "failed"),
+}
+
+
+def subset(path: Path, n: int, folder: Path) -> Path:
+    """The first `n` items of a task file, under the same name in `folder`."""
+    out = folder / path.name
+    out.write_text("".join(path.read_text().splitlines(True)[:n]))
+    return out
+
+
+@pytest.mark.parametrize("kind", SOLUTIONS)
+def test_pass_at_1_scores_each_kind_of_solution(kind):
+    body, expected = SOLUTIONS[kind]
+    result = run_python(ADD + body, TESTS, LIMITS)
+    assert result.status == expected, result.output
+    assert len(result.output.encode()) <= LIMITS.output_bytes
+    assert result.seconds < LIMITS.seconds + 10  # the limit plus interpreter start-up on a busy machine
+
+
+def test_hostile_samples_are_contained(tmp_path):
+    outside = tmp_path / "outside.txt"
+    forks = textwrap.dedent(f"""\
+        import os
+        made = 0
+        for _ in range(30):  # bounded: if the limit ever failed, this cannot grow without end
+            try:
+                pid = os.fork()
+            except OSError:
+                continue
+            if pid == 0:
+                os._exit(0)
+            made += 1
+        open({str(outside)!r}, "w").write("escaped")
+        """)
+    result = run_python(forks, "", LIMITS)
+    assert result.status == "failed" and "PermissionError" in result.output
+    assert not outside.exists()
+    counted = run_python("import os\nn = 0\nfor _ in range(30):\n    try:\n        os.fork()\n        n += 1\n"
+                         "    except OSError:\n        pass\nprint('forks', n)\n", "", LIMITS)
+    assert "forks 0" in counted.output
+    inside = run_python("open('mine.txt', 'w').write('ok')\nassert open('mine.txt').read() == 'ok'\n", "", LIMITS)
+    assert inside.passed
+
+
+def test_write_guard_without_landlock(tmp_path):
+    """The audit-hook fallback, for kernels without Landlock, run in a child of its own."""
+    work, outside = tmp_path / "work", tmp_path / "outside.txt"
+    work.mkdir()
+    script = textwrap.dedent(f"""\
+        import os, sys
+        sys.path.insert(0, {str(Path(sandbox.__file__).parent)!r})
+        from sandbox import _audit_writes
+        sys.addaudithook(_audit_writes({str(work)!r}))
+        os.chdir({str(work)!r})
+        open("inside.txt", "w").write("ok")
+        for attempt in (lambda: open({str(outside)!r}, "w"), lambda: os.remove({str(outside)!r}),
+                        lambda: os.mkdir({str(tmp_path / "d")!r})):
+            try:
+                attempt()
+                print("allowed")
+            except PermissionError:
+                print("refused")
+        """)
+    outside.write_text("keep")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60).stdout
+    assert out.split() == ["refused"] * 3
+    assert outside.read_text() == "keep" and (work / "inside.txt").is_file()
+
+
+def test_generators_are_deterministic_and_keep_eval_out_of_train():
+    for task in GENERATORS:
+        eval_items = generate(task, EVAL_SIZES[task], 0, "eval")
+        assert [i.to_json() for i in eval_items] == [i.to_json() for i in generate(task, EVAL_SIZES[task], 0, "eval")]
+        assert all(split_of(i.id) == "eval" for i in eval_items)
+        eval_keys = {i.id for i in eval_items}
+        eval_texts = {getattr(i, "question", None) or i.prompt for i in eval_items}
+        for seed in range(3):
+            train = generate(task, 250, seed, "train")
+            assert not eval_keys & {i.id for i in train}
+            assert not eval_texts & {getattr(i, "question", None) or i.prompt for i in train}
+    with pytest.raises(ValueError, match="fewer than"):
+        generate("python_functions", 500, 0, "eval")
+
+
+def test_reference_solutions_pass_and_options_are_sound(eval_task_dir):
+    code = load_task(eval_task_dir / "python_functions.jsonl")
+    assert code.kind == "code" and len(code.items) == EVAL_SIZES["python_functions"]
+    results = [run_python(item.prompt + item.reference, "\n".join(item.tests), LIMITS) for item in code.items]
+    assert [r.status for r in results] == ["passed"] * len(results)
+    wrong = [run_python(item.prompt + "    return None\n", "\n".join(item.tests), LIMITS) for item in code.items[:5]]
+    assert not any(r.passed for r in wrong)
+    for name in ("arithmetic", "logic"):
+        task = load_task(eval_task_dir / f"{name}.jsonl")
+        assert all(len(set(i.options)) == len(i.options) >= 2 for i in task.items)
+        positions = {(len(i.options), i.answer) for i in task.items}  # the answer is not always in one place
+        assert positions == {(k, j) for k in {len(i.options) for i in task.items} for j in range(k)}
+
+
+def test_task_files_name_their_problems(tmp_path):
+    cases = {
+        '{"question": "Q", "options": ["a", "b"], "answer": 2}': ":1: 'answer' must be the 0-based index",
+        '{"question": "Q", "options": ["a"], "answer": 0}': "at least two choices",
+        '{"prompt": "def f():", "tests": []}': "'tests' must be a non-empty list",
+        '{"text": "x"}': "neither a multiple-choice item",
+        "not json": ":1: not JSON",
+    }
+    for line, message in cases.items():
+        path = tmp_path / "t.jsonl"
+        path.write_text(line + "\n")
+        with pytest.raises(TaskError, match=message):
+            load_task(path)
+    path.write_text('{"question": "Q", "options": ["a", "b"], "answer": 0}\n{"prompt": "p", "tests": ["assert 1"]}\n')
+    with pytest.raises(TaskError, match="mixes multiple-choice and code items"):
+        load_task(path)
+
+
+def test_mbpp_files_become_code_tasks(tmp_path):
+    from megatron_code.evaluation.tasks import convert_mbpp
+
+    record = {"task_id": 7, "text": "Write a function that returns the larger of two numbers.",
+              "code": "def larger(a, b):\r\n    return a if a > b else b",
+              "test_list": ["assert larger(1, 2) == 2", "assert larger(5, 3) == 5"], "test_setup_code": ""}
+    (tmp_path / "mbpp.jsonl").write_text(json.dumps(record) + "\n")
+    task = load_task(convert_mbpp(tmp_path / "mbpp.jsonl", tmp_path / "out" / "mbpp.jsonl"))
+    (item,) = task.items
+    assert task.kind == "code" and item.id == "7" and "larger(1, 2) == 2" in item.prompt
+    assert run_python(item.prompt + item.reference, "\n".join(item.tests), LIMITS).passed
+    assert not run_python(item.prompt + "def larger(a, b):\n    return a\n", "\n".join(item.tests), LIMITS).passed
+
+
+def test_bleu_matches_sacrebleu():
+    import sacrebleu  # installed with lm-eval (the dev extras)
+
+    rng = np.random.default_rng(0)
+    vocab = "def f ( x ) : return x + 1 * y if else".split()
+    for _ in range(500):
+        hyp = list(rng.choice(vocab, rng.integers(0, 15)))
+        ref = list(rng.choice(vocab, rng.integers(1, 15)))
+        theirs = sacrebleu.sentence_bleu(" ".join(hyp), [" ".join(ref)], tokenize="none").score
+        assert sentence_bleu(hyp, ref) == pytest.approx(theirs, abs=1e-9)
+    assert code_tokens("return a+b  # sum") == ["return", "a", "+", "b", "#", "sum"]
+    assert truncate_completion("    return x\n\ndef g():\n    pass\nprint(g())\n") == "    return x\n\ndef g():\n    pass\n"
+
+
+def test_bootstrap_matches_scipy():
+    from scipy import stats as scipy_stats  # installed with lm-eval (the dev extras)
+
+    rng = np.random.default_rng(1)
+    a = (rng.random(300) < 0.4).astype(float)
+    b = np.where(rng.random(300) < 0.8, a, 1 - a)  # paired: mostly the same items right
+    diff, low, high = bootstrap_difference(list(a), list(b), paired=True, resamples=4000)
+    reference = scipy_stats.bootstrap((b, a), lambda x, y, axis: x.mean(axis) - y.mean(axis), paired=True,
+                                      n_resamples=4000, method="percentile", random_state=0).confidence_interval
+    assert diff == pytest.approx(b.mean() - a.mean())
+    assert low == pytest.approx(reference.low, abs=0.01) and high == pytest.approx(reference.high, abs=0.01)
+    assert bootstrap_difference([1.0, 0.0] * 50, [1.0, 0.0] * 50, paired=True) == (0.0, 0.0, 0.0)
+
+
+def test_our_scorer_agrees_with_lm_eval(trained_run, exported, eval_task_dir, tmp_path):
+    from megatron_code.evaluation.harness import run_lm_eval
+
+    task = load_task(subset(eval_task_dir / "logic.jsonl", 60, tmp_path))
+    ours = load_language_model(trained_run)  # our checkpoint and model, not the export
+    scores = score_multiple_choice(task, ours.sample_losses, ours.tokenizer, ours.max_length, batch_size=8)
+    (theirs,), output = run_lm_eval(exported, [task], batch_size=8)
+    assert theirs.ids == scores.ids and theirs.n == 60
+    for metric in ("acc", "acc_norm"):
+        assert theirs.per_item[metric] == scores.per_item[metric], metric
+    from megatron_code.evaluation.multiple_choice import _requests, option_log_likelihoods
+    lls, _ = option_log_likelihoods(_requests(task, ours.tokenizer, ours.max_length), ours.sample_losses, 8, "cpu")
+    lm_eval_lls = [resp[0] for s in sorted(output["samples"]["local_logic"], key=lambda s: s["doc_id"])
+                   for resp in s["filtered_resps"]]
+    assert np.abs(np.array(lls) - np.array(lm_eval_lls)).max() < 1e-4
+    hf_model = load_language_model(exported)  # the same scorer on the export: the same answers
+    on_export = score_multiple_choice(task, hf_model.sample_losses, hf_model.tokenizer, hf_model.max_length)
+    assert on_export.per_item == scores.per_item
+
+
+def test_generation_is_our_models_greedy_decoding(trained_run, tiny_corpus, tmp_path):
+    """Batched generation (on the transformers twin, with its KV cache; or by recomputation for a
+    model no transformers class expresses) gives our GPT's own one-prompt greedy tokens."""
+    from megatron_code.config import PRESETS, Config, ModelConfig
+    from megatron_code.evaluation.lm import gpt_next_logits, greedy
+    from megatron_code.model import GPT
+    from megatron_code.training.weights import load_model, write_weights_only
+
+    torch.manual_seed(0)
+    mixed = Config(model=ModelConfig(**{**PRESETS["tiny"], "vocab_size": 1024, "activation": "gelu", "init_std": 0.3}))
+    mixed.data.tokenizer = str(tiny_corpus.tokenizer)
+    write_weights_only(tmp_path / "mixed", GPT(mixed.model).state_dict(), mixed)
+    for run in (trained_run, tmp_path / "mixed"):
+        model = load_language_model(run)
+        prompts = [model.tokenizer.encode(t) for t in ("def f(x):\n    return", "The quick brown fox", "import os\n\n")]
+        ours, _ = load_model(run)
+        alone = [greedy(gpt_next_logits(ours, 1024), [p], 12, model.max_length)[0] for p in prompts]
+        assert model.generate(prompts, 12, lambda ids: False) == alone
+        stop = alone[1][4]  # rows finish at different steps; each is cut where it finished
+        assert model.generate(prompts, 12, lambda ids: ids[-1] == stop) == [
+            ids[:ids.index(stop) + 1] if stop in ids else ids for ids in alone]
+
+
+def test_training_logs_task_scores(trained_run):
+    """Training scores through its evaluation forward, whose loss (the training loss) spans the
+    padded vocabulary; the same scorer over our model's full logits gives the logged numbers."""
+    from megatron_code.evaluation.lm import masked_sums
+    from megatron_code.training.weights import load_model
+
+    lines = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    logged = {line["step"]: line for line in lines if "task/arithmetic_50/acc" in line}
+    assert sorted(logged) == [8, 16]
+    model, weights = load_model(trained_run)  # the final checkpoint: the weights of the last validation
+    assert weights.state["embedding.weight"].shape[0] == 1100
+    with torch.no_grad():
+        offline = score_multiple_choice(load_task(trained_run / "arithmetic_50.jsonl"),
+                                        lambda t, l, m: masked_sums(model(t), l, m),
+                                        load_language_model(trained_run).tokenizer, 64, batch_size=4)
+    for metric in ("acc", "acc_norm", "acc_ppl"):
+        assert logged[16][f"task/arithmetic_50/{metric}"] == pytest.approx(offline.metrics[metric])
+
+
+def test_eval_tasks_are_checked_at_start_up(tiny_corpus, tiny_indexed, eval_task_dir, tmp_path):
+    from megatron_code.config import load_config
+    from megatron_code.training.trainer import Trainer
+
+    def config(task):
+        return load_config(None, base={"data": {"sources": [{"name": "text", "prefix": tiny_indexed["text"]}],
+                                                "tokenizer": str(tiny_corpus.tokenizer)},
+                                       "model": {"preset": "tiny", "max_seq_len": 256},
+                                       "train": {"eval_tasks": [str(task)], "output_dir": str(tmp_path)}})
+    with pytest.raises(TaskError, match=r"train.eval_tasks: task file .*nope.jsonl does not exist"):
+        Trainer(config(tmp_path / "nope.jsonl"))
+    with pytest.raises(TaskError, match="is a code task; only multiple-choice"):
+        Trainer(config(eval_task_dir / "python_functions.jsonl"))
+
+
+def test_evaluate_tool_end_to_end(evaluate_tool, trained_run, exported, eval_task_dir, tmp_path, capsys):
+    evaluate = evaluate_tool
+    assert evaluate.main(["--list"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("arithmetic", "logiqa", "sciq", "arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "mbpp"):
+        assert name in listing
+    assert "needs a download" in listing or "cached locally" in listing
+
+    tasks = [subset(eval_task_dir / "logic.jsonl", 50, tmp_path), subset(eval_task_dir / "python_functions.jsonl", 3, tmp_path)]
+    assert evaluate.main(["run", "--model", str(trained_run), "--tasks", *map(str, tasks), "--max-new-tokens", "6"]) == 0
+    results = json.loads((trained_run / "eval" / "step_0000016.json").read_text())
+    assert results["step"] == 16 and results["model"].endswith("step_0000016")
+    rows = {(r["task"], r["metric"]): r for r in results["results"]}
+    assert set(rows) == {("logic", "acc"), ("logic", "acc_norm"), ("logic", "acc_ppl"),
+                         ("python_functions", "pass@1"), ("python_functions", "bleu")}
+    assert rows[("logic", "acc")]["n"] == 50 and rows[("python_functions", "pass@1")]["n"] == 3
+    assert len(results["samples"]["python_functions"]) == 3 and results["sandbox"]["limits"]["seconds"] == 5.0
+
+    out = tmp_path / "export.json"
+    assert evaluate.main(["run", "--model", str(exported), "--tasks", str(tasks[0]), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert evaluate.main(["compare", str(trained_run), str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| task | metric | n |") and "[95% CI]" in table[0]
+    logic_acc = next(line for line in table if line.startswith("| logic | acc |"))
+    assert "+0.0000 [+0.0000, +0.0000]" in logic_acc  # the export scores exactly as the checkpoint
+    assert evaluate.main(["run", "--model", str(trained_run), "--tasks", str(tmp_path / "missing.jsonl")]) == 1
+    assert "missing.jsonl does not exist" in capsys.readouterr().err

@@ -1,0 +1,373 @@
+"""Convert checkpoints to and from Hugging Face transformers folders, with verified logits.
+
+    python tools/convert_checkpoint.py export --load runs/quickstart/train --out runs/hf/quickstart
+    python tools/convert_checkpoint.py import --hf path/to/llama --out runs/llama_init
+
+export reads a checkpoint (a run, checkpoints or step directory) in one process with no GPU,
+through DCP's single-process path over the full-shape tensors a checkpoint holds, and writes config.json, safetensors shards with an index,
+generation_config.json and the tokenizer files: LlamaForCausalLM for Llama-style models,
+GPT2LMHeadModel (zero biases) for the GPT-2/PanGu style; vocabulary padding is cut to the
+tokenizer's size. `--dtype` sets the stored precision (fp32 by default).
+
+import reads a Llama-architecture folder (Llama 2/3, Mistral without sliding window, TinyLlama,
+SmolLM) and writes a weights-only checkpoint of ours: RUN/checkpoints/step_0000000 (model
+tensors, trainer_state.json with "weights_only": true, step 0 and the full config),
+RUN/tokenizer/ and RUN/config.yaml (the model section and tokenizer, to train from it).
+Whatever our model cannot express (biases, sliding window, RoPE scaling, ...) is refused.
+
+Both directions verify by default (--no-verify skips): transformers on CPU and our model, both
+in fp32 with the same (rounded) weights, on a fixed batch of real text: the largest logit
+difference must be <= 1e-4 and 32 greedy tokens identical. The numbers are printed; a failure
+exits with status 2 and names the first tensor family whose output differs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from megatron_code.config import Config
+from megatron_code.data.errors import DataError
+from megatron_code.data.tokenizer import Tokenizer, export_hf_tokenizer, hf_tokenizer_dir, load_tokenizer
+from megatron_code.evaluation.lm import gpt_next_logits, greedy
+from megatron_code.model import GPT
+from megatron_code.model.hf import ConversionError, from_hf_config, from_hf_state, hf_config, to_hf_state
+from megatron_code.training.checkpoint import CheckpointError
+from megatron_code.training.weights import read_checkpoint, write_weights_only
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOLERANCE = 1e-4
+GREEDY_TOKENS = 32
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+class VerificationFailed(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------- verification
+
+
+def verification_tokens(tokenizer: Tokenizer, max_length: int, batch: int = 4, length: int = 48) -> torch.Tensor:
+    """A fixed batch of real text: prose from Python's own documentation and code from its
+    standard library, the same on every machine with the same Python."""
+    from pydoc_data.topics import topics
+    import textwrap
+
+    texts = [topics["assert"], topics["if"], Path(textwrap.__file__).read_text()[1000:], topics["for"]][:batch]
+    ids = [tokenizer.encode(t[:4000]) for t in texts]
+    length = min(length, max_length - GREEDY_TOKENS, *(len(i) for i in ids))
+    return torch.tensor([i[:length] for i in ids])
+
+
+@dataclass
+class Verification:
+    max_abs_diff: float
+    ours_greedy: list[int]
+    theirs_greedy: list[int]
+    suspect: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= TOLERANCE and self.ours_greedy == self.theirs_greedy
+
+    def report(self) -> str:
+        same = sum(a == b for a, b in zip(self.ours_greedy, self.theirs_greedy))
+        lines = [f"verify: max |logit difference| {self.max_abs_diff:.2e} (limit {TOLERANCE:.0e}); "
+                 f"greedy {len(self.ours_greedy)} tokens: {'identical' if same == len(self.ours_greedy) else f'{same} equal'}"]
+        if self.suspect:
+            lines.append(f"verify: FAILED; first tensor family whose output differs: {self.suspect}")
+        return "\n".join(lines)
+
+
+def _first_input(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _first_output(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def locate_difference(ours: GPT, theirs, tokens: torch.Tensor) -> str:
+    """The first family (in forward order) whose output differs between the two models."""
+    layers = theirs.model.layers if hasattr(theirs, "model") else theirs.transformer.h
+    final_norm = theirs.model.norm if hasattr(theirs, "model") else theirs.transformer.ln_f
+    attention = [getattr(layer, "self_attn", None) or layer.attn for layer in layers]
+    points = [("embedding (token or position embedding)", ours.layers["0"], layers[0], True)]
+    for i, layer in ours.layers.items():
+        points += [(f"layers.{i}.attention (its norm, qkv split, RoPE or output projection)", layer.attention,
+                    attention[int(i)], False),
+                   (f"layers.{i}.mlp (its norm, gate/up/down projections)", layer.mlp, layers[int(i)].mlp, False)]
+    points.append(("final norm", ours.norm, final_norm, False))
+    captured: dict[tuple[int, int], torch.Tensor] = {}
+    handles = []
+    for p, (_, our_module, their_module, is_input) in enumerate(points):
+        for side, module in enumerate((our_module, their_module)):
+            def hook(module, args, kwargs, output=None, key=(p, side), is_input=is_input):
+                captured[key] = (_first_input(args, kwargs) if is_input else _first_output(output)).detach()
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True) if is_input
+                           else module.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            ours(tokens)
+            theirs(input_ids=tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    for p, (name, *_) in enumerate(points):
+        a, b = captured[(p, 0)], captured[(p, 1)]
+        if (a - b).abs().max() > TOLERANCE * max(1.0, float(b.abs().max())):
+            return name
+    return "output head (lm_head / tied embedding rows)"
+
+
+def verify(ours: GPT, theirs, tokens: torch.Tensor, vocab_size: int) -> Verification:
+    """Compare logits on `tokens` and 32 greedy tokens after its first row's first half."""
+    with torch.no_grad():
+        ours_logits = ours(tokens)[..., :vocab_size]
+        theirs_logits = theirs(input_ids=tokens).logits[..., :vocab_size]
+        diff = float((ours_logits - theirs_logits).abs().max())
+        prompt = tokens[:1, : tokens.shape[1] // 2]
+        theirs_ids = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=GREEDY_TOKENS,
+                                     do_sample=False, eos_token_id=None)[0, prompt.shape[1]:].tolist()
+    (ours_ids,) = greedy(gpt_next_logits(ours, vocab_size), [prompt[0].tolist()], GREEDY_TOKENS, ours.config.max_seq_len)
+    result = Verification(diff, ours_ids, theirs_ids)
+    if not result.ok:
+        result.suspect = locate_difference(ours, theirs, tokens)
+    return result
+
+
+def _load_hf_model(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _finish_verification(result: Verification, what: str) -> None:
+    print(result.report())
+    if not result.ok:
+        raise VerificationFailed(f"{what}: transformers and our model disagree; suspect {result.suspect}")
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+
+
+def _temporary_beside(out: Path) -> Path:
+    """Where the result is written before it is renamed to `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    tmp.chmod(0o755)  # mkdtemp and safetensors make private files; the result is meant to be shared
+    for f in tmp.rglob("*"):
+        f.chmod(0o755 if f.is_dir() else 0o644)
+    old = out.with_name(f".{out.name}.old.{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _tokenizer_source(config: Config, override: str | None) -> tuple[Path, Tokenizer]:
+    """The tokenizer's files: a SentencePiece .model (its `_hf` folder) or a transformers folder."""
+    path = Path(override or config.data.tokenizer).expanduser()
+    where = "--tokenizer" if override else "data.tokenizer in the checkpoint's config"
+    if not path.exists():
+        raise DataError(f"{where}={path}: no such tokenizer (pass --tokenizer FILE_OR_DIR)")
+    return path, load_tokenizer(path)
+
+
+def _copy_tokenizer(source: Path, out: Path) -> None:
+    if source.is_file():  # a SentencePiece model: its Hugging Face files, made if missing
+        folder = hf_tokenizer_dir(source)
+        if not (folder / "tokenizer.json").is_file():
+            folder = export_hf_tokenizer(source, out / ".tokenizer")
+        source = folder
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+    shutil.rmtree(out / ".tokenizer", ignore_errors=True)
+
+
+def _write_safetensors(state: dict[str, torch.Tensor], out: Path, shard_bytes: int) -> int:
+    """Shards of at most `shard_bytes` (one tensor may exceed it) and their index; returns the count."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / filename), metadata={"format": "pt"})
+        weight_map.update({name: filename for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return len(shards)
+
+
+def export_checkpoint(load: str | Path, out: str | Path, dtype: str = "fp32", overwrite: bool = False,
+                      tokenizer: str | None = None, shard_mb: int = 5000, verify_result: bool = True) -> Path:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    out = Path(out)
+    _refuse_existing(out, overwrite)  # before reading anything
+    weights = read_checkpoint(load)
+    model_config = weights.config.model
+    source, tok = _tokenizer_source(weights.config, tokenizer)
+    vocab = tok.vocab_size
+    if vocab > model_config.vocab_size:
+        raise ConversionError(f"the tokenizer {source} has {vocab} tokens but the checkpoint's embedding has "
+                              f"{model_config.vocab_size} rows: it is not this model's tokenizer")
+    special = {f"{name}_token_id": _optional_id(tok, f"{attribute}_id")
+               for name, attribute in (("bos", "bos"), ("eos", "eod"), ("pad", "pad"))}
+    config = hf_config(model_config, vocab, special)  # refuses what no transformers class expresses
+    config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
+    print(f"export: {weights.path} (step {weights.step}) -> {out} as {config.architectures[0]}, "
+          f"vocabulary {model_config.vocab_size} -> {vocab}, {dtype}")
+    state = {k: v.to(DTYPES[dtype]) for k, v in to_hf_state(weights.state, model_config, vocab).items()}
+    tmp = _temporary_beside(out)
+    try:
+        config.save_pretrained(tmp)
+        GenerationConfig(**special).save_pretrained(tmp)
+        shards = _write_safetensors(state, tmp, shard_mb << 20)
+        _copy_tokenizer(source, tmp)
+        print(f"export: wrote {len(state)} tensors in {shards} shard(s) and the tokenizer")
+        if verify_result:
+            ours = GPT(model_config)  # the same rounded weights in fp32, against transformers
+            ours.load_state_dict({k: v.to(DTYPES[dtype]).float() for k, v in weights.state.items()})
+            AutoTokenizer.from_pretrained(tmp)  # loads with no code of ours
+            tokens = verification_tokens(tok, model_config.max_seq_len)
+            _finish_verification(verify(ours.eval(), _load_hf_model(tmp), tokens, vocab), "export")
+        _replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _optional_id(tok: Tokenizer, attribute: str) -> int | None:
+    try:
+        return getattr(tok, attribute)
+    except DataError:  # the tokenizer has no such special token
+        return None
+
+
+# ------------------------------------------------------------------------------------------ import
+
+
+def _read_hf_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if not files:
+        raise ConversionError(f"{folder}: no safetensors weights (save the model with save_pretrained)")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def import_checkpoint(hf: str | Path, out: str | Path, overwrite: bool = False, verify_result: bool = True) -> Path:
+    from transformers import AutoConfig, AutoTokenizer
+
+    hf, out = Path(hf), Path(out)
+    if not (hf / "config.json").is_file():
+        raise ConversionError(f"{hf}: not a transformers folder (no config.json)")
+    _refuse_existing(out, overwrite)
+    hf_cfg = AutoConfig.from_pretrained(hf)
+    model_config = from_hf_config(hf_cfg)  # refuses what we cannot express, before reading weights
+    tmp = _temporary_beside(out)
+    try:
+        AutoTokenizer.from_pretrained(hf).save_pretrained(tmp / "tokenizer")
+        tok = load_tokenizer(tmp / "tokenizer")
+        if tok.vocab_size > hf_cfg.vocab_size:
+            raise ConversionError(f"the tokenizer in {hf} has {tok.vocab_size} tokens but the embedding has "
+                                  f"{hf_cfg.vocab_size} rows")
+        print(f"import: {hf} ({hf_cfg.architectures[0] if hf_cfg.architectures else hf_cfg.model_type}) -> {out}; "
+              f"vocabulary {hf_cfg.vocab_size} -> {model_config.vocab_size} rows")
+        state = {k: v.float() for k, v in from_hf_state(_read_hf_state(hf), model_config).items()}
+        config = Config(model=model_config)
+        config.data.tokenizer = str((out / "tokenizer").resolve())
+        step_dir = write_weights_only(tmp, state, config)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(
+            {"model": {k: v for k, v in config.to_dict()["model"].items() if k != "preset"},
+             "data": {"tokenizer": config.data.tokenizer}}, sort_keys=False))
+        print(f"import: wrote {len(state)} tensors to {out / 'checkpoints' / step_dir.name} (weights only)")
+        if verify_result:
+            written = read_checkpoint(tmp)  # read back through the checkpoint reader
+            ours = GPT(written.config.model)
+            ours.load_state_dict(written.state)
+            tokens = verification_tokens(tok, model_config.max_seq_len)
+            _finish_verification(verify(ours.eval(), _load_hf_model(hf), tokens, tok.vocab_size), "import")
+        _replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="checkpoint of ours -> transformers folder")
+    export.add_argument("--load", required=True, help="run, checkpoints or step_N directory")
+    export.add_argument("--out", required=True, help="the transformers folder to write")
+    export.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="stored precision")
+    export.add_argument("--tokenizer", help="tokenizer file or folder, when the checkpoint's data.tokenizer moved")
+    export.add_argument("--shard-mb", type=int, default=5000, help="largest safetensors shard, in MiB")
+    imp = commands.add_parser("import", help="transformers Llama-architecture folder -> weights-only checkpoint")
+    imp.add_argument("--hf", required=True, help="a folder written by save_pretrained")
+    imp.add_argument("--out", required=True, help="the run directory to write")
+    for sub in (export, imp):
+        sub.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
+        sub.add_argument("--no-verify", dest="verify", action="store_false",
+                         help="skip the logits and greedy-generation check")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            out = export_checkpoint(args.load, args.out, args.dtype, args.overwrite, args.tokenizer, args.shard_mb,
+                                    args.verify)
+        else:
+            out = import_checkpoint(args.hf, args.out, args.overwrite, args.verify)
+    except VerificationFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ConversionError, DataError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"done: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
