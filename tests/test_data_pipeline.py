@@ -200,23 +200,6 @@ def test_missing_prefix_names_the_source(tiny_corpus, tiny_indexed, tmp_path):
 
 # ---------------------------------------------------------------------- a source of several files
 
-@pytest.fixture(scope="module")
-def code_shards(tiny_corpus, tmp_path_factory) -> dict[str, str]:
-    """The code corpus as two files: `small` holds its 3 shortest documents (with
-    data.split=80,20,0: 2 to train on, 1 to validate), `large` the other 10."""
-    from megatron_code.data.preprocess import preprocess
-
-    root = tmp_path_factory.mktemp("shards")
-    lines = tiny_corpus.code.read_text().splitlines(True)
-    shortest = set(sorted(range(len(lines)), key=lambda i: len(lines[i]))[:3])
-    out = {}
-    for name, keep in (("large", lambda i: i not in shortest), ("small", lambda i: i in shortest)):
-        (root / f"{name}.jsonl").write_text("".join(line for i, line in enumerate(lines) if keep(i)))
-        out[name] = str(preprocess(root / f"{name}.jsonl", root / name, tiny_corpus.tokenizer,
-                                   progress=False)["outputs"]["text"])
-    return out
-
-
 def rows(dataset, n=None) -> list[tuple]:
     return [tuple(dataset[i]["tokens"].tolist()) for i in range(len(dataset) if n is None else n)]
 
