@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_code.config import PRESETS, ModelConfig
+from megatron_code.config import PRESETS, ModelConfig, ParallelConfig
 from megatron_code.model import GPT
 from megatron_code.model.hf import to_hf_model
+from megatron_code.parallel.pipeline_parallel import apply_pp, stage_layers
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -41,20 +42,18 @@ def test_pipeline_stage_is_the_model_with_modules_removed():
     model = GPT(tiny())
     tokens = torch.randint(0, 128, (2, 10))
     full = model(tokens)
-    first, last = GPT(tiny()), GPT(tiny())
-    first.load_state_dict(model.state_dict())
-    last.load_state_dict(model.state_dict())
-    del first.layers["1"]
-    first.norm = None
-    del last.layers["0"]
-    last.embedding.requires_grad_(False)  # tied head still reads the embedding weight
+
+    def build():
+        copy = GPT(tiny())
+        copy.load_state_dict(model.state_dict())
+        return copy
+    first, last = apply_pp(build, [0, 1], stage_layers(2, ParallelConfig(pipeline=2)))
+    assert last.embedding is not None  # tied: the last stage's head reads the embedding weight
     hidden = first(tokens)
-    last_embedding, last.embedding = last.embedding, None
-    last_out = F.linear(last.norm(last.layers["1"](hidden, (last.rope_cos, last.rope_sin),
-                                                   torch.arange(10).expand(2, 10), None)),
-                        last_embedding.weight)
-    torch.testing.assert_close(last_out, full)
+    torch.testing.assert_close(last(hidden), full)  # the stage was told its input is hidden states
     assert set(first.state_dict()) < set(model.state_dict())  # names unchanged by the split
+    with pytest.raises(RuntimeError, match="indices"):  # the whole model embeds: never guessed from the dtype
+        model(hidden)
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-mha-untied"])

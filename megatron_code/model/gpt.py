@@ -2,7 +2,8 @@
 
 Math only. Linear and embedding layers come from an injected `LayerFactory` (plain torch on one
 rank, tensor-parallel layers otherwise); kernels and attention come from injected `KernelOps`
-and attention function. A pipeline stage is this model with some modules set to None.
+and attention function. A pipeline stage is this model with some modules set to None (a later
+stage is also told, by `embeds_input`, that its input is hidden states).
 """
 from __future__ import annotations
 
@@ -132,6 +133,9 @@ class GPT(nn.Module):
             raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
         layers = layers or LayerFactory()
         self.config = config
+        self.embeds_input = True
+        """The input is token ids to embed; False on a later pipeline stage, whose input is the
+        previous stage's hidden states (set by the pipeline split, not guessed from the dtype)."""
         self.embedding = layers.embedding(config.vocab_size, config.hidden_size, config.init_std)
         self.position_embedding = (layers.embedding(config.max_seq_len, config.hidden_size, config.init_std)
                                    if config.position_embedding == "learned" else None)
@@ -149,15 +153,14 @@ class GPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
-        """tokens (B, T) ids (or (B, T, H) hidden states on a later pipeline stage).
+        """tokens (B, T) ids, or (B, T, H) hidden states when `embeds_input` is False.
         Returns logits (B, T, V) on the last stage, else hidden states; `return_hidden` stops
         after the final norm (for a fused linear + cross-entropy loss)."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[:2])
         # A last pipeline stage with tied embeddings holds the embedding for its head, not to embed.
-        embed = self.embedding is not None and not torch.is_floating_point(tokens)
-        h = self.embedding(tokens) if embed else tokens
-        if self.position_embedding is not None and embed:
+        h = self.embedding(tokens) if self.embeds_input else tokens
+        if self.position_embedding is not None and self.embeds_input:
             h = h + self.position_embedding(positions)
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         for layer in self.layers.values():

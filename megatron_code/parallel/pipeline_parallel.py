@@ -45,6 +45,7 @@ def apply_pp(build_model: Callable[[], GPT], stage_ids: list[int], layers: list[
         for name in [n for n in model.layers if int(n) not in layers[stage]]:
             del model.layers[name]
         if not first:
+            model.embeds_input = False  # its input is the previous stage's hidden states
             model.position_embedding = None
             if not (last and model.config.tie_embeddings):
                 model.embedding = None
