@@ -1,12 +1,13 @@
 """The sampler against a direct computation of the schedule: per-phase counts stay within
 Tijdeman's bound of the integral of the weights, for every shorthand and for random ramps."""
 import json
+import re
 
 import numpy as np
 import pytest
 
 from megatron_code.data.mixture import MixtureSampler
-from megatron_code.data.schedule import SHORTHANDS, Phase, resolve
+from megatron_code.data.schedule import SHORTHANDS, Phase, ScheduleError, resolve
 
 
 def reference_targets(phase: Phase, names, start_sample: int, n: int, batch: int) -> np.ndarray:
@@ -88,3 +89,39 @@ def test_zero_weight_source_listed_first_is_never_drawn():
     names = ["valid_only", "a", "b", "c"]
     sources = check_run(resolve([], names, {"valid_only": 0, "a": 1, "b": 1, "c": 1}, 10), names, 10, batch=5)
     assert 0 not in sources
+
+
+@pytest.mark.parametrize("fraction, total, step", [(0.29, 100, 29), (0.57, 100, 57), (0.35, 10, 3), (0.7, 10, 7),
+                                                   (0.999, 10, 9)])
+def test_a_fractional_start_floors_to_its_step(fraction, total, step):
+    """x of N steps starts at floor(x * N) of the decimal written: 0.29 * 100 is 28.999... in
+    floats, 0.35 * 10 = 3.5 rounds to 4; the phase's first sample is drawn at that step."""
+    names = ["text", "code"]
+    phases = resolve([{"start": 0, "weights": {"text": 1}}, {"start": fraction, "weights": {"code": 1}}],
+                     names, {}, total)
+    assert phases[1].start == step
+    sampler = MixtureSampler(names, phases)
+    drawn = [sampler.take(s, 3)[0].tolist() for s in range(total)]
+    assert drawn[step - 1] == [0, 0, 0] and drawn[step] == [1, 1, 1]
+    ramp = resolve([{"start": 0, "weights": {"text": 1}}, {"start": 1, "weights": {"code": 1}, "ramp": fraction}],
+                   names, {}, total)
+    assert ramp[1].ramp == step
+
+
+@pytest.mark.parametrize("shorthand", [s for s in SHORTHANDS if s != "constant"] + ["cooldown(fraction=0.3)"])
+def test_a_shorthand_too_short_for_its_phases_says_how_many_steps_it_needs(shorthand):
+    names, weights = ["text", "code"], {"text": 2, "code": 1}
+    needed = {"cooldown": 2, "code_then_text": 2, "balanced_then_text": 2}.get(shorthand.split("(")[0], 4)
+    with pytest.raises(ScheduleError, match=rf"data.schedule='{re.escape(shorthand)}' has \d phases and needs "
+                                            rf"train.steps >= {needed} .* the run has {needed - 1} steps"):
+        resolve(shorthand, names, weights, needed - 1)
+    for total in range(needed, 60):  # from there on, every phase has a step of its own
+        phases = resolve(shorthand, names, weights, total)
+        starts = [p.start for p in phases] + [total]
+        assert all(a < b for a, b in zip(starts, starts[1:])), (total, starts)
+
+
+def test_a_shorthand_option_that_empties_a_phase_is_rejected():
+    for spec in ("cooldown(fraction=0)", "code_then_text(switch=1)"):
+        with pytest.raises(ScheduleError, match=re.escape(spec) + " leaves one phase with no steps"):
+            resolve(spec, ["text", "code"], {"text": 1, "code": 1}, 100)

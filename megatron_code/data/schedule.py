@@ -1,7 +1,8 @@
 """Mixture schedules: which weights apply from which step, as resolved phases.
 
 A schedule is given as a list of phases (`{start, weights, ramp}`: `start` and `ramp` are steps,
-or fractions of train.steps when below 1) or as a shorthand (`stepwise_increase`,
+or fractions of train.steps when below 1, floored to a step: x of N steps is step floor(x * N),
+computed on the decimal the user wrote, so 0.29 of 100 is step 29) or as a shorthand (`stepwise_increase`,
 `cooldown(fraction=0.1, code=0.2)`, ...) that expands to phases. Resolving turns it into
 `Phase`s with absolute steps and weights normalized over the sources' names; a resolved schedule
 is JSON-able, so the checkpoint keeps the one that applied. `merge` accepts an edit only when
@@ -10,8 +11,10 @@ every step already trained keeps the phase it had: started phases are frozen, th
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import yaml
@@ -95,6 +98,9 @@ def parse_shorthand(spec: str, where: str = "data.schedule") -> tuple[str, dict]
                 raise ScheduleError(f"{where}: {name}({key}=...) must be a number, got {value.strip()!r}") from None
             if not 0 <= options[key] <= 1:
                 raise ScheduleError(f"{where}: {name}({key}={options[key]}) must be between 0 and 1")
+            if key in ("fraction", "switch") and options[key] in (0, 1):
+                raise ScheduleError(f"{where}: {name}({key}={options[key]:g}) leaves one phase with no steps: "
+                                    f"give a fraction strictly between 0 and 1 (or use `constant`)")
         else:
             options[key] = value.strip()
     return name, options
@@ -119,16 +125,30 @@ def expand_shorthand(spec: str, source_weights: dict[str, float], where: str = "
 # --------------------------------------------------------------------------------- resolving
 
 def _steps(value, total_steps: int, where: str) -> int:
-    """A step count given as an integer, or as a fraction (0 < x < 1) of the run."""
+    """A step count given as an integer, or as a fraction (0 < x < 1) of the run: the step
+    floor(x * total_steps), exact for the decimal written (a float's 0.29 * 100 is 28.999...)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ScheduleError(f"{where} must be a step or a fraction of train.steps, got {value!r}")
     if value < 0:
         raise ScheduleError(f"{where} must be >= 0, got {value}")
     if 0 < value < 1:
-        return round(value * total_steps)
+        return math.floor(_decimal(value) * total_steps)
     if float(value) != int(value):
         raise ScheduleError(f"{where}={value} is neither a fraction below 1 nor a whole step")
     return int(value)
+
+
+def _decimal(value: float) -> Fraction:
+    """The number as written (its shortest repr), exactly."""
+    return Fraction(repr(value))
+
+
+def shorthand_min_steps(phases: list[dict]) -> int:
+    """The fewest steps from which on a shorthand's fractional starts floor to distinct steps,
+    every phase at least one step long: 1 / (the smallest gap between starts), rounded up (the
+    last phase always has a step: floor(x * N) < N for x < 1)."""
+    starts = sorted({_decimal(p["start"]) for p in phases})
+    return max(math.ceil(1 / (b - a)) for a, b in zip(starts, starts[1:]))
 
 
 def resolve(raw, source_names: list[str], source_weights: dict[str, float], total_steps: int,
@@ -137,7 +157,13 @@ def resolve(raw, source_names: list[str], source_weights: dict[str, float], tota
 
     An empty schedule is `constant`: the sources' own weights from step 0."""
     if isinstance(raw, str):
-        raw, where = expand_shorthand(raw, source_weights, where), f"{where} ({raw.strip()})"
+        shorthand, raw = raw.strip(), expand_shorthand(raw, source_weights, where)
+        starts = [_steps(p["start"], total_steps, where) for p in raw]
+        if any(a >= b for a, b in zip(starts, starts[1:])):
+            raise ScheduleError(f"{where}={shorthand!r} has {len(raw)} phases and needs train.steps >= "
+                                f"{shorthand_min_steps(raw)} to give each a step of its own; the run has "
+                                f"{total_steps} steps (phase starts floor(fraction x steps) = {starts})")
+        where = f"{where} ({shorthand})"
     if not raw:
         raw = expand_shorthand("constant", source_weights, where)
     if not isinstance(raw, list):
