@@ -294,6 +294,30 @@ def test_an_instruction_source_of_several_files_mixes_them_by_weight(tiny_corpus
     pipeline.close()
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_token_counts_leave_out_padding(tiny_corpus, two_sources, pretrained, tmp_path, pack):
+    """tokens/<source> (and the run's totals) count the positions holding an example's tokens:
+    against the batches' own positions that are not the pad id (which no text encodes to)."""
+    from megatron_code.data.pipeline import DataPipeline
+
+    config = load_config(None, sft_overrides(tiny_corpus, two_sources, tmp_path, pretrained, "--train.steps=4",
+                                             f"--data.pack={str(pack).lower()}"))
+    tokenizer = load_tokenizer(tiny_corpus.tokenizer)
+    pipeline = DataPipeline(config, tokenizer, log=lambda _: None)
+    totals = dict.fromkeys(two_sources, 0)
+    for _ in range(4):
+        step = pipeline.next_step()
+        real = {name: 0 for name in two_sources}
+        for batch in step.micro_batches:
+            for tokens, source in zip(batch["tokens"], batch["source"].tolist()):
+                real[pipeline.names[source]] += int((tokens != tokenizer.pad_id).sum())
+        assert {n: step.metrics[f"tokens/{n}"] for n in real} == real and step.metrics["tokens"] == sum(real.values())
+        assert sum(real.values()) < 8 * 64  # there was padding to leave out
+        totals = {n: totals[n] + real[n] for n in real}
+    assert pipeline.state_dict()["tokens"] == totals
+    pipeline.close()
+
+
 def _tune(args: list[str]) -> dict:
     from megatron_code.training.trainer import Trainer
 

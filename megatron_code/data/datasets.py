@@ -45,6 +45,12 @@ class SourceFile:
     valid: object | None
     fingerprint: dict
 
+    def real_tokens(self, indices: np.ndarray, seq_length: int) -> np.ndarray:
+        """Tokens of training samples `indices` that are not padding: every position of
+        megatron-core's samples, the examples' own of instruction samples (`real_tokens`)."""
+        count = getattr(self.train, "real_tokens", None)
+        return count(indices) if count is not None else np.full(len(indices), seq_length, dtype=np.int64)
+
 
 @dataclass
 class SourceData:

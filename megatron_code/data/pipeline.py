@@ -42,7 +42,8 @@ class StepBatch:
     loss_tokens: int
     """Loss-masked tokens in this rank's micro batches."""
     metrics: dict[str, float]
-    """samples/<source>, tokens/<source> (of the global batch) and weight/<source> (scheduled)."""
+    """Of the global batch: samples/<source>, tokens/<source> and tokens (real tokens: padding
+    of instruction samples excluded), and weight/<source> (scheduled)."""
 
 
 @dataclass
@@ -188,7 +189,7 @@ class DataPipeline:
             chosen = sources == d
             if chosen.any():
                 files[chosen], positions[chosen] = mix.take(int(chosen.sum()))
-        notes, indices = [], np.empty(size, dtype=np.int64)
+        notes, indices, real = [], np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
         for d, orders in enumerate(self.orders):
             for f, order in enumerate(orders):
                 chosen = (sources == d) & (files == f)
@@ -203,6 +204,7 @@ class DataPipeline:
                     notes.append(f"warning: {label} starts epoch {epoch} at step {step}: its {order.size:,} "
                                  "samples again, in a new order")
                 indices[chosen] = order.order(positions[chosen])
+                real[chosen] = self.sources[d].files[f].real_tokens(indices[chosen], self.data.seq_length)
         share = size // self.dp_size
         mine = slice(self.dp_rank * share, (self.dp_rank + 1) * share)
         samples = [self.sources[d].files[f].train[i]
@@ -211,12 +213,12 @@ class DataPipeline:
         micro = [collate(samples[j: j + self.micro_batch_size], sources[mine][j: j + self.micro_batch_size], pin)
                  for j in range(0, share, self.micro_batch_size)]
         counts = np.bincount(sources, minlength=len(self.names))
-        seq = self.data.seq_length
-        for name, n in zip(self.names, counts.tolist()):
-            cursor.tokens[name] += n * seq
+        tokens = np.bincount(sources, weights=real, minlength=len(self.names)).astype(np.int64)
+        for name, n in zip(self.names, tokens.tolist()):
+            cursor.tokens[name] += n
         cursor.step += 1
         metrics = {**{f"samples/{n}": int(c) for n, c in zip(self.names, counts)},
-                   **{f"tokens/{n}": int(c) * seq for n, c in zip(self.names, counts)},
+                   **{f"tokens/{n}": int(c) for n, c in zip(self.names, tokens)}, "tokens": int(tokens.sum()),
                    **{f"weight/{n}": w for n, w in weights.items()}}
         loss_tokens = int(sum(int(b["loss_mask"].sum()) for b in micro))
         return StepBatch(step, micro, loss_tokens, metrics), notes

@@ -179,6 +179,7 @@ class SFTDataset:
         order = np.flatnonzero(keep)[np.random.RandomState(seed).permutation(int(keep.sum()))]
         self.order = order
         self.bins = self._pack(self.lengths[order] - 1) if pack else np.arange(len(order) + 1)
+        self._filled = np.concatenate([[0], np.cumsum(self.lengths[order] - 1)])  # positions before each example
 
     def _pack(self, slots: np.ndarray) -> np.ndarray:
         """Start of each sequence in `order` (and the end): examples fill a sequence until the
@@ -200,6 +201,10 @@ class SFTDataset:
 
     def __len__(self) -> int:
         return len(self.bins) - 1
+
+    def real_tokens(self, indices: np.ndarray) -> np.ndarray:
+        """The positions samples `indices` fill with their examples' tokens (padding excluded)."""
+        return self._filled[self.bins[indices + 1]] - self._filled[self.bins[indices]]
 
     def examples_in(self, i: int) -> np.ndarray:
         """Indices (into this split's examples) of the examples in sample i, in order."""

@@ -162,7 +162,7 @@ class Trainer:
             start = time.perf_counter()
             metrics = self.train_step()
             seconds = time.perf_counter() - start
-            metrics["tokens_per_s"] = tokens_per_step / seconds
+            metrics["tokens_per_s"] = metrics["tokens"] / seconds  # real tokens: instruction padding excluded
             metrics["tokens_per_s_per_gpu"] = metrics["tokens_per_s"] / self.runtime.world_size
             if peak:
                 metrics["mfu"] = flops_per_gpu_step / seconds / peak
