@@ -4,7 +4,10 @@ indexed binaries -> a small GPT trained on a text+code blend -> checkpoint -> re
     python -m megatron_code.quickstart            (or: megatron-code-quickstart)
 
 Every stage reuses what an earlier run built; training resumes from the latest checkpoint, and
-a run that already reached --steps is reported from its files without training.
+a run that already reached --steps is reported from its files without training. Each --size
+trains in its own directory (OUT/train for the default size, OUT/train-SIZE for the others), so
+runs of different sizes never resume each other. A user error (a flag, a path, a run that
+cannot resume) stops with one line and exit status 1 (2 for a bad flag).
 """
 from __future__ import annotations
 
@@ -16,6 +19,11 @@ from pathlib import Path
 
 # Ma et al. (ICLR 2024) pretrain their CODE arm on about one third code.
 BLEND = {"text": 2.0, "code": 1.0}
+DEFAULT_SIZE = "quickstart"
+
+
+class QuickstartError(Exception):
+    """A problem the user must fix; main() prints it as one line."""
 
 
 def dataset_is_current(prefix: Path, input_path: Path, tokenizer_path: Path) -> bool:
@@ -39,22 +47,37 @@ def dataset_is_current(prefix: Path, input_path: Path, tokenizer_path: Path) -> 
     return True
 
 
-def build_data(out: Path, vocab_size: int, max_bytes: int, workers: int) -> tuple[Path, dict[str, str]]:
+def data_paths(out: Path) -> tuple[Path, dict[str, str]]:
+    """Where build_data puts the tokenizer model and each source's dataset prefix."""
+    from megatron_code.data.preprocess import dataset_prefix
+
+    return out / "tokenizer" / "spm.model", {name: str(dataset_prefix(out / "data" / name, "text"))
+                                             for name in BLEND}
+
+
+def build_data(out: Path, vocab_size: int, max_bytes: int, workers: int,
+               progress: bool = True) -> tuple[Path, dict[str, str]]:
     from megatron_code.data.corpus import prepare_builtin_corpus
-    from megatron_code.data.preprocess import dataset_prefix, preprocess
+    from megatron_code.data.preprocess import preprocess
     from megatron_code.data.tokenizer import train_tokenizer
 
-    corpus = prepare_builtin_corpus(out / "corpus", max_bytes_per_source=max_bytes)
-    tokenizer = train_tokenizer([corpus["text"], corpus["code"]], out / "tokenizer" / "spm", vocab_size=vocab_size)
-    prefixes = {}
+    corpus = prepare_builtin_corpus(out / "corpus", max_bytes_per_source=max_bytes, progress=progress)
+    tokenizer = train_tokenizer([corpus["text"], corpus["code"]], out / "tokenizer" / "spm", vocab_size=vocab_size,
+                                progress=progress)
+    prefixes = data_paths(out)[1]
     for name, path in corpus.items():
-        prefix = dataset_prefix(out / "data" / name, "text")
+        prefix = Path(prefixes[name])
         if dataset_is_current(prefix, path, tokenizer):
             print(f"preprocess: {prefix}.{{bin,idx}} is up to date", file=sys.stderr)
         else:
-            preprocess(path, out / "data" / name, tokenizer, json_keys=("text",), append_eod=True, workers=workers)
-        prefixes[name] = str(prefix)
+            preprocess(path, out / "data" / name, tokenizer, json_keys=("text",), append_eod=True, workers=workers,
+                       progress=progress)
     return tokenizer, prefixes
+
+
+def run_dir_for(out: Path, size: str) -> Path:
+    """The training run of one model size: its own directory, never another size's checkpoints."""
+    return out / ("train" if size == DEFAULT_SIZE else f"train-{size}")
 
 
 def overrides_for(args, tokenizer: Path, prefixes: dict[str, str]) -> list[str]:
@@ -70,7 +93,7 @@ def overrides_for(args, tokenizer: Path, prefixes: dict[str, str]) -> list[str]:
         f"--train.global_batch_size={args.batch_size}",
         f"--train.eval_interval={max(1, args.steps // 3)}",
         f"--train.device={args.device}",
-        f"--train.output_dir={args.out / 'train'}",
+        f"--train.output_dir={run_dir_for(args.out, args.size)}",
         f"--train.progress={not args.no_progress}",
         "--optim.lr=2e-3", "--optim.min_lr=2e-4", f"--optim.warmup_steps={max(1, args.steps // 10)}",
         "--checkpoint.keep_last=1",
@@ -90,31 +113,60 @@ def command_with_steps(argv: list[str] | None, steps: int) -> str:
     return " ".join(["python -m megatron_code.quickstart", *args, "--steps", str(steps)])
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A bad flag: one line (argparse's default prints the whole usage first)."""
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None):
+    from megatron_code.config import PRESETS
+
+    parser = _Parser(prog="megatron-code-quickstart", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="where everything goes")
+    parser.add_argument("--size", default=DEFAULT_SIZE, choices=list(PRESETS),
+                        help="model preset (tiny for a smoke test); each size trains in its own directory")
+    parser.add_argument("--steps", type=_positive, default=300)
+    parser.add_argument("--batch-size", type=_positive, default=8)
+    parser.add_argument("--seq-length", type=_positive, default=256)
+    parser.add_argument("--vocab-size", type=_positive, default=8192)
+    parser.add_argument("--max-bytes", type=_positive, default=4_000_000, help="corpus cap per source")
+    parser.add_argument("--workers", type=_positive, default=2)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (nor per-stage data lines)")
+    return parser.parse_args(argv)
+
+
 def run(argv: list[str] | None = None) -> dict:
     """The quickstart; returns the train result and the paths it built (for tests)."""
-    parser = argparse.ArgumentParser(prog="megatron-code-quickstart", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="where everything goes")
-    parser.add_argument("--size", default="quickstart", help="model preset (tiny for a smoke test)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-length", type=int, default=256)
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--max-bytes", type=int, default=4_000_000, help="corpus cap per source")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-
-    from megatron_code.config import load_config
+    args = parse_args(argv)
+    from megatron_code.config import ConfigError, load_config
+    from megatron_code.parallel.distributed import pick_device
     from megatron_code.training.checkpoint import CheckpointError, resolve
 
+    # the whole config first: a mistake surfaces before the corpus, tokenizer and binaries are built
+    overrides = overrides_for(args, *data_paths(args.out))
+    try:
+        load_config(None, overrides).validate()
+        pick_device(args.device)
+    except ConfigError as e:
+        raise QuickstartError(str(e)) from None
     started = time.perf_counter()
-    tokenizer, prefixes = build_data(args.out, args.vocab_size, args.max_bytes, args.workers)
-    overrides = overrides_for(args, tokenizer, prefixes)
+    tokenizer, prefixes = build_data(args.out, args.vocab_size, args.max_bytes, args.workers, not args.no_progress)
     from megatron_code.training.run_summary import summarize
 
-    run_dir = args.out / "train"
+    run_dir = run_dir_for(args.out, args.size)
     try:
         checkpoint = resolve(run_dir)
     except CheckpointError:
@@ -127,9 +179,14 @@ def run(argv: list[str] | None = None) -> dict:
     else:
         if checkpoint is not None:
             overrides.append(f"--checkpoint.load={checkpoint}")
+        from megatron_code.data.errors import DataError
         from megatron_code.training.trainer import Trainer
 
-        trainer = Trainer(load_config(None, overrides))
+        try:
+            trainer = Trainer(load_config(None, overrides))
+        except (ConfigError, CheckpointError, DataError) as e:
+            again = f" (it resumes {checkpoint}: remove {run_dir} to start over)" if checkpoint is not None else ""
+            raise QuickstartError(f"{e}{again}") from None
         params, device = trainer.model.num_parameters(), trainer.runtime.device
         result = trainer.train()
         done = summarize(run_dir)
@@ -152,7 +209,14 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(argv)
+    from megatron_code.data.errors import DataError
+
+    try:
+        run(argv)
+    except (QuickstartError, DataError) as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:  # a path that cannot be made or written: --out under a file, no permission, disk full
+        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}")
 
 
 if __name__ == "__main__":

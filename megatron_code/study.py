@@ -280,7 +280,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     from megatron_code.quickstart import build_data
 
-    tokenizer, corpus = build_data(out, size.vocab_size, size.max_bytes, workers=2)
+    tokenizer, corpus = build_data(out, size.vocab_size, size.max_bytes, workers=2, progress=progress)
     instructions = build_instructions(out, size, tokenizer, out / "corpus" / "text.jsonl")
     tasks = build_eval_tasks(out, size)
 

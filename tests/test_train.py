@@ -91,8 +91,11 @@ def test_quickstart_tiny(tmp_path, capsys):
     assert sum(result.losses[-5:]) / 5 < result.losses[0] - 0.6  # clearly learning
     assert set(result.valid_losses) == {"text", "code"}
     assert result.tokens_per_source["text"] > result.tokens_per_source["code"] > 0
-    report = capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "it/s" not in captured.err  # --no-progress: no bars, data stages included
+    report = captured.out
     assert "quickstart report" in report and "tokens seen" in report and str(result.checkpoint) in report
+    assert result.checkpoint.parent.parent == tmp_path / "train-tiny"  # each size trains in its own directory
     assert f"train loss       {result.losses[0]:.3f} (step 1) -> {result.losses[-1]:.3f} (step 40)" in report
     binaries = sorted(tmp_path.glob("data/*.bin"))
     written = [p.stat().st_mtime_ns for p in binaries]
@@ -106,3 +109,25 @@ def test_quickstart_tiny(tmp_path, capsys):
     assert f"train loss       {result.losses[0]:.3f} (step 1) -> {result.losses[-1]:.3f} (step 40)" in report.out
     further = quickstart([*args, "--steps", "44"])  # trains on from the checkpoint
     assert further["result"].step == 44 and len(further["result"].losses) == 4
+    other = quickstart([*args, "--size", "quickstart", "--steps", "1"])  # another size: a fresh run, not tiny's
+    assert other["result"].step == 1 and other["result"].checkpoint.parent.parent == tmp_path / "train"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "-3"], "argument --steps: must be at least 1, got -3"),
+    (["--size", "huge"], "argument --size: invalid choice: 'huge'"),
+    (["--stepz", "3"], "unrecognized arguments: --stepz 3"),
+    (["--out", "{file}/run"], "{file}/run/corpus: Not a directory"),
+    (["--batch-size", "3", "--seq-length", "512"], "data.seq_length=512 exceeds model.max_seq_len=256"),
+])
+def test_quickstart_user_errors_are_one_line_before_any_work(tmp_path, capsys, flags, message):
+    from megatron_code.quickstart import main
+
+    (tmp_path / "file").write_text("")
+    flags = [f.format(file=tmp_path / "file") for f in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "out"), "--size", "tiny", *flags])
+    err = capsys.readouterr().err + (exit_info.value.code if isinstance(exit_info.value.code, str) else "")
+    assert message.format(file=tmp_path / "file") in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and exit_info.value.code != 0
+    assert not (tmp_path / "out").exists()  # nothing built

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from megatron_code.config import ConfigError
+
 MESH_DIMS = ("pp", "dp", "tp")
 """Tensor-parallel ranks are adjacent (same node, fastest links); pipeline ranks farthest apart."""
 
@@ -50,7 +52,7 @@ def _free_port() -> int:
 
 def pick_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
