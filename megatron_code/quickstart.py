@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_code.cli import user_errors
+
 # Ma et al. (ICLR 2024) pretrain their CODE arm on about one third code.
 BLEND = {"text": 2.0, "code": 1.0}
 DEFAULT_SIZE = "quickstart"
@@ -211,12 +213,8 @@ def run(argv: list[str] | None = None) -> dict:
 def main(argv: list[str] | None = None) -> None:
     from megatron_code.data.errors import DataError
 
-    try:
+    with user_errors(QuickstartError, DataError):
         run(argv)
-    except (QuickstartError, DataError) as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # a path that cannot be made or written: --out under a file, no permission, disk full
-        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from megatron_code.cli import user_errors
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "examples" / "recipes"
 PRETRAIN_ARMS = {"NL": "ma_nl", "CODE": "ma_code"}
@@ -327,4 +329,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main()

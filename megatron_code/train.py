@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from megatron_code.cli import user_errors
 from megatron_code.config import ConfigError, load_config
 
 
@@ -47,11 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     from megatron_code.training.checkpoint import CheckpointError
     from megatron_code.training.trainer import Trainer
 
-    try:
+    with user_errors(ConfigError, CheckpointError, DataError):
         trainer = Trainer(config)
-    except (ConfigError, CheckpointError, DataError) as e:
-        _fail(e)
-    result = trainer.train()
+        result = trainer.train()
     if trainer.runtime.is_main:
         print(f"done: step {result.step}, final train loss "
               f"{result.losses[-1] if result.losses else float('nan'):.4f}, checkpoint {result.checkpoint}")

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from megatron_code.cli import user_errors
 from megatron_code.config import Config
 from megatron_code.data.errors import DataError
 from megatron_code.data.tokenizer import Tokenizer, export_hf_tokenizer, hf_tokenizer_dir, load_tokenizer
@@ -370,4 +371,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with user_errors():
+        sys.exit(main())

@@ -22,6 +22,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from megatron_code.cli import user_errors
+
 DEFAULT_TASK_DIR = Path("runs/eval_tasks")
 
 
@@ -154,4 +156,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with user_errors():
+        sys.exit(main())

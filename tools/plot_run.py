@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megatron_code.cli import user_errors  # noqa: E402
 from megatron_code.training.run_summary import read_metrics, series, summarize  # noqa: E402
 
 
@@ -100,4 +101,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main()

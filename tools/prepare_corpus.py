@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_code.cli import user_errors
 from megatron_code.data.corpus import builtin_sources, parse_source, prepare_corpus
 from megatron_code.data.errors import DataError
 
@@ -57,4 +58,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with user_errors():
+        sys.exit(main())

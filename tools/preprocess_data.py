@@ -24,6 +24,7 @@ import os
 import sys
 from pathlib import Path
 
+from megatron_code.cli import user_errors
 from megatron_code.data.errors import DataError
 from megatron_code.data.megatron_tokenizers import TOKENIZER_TYPES, TokenizerOptions, build_document_tokenizer
 from megatron_code.data.preprocess import preprocess
@@ -93,4 +94,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with user_errors():
+        sys.exit(main())

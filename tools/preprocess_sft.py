@@ -20,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_code.cli import user_errors
 from megatron_code.data.chat import TEMPLATE_KINDS
 from megatron_code.data.errors import DataError
 from megatron_code.data.sft import OVERFLOW, preprocess_sft
@@ -49,4 +50,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with user_errors():
+        sys.exit(main())

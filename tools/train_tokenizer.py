@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_code.cli import user_errors
 from megatron_code.data.errors import DataError
 from megatron_code.data.tokenizer import hf_tokenizer_dir, train_tokenizer
 
@@ -41,4 +42,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with user_errors():
+        sys.exit(main())

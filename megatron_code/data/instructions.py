@@ -38,6 +38,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+from megatron_code.cli import user_errors
 from megatron_code.data.corpus import iter_jsonl
 from megatron_code.data.errors import DataError
 
@@ -190,4 +191,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with user_errors():
+        sys.exit(main())
