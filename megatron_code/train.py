@@ -35,11 +35,18 @@ def _fail(error: Exception) -> None:
     sys.exit(f"error: {error}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def checked_config(argv: list[str] | None, world_size: int):
+    """The config this command line gives, validated for `world_size` ranks: every check that
+    runs before any work (tests run it on the launch examples' command lines)."""
     path, overrides = parse_args(argv)
+    config = load_config(path, overrides)
+    config.validate(world_size=world_size)
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
     try:
-        config = load_config(path, overrides)
-        config.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's ranks fit the layout
+        config = checked_config(argv, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's ranks fit the layout
     except ConfigError as e:
         _fail(e)
     # heavy imports only after the config is valid

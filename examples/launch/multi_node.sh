@@ -2,7 +2,8 @@
 # Train on several machines: run this same command on every node (any order). The nodes meet at
 # MASTER_ADDR:MASTER_PORT (any one of them) through torchrun's c10d rendezvous; node ranks are
 # assigned there.
-#   MASTER_ADDR=node01 NNODES=4 examples/launch/multi_node.sh --config X.yaml --parallel.tensor=8 --parallel.pipeline=2
+#   MASTER_ADDR=node01 NNODES=4 examples/launch/multi_node.sh --config examples/recipes/ma_code.yaml \
+#       --parallel.tensor=8 --parallel.pipeline=2
 # Environment: NNODES (required), MASTER_ADDR (required), MASTER_PORT (29500), NPROC_PER_NODE
 # (the node's GPU count), RUN_ID (rendezvous id; one per job, default "megatron_code").
 set -euo pipefail

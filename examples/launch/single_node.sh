@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train on every GPU of this machine (or NPROC_PER_NODE CPU ranks) with torchrun.
 #   examples/launch/single_node.sh --config examples/pretrain_code_mix.yaml --parallel.tensor=2
-#   NPROC_PER_NODE=2 examples/launch/single_node.sh --config X.yaml --parallel.pipeline=2   # 2 CPU ranks
+#   NPROC_PER_NODE=2 examples/launch/single_node.sh --config examples/pretrain_code_mix.yaml --model.preset=tiny \
+#       --data.seq_length=256 --parallel.pipeline=2   # 2 CPU ranks
 # Arguments go to `python -m megatron_code.train`; data parallel = ranks / (tensor x pipeline).
 set -euo pipefail
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
