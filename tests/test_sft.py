@@ -1,5 +1,6 @@
 """Instruction data and the sft stage: loss masks, chat templates, packing, bad input, start-up
-checks and mixtures of instruction sources."""
+checks, mixtures of instruction sources, and what a tuned model learns (scored through its chat
+template and raw)."""
 from __future__ import annotations
 
 import importlib.util
