@@ -180,14 +180,50 @@ class ParallelConfig:
 
 
 @dataclass
-class SourceConfig:
-    name: str = ""
-    """Short name used in logs and reports (text, code, ...)."""
+class SourceFileConfig:
     prefix: str = ""
     """Indexed dataset path prefix: `<prefix>.bin` and `<prefix>.idx`."""
     weight: float = 1.0
+    """Share of the source's samples this file serves, relative to the source's other files."""
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""
+    """Short name used in logs and reports (text, code, ...)."""
+    prefix: str | list[SourceFileConfig] = ""
+    """Indexed dataset path prefix (`<prefix>.bin` and `<prefix>.idx`), or several files as a
+    list of {prefix, weight}: the source's samples come from its files by these weights, each
+    file read in its own shuffled order. Schedules and reports see only the source."""
+    weight: float = 1.0
     """Weight in the `constant` schedule (the default when data.schedule is empty); 0 keeps a
     source for validation only."""
+
+    def files(self) -> list[tuple[str, float]]:
+        """(prefix, weight) of each file; a plain prefix is one file of weight 1."""
+        if isinstance(self.prefix, str):
+            return [(self.prefix, 1.0)]
+        return [(f.prefix, f.weight) for f in self.prefix]
+
+    def validate(self, where: str) -> None:
+        if self.prefix == []:
+            raise ConfigError(f"{where}.prefix is an empty list: give at least one {{prefix, weight}}")
+        if not self.name or not self.prefix:
+            raise ConfigError(f"{where} needs both a name and a prefix")
+        if self.weight < 0:
+            raise ConfigError(f"{where}.weight must be >= 0, got {self.weight}")
+        if isinstance(self.prefix, str):
+            return
+        prefixes = [f.prefix for f in self.prefix]
+        for i, f in enumerate(self.prefix):
+            if not f.prefix:
+                raise ConfigError(f"{where}.prefix[{i}].prefix is empty")
+            if prefixes.index(f.prefix) != i:
+                raise ConfigError(f"{where}.prefix[{i}].prefix={f.prefix!r} is listed twice")
+            if not f.weight >= 0:
+                raise ConfigError(f"{where}.prefix[{i}].weight must be >= 0, got {f.weight}")
+        if sum(f.weight for f in self.prefix) <= 0:
+            raise ConfigError(f"{where}.prefix: the files' weights are all zero")
 
 
 @dataclass
@@ -244,10 +280,7 @@ class DataConfig:
             raise ConfigError("data.sources is empty: give at least one {name, prefix, weight}")
         names = [s.name for s in self.sources]
         for i, s in enumerate(self.sources):
-            if not s.name or not s.prefix:
-                raise ConfigError(f"data.sources[{i}] needs both a name and a prefix")
-            if s.weight < 0:
-                raise ConfigError(f"data.sources[{i}].weight must be >= 0, got {s.weight}")
+            s.validate(f"data.sources[{i}]")
             if names.count(s.name) > 1:
                 raise ConfigError(f"data.sources[{i}].name={s.name!r} is used twice")
         if not self.schedule and not self.schedule_file and sum(s.weight for s in self.sources) <= 0:

@@ -51,6 +51,23 @@ def tiny_indexed(tiny_corpus, tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def code_shards(tiny_corpus, tmp_path_factory) -> dict[str, str]:
+    """The code corpus as two files: `small` holds its 3 shortest documents (with
+    data.split=80,20,0: 2 to train on, 1 to validate), `large` the other 10."""
+    from megatron_code.data.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("shards")
+    lines = tiny_corpus.code.read_text().splitlines(True)
+    shortest = set(sorted(range(len(lines)), key=lambda i: len(lines[i]))[:3])
+    out = {}
+    for name, keep in (("large", lambda i: i not in shortest), ("small", lambda i: i in shortest)):
+        (root / f"{name}.jsonl").write_text("".join(line for i, line in enumerate(lines) if keep(i)))
+        out[name] = str(preprocess(root / f"{name}.jsonl", root / name, tiny_corpus.tokenizer,
+                                   progress=False)["outputs"]["text"])
+    return out
+
+
+@pytest.fixture(scope="session")
 def train_args(tiny_corpus, tiny_indexed):
     """`train_args(out_dir, *overrides)`: the tiny preset (tied embeddings, GQA) in fp32 on the
     text and code sources, 8 samples of 64 tokens per step, one per micro batch, 5 steps with

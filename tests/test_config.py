@@ -1,7 +1,7 @@
 """The config tree: YAML + dotted overrides, presets, and field-named errors."""
 import pytest
 
-from megatron_code.config import PRESETS, ConfigError, load_config
+from megatron_code.config import PRESETS, ConfigError, config_from_dict, load_config
 
 BASE = ["--data.sources=[{name: text, prefix: /x/text}]", "--data.tokenizer=/x/spm.model"]
 
@@ -16,6 +16,20 @@ def test_yaml_then_overrides(tmp_path):
     assert config.model.num_layers == PRESETS["tiny"]["num_layers"]
     assert config.model.tie_embeddings is False
     assert config.data.sources[0].weight == 0.25 and config.data.sources[0].name == "code"
+    assert config.data.sources[0].files() == [("/p/code", 1.0)]
+
+
+def test_a_source_of_several_files(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  tokenizer: t.model\n  sources:\n    - {name: text, prefix: /p/text}\n"
+                    "    - name: code\n      prefix:\n        - {prefix: /p/python_text_document, weight: 3}\n"
+                    "        - {prefix: /p/c_text_document}\n")
+    config = load_config(path)
+    assert config.data.sources[1].files() == [("/p/python_text_document", 3.0), ("/p/c_text_document", 1.0)]
+    assert config_from_dict(config.to_dict()).data.sources == config.data.sources  # as a checkpoint keeps it
+
+
+SEVERAL = "--data.sources=[{name: text, prefix: /x/text}, {name: code, prefix: %s}]"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -29,6 +43,15 @@ def test_yaml_then_overrides(tmp_path):
     ("--train.global_batch_size=12", "train.global_batch_size=12 is not a multiple of train.micro_batch_size=8"),
     ("--optim.schedule=step", "optim.schedule='step' is not one of"),
     ("--train.tensorboard=maybe", "config.train.tensorboard must be true or false"),
+    (SEVERAL % "[{prefix: /x/py, weight: 3}, {prefix: /x/c, weight: -1}]",
+     "data.sources[1].prefix[1].weight must be >= 0, got -1.0"),
+    (SEVERAL % "[{prefix: /x/py, weight: 0}, {prefix: /x/c, weight: 0}]",
+     "data.sources[1].prefix: the files' weights are all zero"),
+    (SEVERAL % "[]", "data.sources[1].prefix is an empty list"),
+    (SEVERAL % "[{prefix: /x/py, weight: many}]", "config.data.sources[1].prefix[0].weight must be a number"),
+    (SEVERAL % "[{prefix: /x/py}, {weight: 2}]", "data.sources[1].prefix[1].prefix is empty"),
+    (SEVERAL % "[{prefix: /x/py}, {prefix: /x/py}]", "data.sources[1].prefix[1].prefix='/x/py' is listed twice"),
+    (SEVERAL % "[{path: /x/py}]", "unknown field config.data.sources[1].prefix[0].path (known: prefix, weight)"),
 ])
 def test_bad_fields_are_named(override, message):
     with pytest.raises(ConfigError, match=None) as err:

@@ -13,8 +13,15 @@ from megatron_code.data.pipeline import DataPipeline
 from megatron_code.data.tokenizer import load_tokenizer
 
 
+def source_yaml(name, prefix, weight) -> str:
+    """A data.sources entry; `prefix` is a path or a list of (path, weight) files."""
+    files = f"'{prefix}'" if isinstance(prefix, str) else "[" + ", ".join(
+        f"{{prefix: '{p}', weight: {w}}}" for p, w in prefix) + "]"
+    return f"{{name: {name}, prefix: {files}, weight: {weight}}}"
+
+
 def make(tiny_corpus, prefixes, tmp_path, *extra, weights=(2, 1), log=None, **kwargs):
-    sources = ", ".join(f"{{name: {n}, prefix: '{p}', weight: {w}}}" for (n, p), w in zip(prefixes.items(), weights))
+    sources = ", ".join(source_yaml(n, p, w) for (n, p), w in zip(prefixes.items(), weights))
     config = load_config(None, [f"--data.sources=[{sources}]", f"--data.tokenizer={tiny_corpus.tokenizer}",
                                 "--data.seq_length=32", "--data.split=80,20,0", "--train.micro_batch_size=4",
                                 "--train.global_batch_size=8", "--train.steps=40", "--train.eval_batches=2",
@@ -43,6 +50,8 @@ def test_resume_with_prefetch_serves_the_same_samples(tiny_corpus, tiny_indexed,
         first = make(tiny_corpus, tiny_indexed, tmp_path, ramp, "--data.prefetch=2")
         head = draw(first, stop)
         state = json.loads(json.dumps(first.state_dict()))
+        if stop == 8:  # as checkpoints from before several-file sources were
+            del state["files"]
         first.close()
         resumed = make(tiny_corpus, tiny_indexed, tmp_path, ramp, "--data.prefetch=2")
         resumed.load_state_dict(state)
@@ -98,12 +107,12 @@ def test_epochs_reshuffle_and_serve_every_sample_once(tiny_corpus, tiny_indexed,
     logs = []
     pipeline = make(tiny_corpus, tiny_indexed, tmp_path, "--data.seq_length=128", "--data.prefetch=0", "--train.steps=1000",
                     weights=(0, 1), log=logs.append)
-    size = len(pipeline.sources[1].train)
+    size = len(pipeline.sources[1].files[0].train)
     steps = -(-2 * size // 8)
     code = [t for step in draw(pipeline, steps) for s, t in step if s == 1]
     first, second = code[:size], code[size:2 * size]
     assert len(set(first)) == size and sorted(first) == sorted(second) and first != second
-    reference = pipeline.sources[1].train  # epoch 0 is megatron-core's own order
+    reference = pipeline.sources[1].files[0].train  # epoch 0 is megatron-core's own order
     assert first == [tuple(reference[i]["tokens"].tolist()) for i in range(size)]
     assert any(f"'code' starts epoch 2 at step {size // 8}" in line for line in logs)
     assert any("will be read about" in line for line in logs)
@@ -162,7 +171,7 @@ def test_rebuilt_dataset_gets_new_indices_and_stops_a_resume(tiny_corpus, tiny_i
     preprocess(smaller, tmp_path / "data" / "code", tiny_corpus.tokenizer, progress=False)
     rebuilt = make(tiny_corpus, {"code": prefix}, tmp_path, f"--data.cache_dir={cache}", weights=(1,))
     fresh = make(tiny_corpus, {"code": prefix}, tmp_path, f"--data.cache_dir={tmp_path / 'empty'}", weights=(1,))
-    assert len(rebuilt.sources[0].train) == len(fresh.sources[0].train) != len(first.sources[0].train)
+    assert len(rebuilt.sources[0].files[0].train) == len(fresh.sources[0].files[0].train) != len(first.sources[0].files[0].train)
     assert draw(rebuilt, 3) == draw(fresh, 3)
     assert len([f for f in os.listdir(cache) if f.endswith("description.txt")]) == 4  # train + valid, twice
     with pytest.raises(DataError, match=r"data source 'code': the files at .* changed since the checkpoint"):
@@ -185,6 +194,109 @@ def test_bad_schedules_name_the_field(tiny_corpus, tiny_indexed, tmp_path, extra
 def test_missing_prefix_names_the_source(tiny_corpus, tiny_indexed, tmp_path):
     with pytest.raises(DataError, match=r"data source 'web': /nope/web.bin does not exist"):
         make(tiny_corpus, {"web": "/nope/web"}, tmp_path, weights=(1,))
+    with pytest.raises(DataError, match=r"data source 'code' \(data.sources\[1\].prefix\[1\]\): /nope/c.bin does not"):
+        make(tiny_corpus, {"text": tiny_indexed["text"], "code": [(tiny_indexed["code"], 1), ("/nope/c", 1)]}, tmp_path)
+
+
+# ---------------------------------------------------------------------- a source of several files
+
+def rows(dataset, n=None) -> list[tuple]:
+    return [tuple(dataset[i]["tokens"].tolist()) for i in range(len(dataset) if n is None else n)]
+
+
+def shards(tiny_indexed, code_shards, large=3, small=1) -> dict:
+    return {"text": tiny_indexed["text"], "code": [(code_shards["large"], large), (code_shards["small"], small)]}
+
+
+# text and code 1:1, then code only: the small file starts a second epoch near the end
+SHARDS_SCHEDULE = "--data.schedule=[{start: 0, weights: {text: 1, code: 1}}, {start: 16, weights: {code: 1}}]"
+
+
+def test_a_source_of_several_files_draws_each_by_weight_in_its_own_order(tiny_corpus, tiny_indexed, code_shards,
+                                                                         tmp_path):
+    logs = []
+    pipeline = make(tiny_corpus, shards(tiny_indexed, code_shards), tmp_path, SHARDS_SCHEDULE, "--data.prefetch=0",
+                    weights=(1, 1), log=logs.append)
+    large, small = (f.train for f in pipeline.sources[1].files)
+    epochs = [rows(large), rows(small)]
+    assert not set(epochs[0]) & set(epochs[1])  # a row tells its file
+    which = {row: f for f, epoch in enumerate(epochs) for row in epoch}
+    code = [t for step in draw(pipeline, 40) for s, t in step if s == 1]
+    files = np.array([which[t] for t in code])
+    # against the direct computation: after the source's t-th sample, the large file has served
+    # 3t/4 of them within half a sample
+    t = np.arange(1, len(code) + 1)
+    assert len(code) == 16 * 4 + 24 * 8 and np.abs(np.cumsum(files == 0) - 0.75 * t).max() <= 0.5
+    # each file in its own order: megatron-core's first, then a new order of the same samples
+    first = [row for row, f in zip(code, files) if f == 0]
+    assert first == epochs[0][:len(first)]
+    second = [row for row, f in zip(code, files) if f == 1]
+    n = len(small)
+    assert len(second) == 64 > n and second[:n] == epochs[1]
+    assert len(set(second[n:])) == len(second[n:]) and set(second[n:]) <= set(epochs[1]) and second[n:] != epochs[1][:64 - n]
+    assert any(f"data source 'code' file {code_shards['small']} starts epoch 2" in line for line in logs), logs
+    assert any(f"note: data source 'code' file {code_shards['small']} will be read about" in line for line in logs)
+    state = pipeline.state_dict()  # reports and positions stay keyed by the source
+    assert state["sampler"]["positions"] == {"text": 64, "code": 256} and set(state["tokens"]) == {"text", "code"}
+    assert state["files"] == {"code": {"positions": {code_shards["large"]: 192, code_shards["small"]: 64}, "phase": 0,
+                                       "phase_samples": 256,
+                                       "counts": {code_shards["large"]: 192, code_shards["small"]: 64}}}
+    with pytest.raises(DataError, match=rf"data source 'code' file {code_shards['small']}: the schedule asks for up to"):
+        make(tiny_corpus, shards(tiny_indexed, code_shards), tmp_path, SHARDS_SCHEDULE, "--data.allow_repeat=false",
+             weights=(1, 1))
+
+
+def test_a_source_of_several_files_resumes_as_if_uninterrupted(tiny_corpus, tiny_indexed, code_shards, tmp_path):
+    def pipeline(prefetch):
+        return make(tiny_corpus, shards(tiny_indexed, code_shards), tmp_path, SHARDS_SCHEDULE,
+                    f"--data.prefetch={prefetch}", weights=(1, 1))
+    full = draw(pipeline(0), 40)
+    for stop in (9, 33):  # in the first phase; in the small file's second epoch
+        first = pipeline(2)
+        head = draw(first, stop)
+        state = json.loads(json.dumps(first.state_dict()))
+        first.close()
+        resumed = pipeline(2)
+        resumed.load_state_dict(state)
+        assert head + draw(resumed, 40 - stop) == full
+        resumed.close()
+
+
+def test_changed_files_of_a_source_stop_a_resume_unless_allowed(tiny_corpus, tiny_indexed, code_shards, tmp_path):
+    large, small = code_shards["large"], code_shards["small"]
+    one = make(tiny_corpus, {"text": tiny_indexed["text"], "code": large}, tmp_path)
+    draw(one, 4)
+    state = one.state_dict()
+    with pytest.raises(DataError, match=rf"data source 'code': prefix changed: {large} -> {large} \(weight 3\), "
+                                        rf"{small} \(weight 1\)"):
+        make(tiny_corpus, shards(tiny_indexed, code_shards), tmp_path).load_state_dict(state)
+    logs = []
+    several = make(tiny_corpus, shards(tiny_indexed, code_shards), tmp_path, "--data.allow_changed_data=true",
+                   log=logs.append)
+    several.load_state_dict(state)  # the one file goes on where it was; the new one starts
+    assert any("a file new to a source of several starts at its beginning" in line for line in logs)
+    assert several.state_dict()["files"]["code"]["positions"] == {large: state["sampler"]["positions"]["code"], small: 0}
+    draw(several, 6)
+    state = several.state_dict()
+    even = make(tiny_corpus, shards(tiny_indexed, code_shards, large=1, small=1), tmp_path,
+                "--data.allow_changed_data=true")
+    even.load_state_dict(state)  # new weights apply from here: no catching up on the 3:1 history
+    draw(even, 6)
+    before, after = state["files"]["code"]["positions"], even.state_dict()["files"]["code"]["positions"]
+    assert after[large] - before[large] == after[small] - before[small] == 8
+
+
+def test_a_source_of_several_files_validates_on_them_by_weight(tiny_corpus, tiny_indexed, code_shards, tmp_path):
+    pipeline = make(tiny_corpus, shards(tiny_indexed, code_shards), tmp_path)
+    large, small = (f.valid for f in pipeline.sources[1].files)
+    held_out = [tuple(t.tolist()) for b in pipeline.valid_batches(1) for t in b["tokens"]]
+    assert len(held_out) == 8  # eval_batches x micro batch, 3:1 like training: 6 of one, 2 of the other
+    assert [r for r in held_out if r in set(rows(large))] == rows(large, 6)
+    assert [r for r in held_out if r in set(rows(small))] == rows(small, 2)
+    assert len(pipeline.sources[1].valid) == len(large) + len(small)
+    halves = [make(tiny_corpus, shards(tiny_indexed, code_shards), tmp_path, dp_rank=r, dp_size=2).valid_batches(1)
+              for r in range(2)]
+    assert [tuple(t.tolist()) for h in halves for b in h for t in b["tokens"]] == held_out
 
 
 def _draw_on_rank(rank, world_size, tokenizer, prefixes, out_dir, schedule_file):

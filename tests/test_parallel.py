@@ -21,18 +21,33 @@ STEPS = 5
 RTOL = 1e-5
 
 
+def record_batches(data) -> list[list[tuple]]:
+    """Per step, (source, tokens) of every sample the data pipeline hands this rank to train on."""
+    trained, next_step = [], data.next_step
+
+    def recording():
+        batch = next_step()
+        trained.append([(int(s), tuple(t.tolist())) for micro in batch.micro_batches
+                        for s, t in zip(micro["source"], micro["tokens"])])
+        return batch
+    data.next_step = recording
+    return trained
+
+
 def run_in_process(args: list[str]) -> dict:
-    """Train; then evaluate three held-out samples given alike to every rank (the evaluation
-    forward other tools use: per-sample loss sums and token counts)."""
+    """Train, recording what each step trained on; then evaluate three held-out samples given
+    alike to every rank (the evaluation forward other tools use: per-sample loss sums and token
+    counts)."""
     from megatron_code.training.trainer import Trainer
 
     trainer = Trainer(load_config(None, args))
+    trained = record_batches(trainer.data)
     result = trainer.train()
     valid = trainer.data.sources[0].valid
     batch = {k: torch.stack([valid[i][k] for i in range(3)]) for k in ("tokens", "labels", "loss_mask")}
     per_sample = torch.stack(trainer.model.evaluate(batch)).tolist()
     return {"losses": result.losses, "valid": result.valid_losses, "run_dir": str(result.run_dir),
-            "per_sample": per_sample}
+            "per_sample": per_sample, "trained": trained}
 
 
 def _train_runs(rank: int, world_size: int, runs: list[list[str]]) -> list[dict]:
@@ -77,6 +92,8 @@ def assert_trains_like(run: dict, reference: dict, steps: int = STEPS) -> None:
 
 FOUR_LAYERS = ("--model.num_layers=4",)
 FUSED_LOSS = ("--model.fused_linear_cross_entropy=true",)
+DATA_MIX = "data mix"
+"""The key of `data_mix`'s overrides."""
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +102,20 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def references(train_args, root) -> dict[tuple, dict]:
-    """One process, keyed by the model overrides the layouts share. The fused-loss run goes on to
-    8 steps with a checkpoint at 5: the reshard tests continue from there."""
+def data_mix(tiny_indexed, code_shards) -> tuple[str, ...]:
+    """Data that changes under the run: text:code 2:1, then 1:3 from step 3, the code source
+    made of two files drawn 3:1."""
+    code = ", ".join(f"{{prefix: '{code_shards[n]}', weight: {w}}}" for n, w in (("large", 3), ("small", 1)))
+    return (f"--data.sources=[{{name: text, prefix: '{tiny_indexed['text']}'}}, {{name: code, prefix: [{code}]}}]",
+            "--data.schedule=[{start: 0, weights: {text: 2, code: 1}}, {start: 3, weights: {text: 1, code: 3}}]")
+
+
+@pytest.fixture(scope="module")
+def references(train_args, root, data_mix) -> dict[tuple | str, dict]:
+    """One process, keyed by the model (or data) overrides the layouts share. The fused-loss run
+    goes on to 8 steps with a checkpoint at 5: the reshard tests continue from there."""
     out = {}
-    for key, extra in {(): (), FOUR_LAYERS: FOUR_LAYERS,
+    for key, extra in {(): (), FOUR_LAYERS: FOUR_LAYERS, DATA_MIX: data_mix,
                        FUSED_LOSS: FUSED_LOSS + ("--train.steps=8", "--checkpoint.interval=5")}.items():
         out[key] = run_in_process(train_args(root / f"reference{len(out)}", *extra))
     return out
@@ -99,24 +125,27 @@ def references(train_args, root) -> dict[tuple, dict]:
 # two ranks: one spawned group trains every layout in turn
 
 TWO_RANK_LAYOUTS = {
-    # name: (model overrides shared with a reference, parallel overrides)
+    # name: (model or data overrides shared with a reference, parallel overrides)
     "tp2-selective-ac": ((), ("--parallel.tensor=2", "--parallel.activation_checkpointing=selective")),
     "pp2-1f1b": ((), ("--parallel.pipeline=2", "--parallel.schedule=1f1b")),
     "pp2-interleaved-full-ac": (FOUR_LAYERS, ("--parallel.pipeline=2", "--parallel.schedule=interleaved_1f1b",
                                               "--parallel.virtual_stages=2", "--parallel.activation_checkpointing=full")),
     "pp2-zero-bubble-uneven": (FOUR_LAYERS, ("--parallel.pipeline=2", "--parallel.schedule=zero_bubble",
                                              "--parallel.layers_per_stage=[3, 1]")),
-    "dp2": ((), ("--parallel.dp_shard=none",)),
+    "dp2": (DATA_MIX, ("--parallel.dp_shard=none",)),
     "dp2-zero2": ((), ("--parallel.dp_shard=zero2",)),
 }
 
 
 @pytest.fixture(scope="module")
-def two_rank_runs(train_args, root, references) -> dict[str, dict]:
-    runs = [train_args(root / name, *model, *parallel)
-            for name, (model, parallel) in TWO_RANK_LAYOUTS.items()]
-    results = run_distributed(_train_runs, world_size=2, timeout_s=600, args=(runs,))[0]
-    return dict(zip(TWO_RANK_LAYOUTS, results))
+def two_rank_runs(train_args, root, references, data_mix) -> dict[str, dict]:
+    """Rank 0's results, with what each rank trained on as `trained_by_rank`."""
+    runs = [train_args(root / name, *(data_mix if shared == DATA_MIX else shared), *parallel)
+            for name, (shared, parallel) in TWO_RANK_LAYOUTS.items()]
+    first, second = run_distributed(_train_runs, world_size=2, timeout_s=600, args=(runs,))
+    for run, other in zip(first, second):
+        run["trained_by_rank"] = [run["trained"], other["trained"]]
+    return dict(zip(TWO_RANK_LAYOUTS, first))
 
 
 @pytest.mark.parametrize("layout", TWO_RANK_LAYOUTS)
@@ -124,6 +153,22 @@ def test_two_rank_layout_trains_like_one_process(layout, two_rank_runs, referenc
     assert_trains_like(two_rank_runs[layout], references[TWO_RANK_LAYOUTS[layout][0]])
     record = json.loads((Path(two_rank_runs[layout]["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
     assert record["layout"] == {"tp2": "tp2-pp1-dp1", "pp2": "tp1-pp2-dp1", "dp2": "tp1-pp1-dp2"}[layout[:3]]
+
+
+def test_data_parallel_ranks_train_on_disjoint_halves_of_the_global_batch(two_rank_runs, references):
+    """Through the Trainer on 2 gloo ranks, across a schedule phase change and with a source of
+    two files: each step rank 0 trains on the first half of the single-process run's global
+    batch and rank 1 on the second; no sample twice; the same per-source metrics."""
+    whole, ranks = references[DATA_MIX]["trained"], two_rank_runs["dp2"]["trained_by_rank"]
+    assert len(whole) == len(ranks[0]) == len(ranks[1]) == STEPS
+    for step, first, second in zip(whole, *ranks):
+        assert len(first) == len(second) == 4 and first + second == step
+    rows = [row for step in whole for _, row in step]
+    assert len(set(rows)) == len(rows)
+    code = [sum(source == 1 for source, _ in step) for step in whole]
+    assert sum(code[:3]) == 8 and code[3:] == [6, 6]  # 24 samples at 2:1, then 16 at 1:3
+    for name in ("samples/text", "samples/code", "weight/code"):
+        assert metric(two_rank_runs["dp2"]["run_dir"], name) == metric(references[DATA_MIX]["run_dir"], name)
 
 
 def test_stage_layout():

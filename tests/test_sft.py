@@ -174,14 +174,14 @@ def test_a_hugging_face_chat_template_is_rendered_by_transformers(tiny_corpus, t
 def test_a_tokenizer_without_role_tokens_template_or_pad_gets_plain_text_headers(zoo, tmp_path):
     """GPT-2 style: no role tokens, no chat template, no pad token. Headers are text, each
     response ends with the end-of-document token, which also fills what no example uses."""
-    from megatron_code.data.sft import build_sft_source
+    from megatron_code.data.sft import build_sft_file
 
     tokenizer = load_tokenizer(zoo.hf_gpt2)
     assert tokenizer.pad_id < 0
     prefix = preprocess_sft(write_jsonl(tmp_path / "in.jsonl", EXAMPLES), tmp_path / "gpt2", zoo.hf_gpt2,
                             progress=False)["prefix"]
     assert json.loads(Path(f"{prefix}.meta.json").read_text())["template"]["kind"] == "text"
-    source = build_sft_source("text", prefix, tokenizer, 96, "100,0,0", 0, True, print)
+    source = build_sft_file("text", prefix, 1.0, tokenizer, 96, "100,0,0", 0, True, print)
     eod, answers = tokenizer.decode([tokenizer.eod_id]), []
     for i in range(len(source.train)):
         sample = source.train[i]
@@ -277,6 +277,26 @@ def test_mixture_proportions_over_an_sft_run_follow_the_schedule(tiny_corpus, tw
     assert all("loss/text" in r and "loss/code" in r for r in lines)
 
 
+def test_an_instruction_source_of_several_files_mixes_them_by_weight(tiny_corpus, two_sources, pretrained, tmp_path):
+    """One source `mixed` made of the arithmetic file (weight 1) and the code file (weight 3): each
+    packed sample comes from one file; after the source's t-th sample the code file has served
+    3t/4 of them within half a sample."""
+    from megatron_code.data.pipeline import DataPipeline
+
+    files = ", ".join(f"{{prefix: '{two_sources[n]}', weight: {w}}}" for n, w in (("text", 1), ("code", 3)))
+    config = load_config(None, sft_overrides(tiny_corpus, {}, tmp_path, pretrained, "--train.steps=6",
+                                             f"--data.sources=[{{name: mixed, prefix: [{files}]}}]"))
+    tokenizer = load_tokenizer(tiny_corpus.tokenizer)
+    pipeline = DataPipeline(config, tokenizer, log=lambda _: None)
+    texts = [tokenizer.decode(t[t != tokenizer.eod_id].tolist()) for _ in range(6)
+             for b in pipeline.next_step().micro_batches for t in b["tokens"]]
+    is_code = np.array(["def add_" in text for text in texts])
+    assert all(("What is" in text) != code for text, code in zip(texts, is_code))
+    assert np.abs(np.cumsum(is_code) - 0.75 * np.arange(1, 49)).max() <= 0.5
+    assert set(pipeline.state_dict()["files"]["mixed"]["positions"].values()) == {12, 36}
+    pipeline.close()
+
+
 def _tune(args: list[str]) -> dict:
     from megatron_code.training.trainer import Trainer
 
@@ -323,7 +343,7 @@ def test_epochs_set_the_steps_and_unpacked_data_pads(tiny_corpus, two_sources, p
 
     trainer = Trainer(load_config(None, sft_overrides(tiny_corpus, {"text": two_sources["text"]}, tmp_path, pretrained,
                                                       "--train.epochs=2", "--data.pack=false")))
-    assert len(trainer.data.sources[0].train) == 90  # one example per sample
+    assert len(trainer.data.sources[0].files[0].train) == 90  # one example per sample
     assert trainer.config.train.steps == 23  # ceil(2 x 90 / 8)
     batch = trainer.data.next_step().micro_batches[0]
     # one sum's digits and <|end|> carry loss, then padding

@@ -1,10 +1,11 @@
 """Per-source datasets: megatron-core's GPTDataset over our .bin/.idx, one epoch per split, and
-the order in which a source is read over many epochs.
+the order in which a file is read over many epochs.
 
-A per-source dataset is anything with `len()` and `[i] -> {tokens, labels, loss_mask,
-position_ids}`; the mixture never looks inside. Index caches are keyed by the data files (sizes,
-mtimes, a hash of the .idx) and the tokenizer's fingerprint, so rebuilding a dataset at the same
-prefix, or with another tokenizer, builds new indices instead of reusing stale ones.
+A source is one or more indexed files; a file's dataset is anything with `len()` and
+`[i] -> {tokens, labels, loss_mask, position_ids}`; the mixture never looks inside. Index caches
+are keyed by the data files (sizes, mtimes, a hash of the .idx) and the tokenizer's fingerprint,
+so rebuilding a dataset at the same prefix, or with another tokenizer, builds new indices
+instead of reusing stale ones.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from torch.utils.data import ConcatDataset
 
 from megatron_code.data.errors import DataError
 
@@ -33,12 +35,27 @@ class _MegatronTokenizerView:
 
 
 @dataclass
-class SourceData:
-    name: str
+class SourceFile:
+    """One indexed file of a source, split into training and validation samples."""
+    prefix: str
+    weight: float
+    """Its share of the source's samples, relative to the source's other files."""
     train: object
     """Training samples of one epoch: len() and [i] -> sample dict."""
     valid: object | None
     fingerprint: dict
+
+
+@dataclass
+class SourceData:
+    name: str
+    files: list[SourceFile]
+
+    @property
+    def valid(self):
+        """The validation samples of the files it draws from, file after file; None without any."""
+        valid = [f.valid for f in self.files if f.valid is not None and f.weight > 0]
+        return None if not valid else valid[0] if len(valid) == 1 else ConcatDataset(valid)
 
 
 def _quiet_megatron_imports():
@@ -51,11 +68,11 @@ def _quiet_megatron_imports():
     return BlendedMegatronDatasetBuilder, GPTDataset, GPTDatasetConfig
 
 
-def check_prefix(name: str, prefix: str) -> None:
+def check_prefix(where: str, prefix: str) -> None:
+    """Both files exist; `where` names the source (and the field, for one of several files)."""
     for suffix in (".bin", ".idx"):
         if not Path(prefix + suffix).is_file():
-            raise DataError(f"data source {name!r}: {prefix}{suffix} does not exist "
-                            f"(build it with tools/preprocess_data.py)")
+            raise DataError(f"{where}: {prefix}{suffix} does not exist (build it with tools/preprocess_data.py)")
 
 
 def file_fingerprint(prefix: str) -> dict:
@@ -74,33 +91,29 @@ def same_content(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
-def build_source_datasets(sources: list[tuple[str, str]], tokenizer, seq_length: int, split: str, seed: int,
-                          cache_dir: str) -> list[SourceData]:
-    """One train and one valid GPTDataset per (name, prefix): a single epoch each, in
+def build_gpt_file(name: str, prefix: str, weight: float, tokenizer, seq_length: int, split: str, seed: int,
+                   cache_dir: str) -> SourceFile:
+    """A train and a valid GPTDataset of one file of a source: a single epoch each, in
     megatron-core's deterministic shuffled order (seeded by `seed`), index caches under
     `cache_dir`. Later epochs are new permutations of the first (see EpochOrder), so the data
     order never depends on the run length."""
     Builder, GPTDataset, GPTDatasetConfig = _quiet_megatron_imports()
-    out = []
-    for name, prefix in sources:
-        check_prefix(name, prefix)
-        fingerprint = file_fingerprint(prefix)
-        view = _MegatronTokenizerView(tokenizer.eod_id, tokenizer.pad_id, tokenizer.vocab_size,
-                                      {"class": "megatron_code", "vocab_size": tokenizer.vocab_size,
-                                       "tokenizer": tokenizer.fingerprint, "files": fingerprint})
-        gpt_config = GPTDatasetConfig(
-            random_seed=seed, sequence_length=seq_length, blend=([prefix], None),
-            split=split, path_to_cache=cache_dir, tokenizer=view,
-            reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-            create_attention_mask=False, mid_level_dataset_surplus=0.005)
-        # One epoch per split (num_samples=None): megatron-core loops forever when asked for
-        # samples from a split that holds no tokens.
-        train, valid, _ = Builder(GPTDataset, [None, None, None], lambda: True, gpt_config).build()
-        if train is None or len(train) == 0:
-            raise DataError(f"data source {name!r} ({prefix}) has no training samples of "
-                            f"length {seq_length}: it needs more tokens or a shorter data.seq_length")
-        out.append(SourceData(name, train, valid if valid is not None and len(valid) else None, fingerprint))
-    return out
+    fingerprint = file_fingerprint(prefix)
+    view = _MegatronTokenizerView(tokenizer.eod_id, tokenizer.pad_id, tokenizer.vocab_size,
+                                  {"class": "megatron_code", "vocab_size": tokenizer.vocab_size,
+                                   "tokenizer": tokenizer.fingerprint, "files": fingerprint})
+    gpt_config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=([prefix], None),
+        split=split, path_to_cache=cache_dir, tokenizer=view,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False, mid_level_dataset_surplus=0.005)
+    # One epoch per split (num_samples=None): megatron-core loops forever when asked for
+    # samples from a split that holds no tokens.
+    train, valid, _ = Builder(GPTDataset, [None, None, None], lambda: True, gpt_config).build()
+    if train is None or len(train) == 0:
+        raise DataError(f"data source {name!r} ({prefix}) has no training samples of "
+                        f"length {seq_length}: it needs more tokens or a shorter data.seq_length")
+    return SourceFile(prefix, weight, train, valid if valid is not None and len(valid) else None, fingerprint)
 
 
 def default_cache_dir(output_dir: str, cache_dir: str) -> str:

@@ -11,7 +11,8 @@ two sources, below one sample always. A source of weight 0 is never a candidate.
 
 The state is, per source, a count within the current phase and a position (samples consumed
 over the whole run); there is no index over the run and no communication: every rank computes
-the same picks.
+the same picks. The same rule, with constant weights, picks which file of a several-file source
+serves each of the source's samples (FileMix).
 """
 from __future__ import annotations
 
@@ -88,6 +89,13 @@ class MixtureSampler:
         """The n samples of global batch `step`: (source index, position within source), advancing
         the state. Phases change only at step boundaries, so a batch lies within one phase."""
         targets = self._enter(step, n)
+        if len(targets.active) == 1:  # one candidate: the rule picks it every time
+            d = targets.active[0]
+            positions = np.arange(self.positions[d], self.positions[d] + n, dtype=np.int64)
+            self.counts[d] += n
+            self.positions[d] += n
+            self.phase_samples += n
+            return np.full(n, d, dtype=np.int64), positions
         counts, t = self.counts, self.phase_samples
         due = [targets.inverse(d, counts[d] + 1 - targets.delta) for d in range(len(counts))]
         sources = np.empty(n, dtype=np.int64)
@@ -123,3 +131,39 @@ class MixtureSampler:
         self.phase, self.phase_samples = int(state["phase"]), int(state["phase_samples"])
         self.counts = [int(state["counts"].get(n, 0)) for n in self.names]
         self._targets = None
+
+
+class FileMix:
+    """Which file of a source serves each of the source's samples: the rule above with the files'
+    constant weights as one phase over the whole run, so after the source's t-th sample every file
+    has served within 1 - 1/(2k-2) samples of t x its share (k files of nonzero weight; exactly its
+    share with one file). The state is the sampler's: per file a position and a count."""
+
+    def __init__(self, prefixes: list[str], weights: list[float]):
+        total = float(sum(weights))
+        self.shares = [w / total for w in weights]
+        self.sampler = MixtureSampler(list(prefixes), [Phase(0, dict(zip(prefixes, self.shares)))])
+
+    @property
+    def positions(self) -> list[int]:
+        return self.sampler.positions
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The files of the source's next n samples: (file index, position within the file)."""
+        return self.sampler.take(0, n)
+
+    def most_served(self, f: int, more: float) -> float:
+        """An upper bound on file f's position after `more` further samples of the source."""
+        s, k = self.sampler, sum(share > 0 for share in self.shares)
+        if not self.shares[f]:
+            return s.positions[f]
+        slack = 1 - 1 / (2 * k - 2) if k > 1 else 0.0
+        return s.positions[f] - s.counts[f] + self.shares[f] * (s.phase_samples + more) + slack
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict, restart: bool = False) -> None:
+        """`restart`: the files or their weights changed, so the mix starts afresh from here
+        (no catching up on the old weights); each file keeps its position."""
+        self.sampler.load_state_dict({**state, "phase_samples": 0, "counts": {}} if restart else state)

@@ -2,10 +2,12 @@
 checks, schedule edits while training, and a loader that builds global batches ahead of the step.
 
 Built once from (config, tokenizer, dp_rank, dp_size, device). Every rank computes the same picks
-for a global batch and takes its contiguous 1/dp_size of it. `state_dict()` is JSON-able (it goes
-into trainer_state.json): the step, each source's position, the current phase's counts, the
-schedule that applied from which step, and what the data order depends on (seq length, split,
-data seed, tokenizer and file fingerprints), which a resume checks.
+for a global batch and takes its contiguous 1/dp_size of it: the schedule picks a source for
+each sample, then the source's FileMix picks one of its files (a source of one file is that
+file). `state_dict()` is JSON-able (it goes into trainer_state.json): the step, each source's
+position, the current phase's counts, each source's file positions, the schedule that applied
+from which step, and what the data order depends on (seq length, split, data seed, tokenizer,
+the sources' files with their weights and fingerprints), which a resume checks.
 """
 from __future__ import annotations
 
@@ -20,12 +22,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_code.data import schedule as sched
-from megatron_code.data.datasets import (EpochOrder, SourceData, build_source_datasets, check_prefix,
-                                         default_cache_dir, same_content)
+from megatron_code.data.datasets import (EpochOrder, SourceData, build_gpt_file, check_prefix, default_cache_dir,
+                                         same_content)
 from megatron_code.data.errors import DataError
-from megatron_code.data.mixture import MixtureSampler
+from megatron_code.data.mixture import FileMix, MixtureSampler
 from megatron_code.data.preprocess import check_dataset_matches_tokenizer
-from megatron_code.data.sft import build_sft_source, check_sft_dataset, dataset_kind
+from megatron_code.data.sft import build_sft_file, check_sft_dataset, dataset_kind
 
 STATE_FORMAT = 1
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids")
@@ -49,6 +51,8 @@ class _Cursor:
     step: int
     sampler: MixtureSampler
     tokens: dict[str, int]
+    files: list[FileMix]
+    """Per source: which of its files serves each of its samples."""
 
 
 def check_stage(name: str, prefix: str, stage: str, tokenizer) -> None:
@@ -63,6 +67,50 @@ def check_stage(name: str, prefix: str, stage: str, tokenizer) -> None:
                         "datasets made by tools/preprocess_sft.py")
     if kind == "sft":
         check_sft_dataset(prefix, tokenizer)
+
+
+def _source_fingerprint(source: SourceData) -> dict:
+    """What a resume checks of a source: its prefix (or its files with their weights) and the
+    files' fingerprints. A source of one file has the form checkpoints from before several-file
+    sources hold."""
+    if len(source.files) == 1:
+        return {"prefix": source.files[0].prefix, "files": source.files[0].fingerprint}
+    return {"prefix": [{"prefix": f.prefix, "weight": f.weight} for f in source.files],
+            "files": {f.prefix: f.fingerprint for f in source.files}}
+
+
+def _file_fingerprints(entry: dict) -> dict[str, dict]:
+    return {entry["prefix"]: entry["files"]} if isinstance(entry["prefix"], str) else entry["files"]
+
+
+def _describe_files(prefix) -> str:
+    return prefix if isinstance(prefix, str) else ", ".join(f"{f['prefix']} (weight {f['weight']:g})" for f in prefix)
+
+
+def _one_file_state(prefix: str, position: int) -> dict:
+    """The FileMix state of a source whose one file has served `position` samples."""
+    return {"positions": {prefix: position}, "phase": 0, "phase_samples": position, "counts": {prefix: position}}
+
+
+def build_sources(config, tokenizer, log) -> list[SourceData]:
+    """The datasets of every file of every source, after the cheap checks of all of them."""
+    data, train = config.data, config.train
+    for i, source in enumerate(data.sources):
+        several = not isinstance(source.prefix, str)
+        for j, (prefix, _) in enumerate(source.files()):
+            check_prefix(f"data source {source.name!r}" + (f" (data.sources[{i}].prefix[{j}])" if several else ""),
+                         prefix)
+            check_dataset_matches_tokenizer(prefix, tokenizer)
+            check_stage(source.name, prefix, train.stage, tokenizer)
+    if train.stage == "sft":
+        def build_file(name, prefix, weight):
+            return build_sft_file(name, prefix, weight, tokenizer, data.seq_length, data.split, data.seed, data.pack,
+                                  log)
+    else:
+        def build_file(name, prefix, weight):
+            return build_gpt_file(name, prefix, weight, tokenizer, data.seq_length, data.split, data.seed,
+                                  default_cache_dir(train.output_dir, data.cache_dir))
+    return [SourceData(s.name, [build_file(s.name, p, w) for p, w in s.files()]) for s in data.sources]
 
 
 def collate(samples: list[dict], sources: np.ndarray, pin: bool) -> dict[str, torch.Tensor]:
@@ -87,32 +135,24 @@ class DataPipeline:
         self.log = log or (lambda text: print(text) if not dist.is_initialized() or dist.get_rank() == 0 else None)
         self.names = [s.name for s in data.sources]
         phases, self.explicit = sched.configured_schedule(data, train.steps)
-        for source in data.sources:  # cheap checks before any index is built
-            check_prefix(source.name, source.prefix)
-            check_dataset_matches_tokenizer(source.prefix, tokenizer)
-            check_stage(source.name, source.prefix, train.stage, tokenizer)
-        if train.stage == "sft":
-            self.sources: list[SourceData] = [
-                build_sft_source(s.name, s.prefix, tokenizer, data.seq_length, data.split, data.seed, data.pack,
-                                 self.log) for s in data.sources]
-        else:
-            self.sources = build_source_datasets(
-                [(s.name, s.prefix) for s in data.sources], tokenizer, data.seq_length, data.split, data.seed,
-                default_cache_dir(train.output_dir, data.cache_dir))
-        if train.epochs:  # an epoch: every training sample of every source the schedule draws from
+        self.sources = build_sources(config, tokenizer, self.log)
+        # names in messages; each file of several gets its own shuffles for later epochs
+        self.labels = [[f"data source {s.name!r}" + (f" file {f.prefix}" if len(s.files) > 1 else "")
+                        for f in s.files] for s in self.sources]
+        self.orders = [[EpochOrder(len(f.train), data.seed, s.name if len(s.files) == 1 else f"{s.name}/{f.prefix}")
+                        for f in s.files] for s in self.sources]
+        if train.epochs:  # an epoch: every training sample of every file the schedule draws from
             drawn = {name for p in phases for name, w in p.weights.items() if w > 0}
-            samples = sum(len(s.train) for s in self.sources if s.name in drawn)
+            samples = sum(len(f.train) for s in self.sources if s.name in drawn for f in s.files if f.weight > 0)
             self.total_steps = max(1, math.ceil(train.epochs * samples / self.global_batch_size))
             self.log(f"train.epochs={train.epochs:g}: {samples:,} training samples per epoch -> "
                      f"{self.total_steps:,} steps of {self.global_batch_size}")
             phases, self.explicit = sched.configured_schedule(data, self.total_steps)
-        self.orders = [EpochOrder(len(s.train), data.seed, s.name) for s in self.sources]
         self.fingerprint = {"seq_length": data.seq_length, "split": data.split, "seed": data.seed,
                             "tokenizer": tokenizer.fingerprint,
                             **({"pack": data.pack} if train.stage == "sft" else {}),
-                            "sources": {s.name: {"prefix": c.prefix, "files": s.fingerprint}
-                                        for s, c in zip(self.sources, data.sources)}}
-        self.cursor = _Cursor(0, MixtureSampler(self.names, phases), dict.fromkeys(self.names, 0))
+                            "sources": {s.name: _source_fingerprint(s) for s in self.sources}}
+        self.cursor = _Cursor(0, MixtureSampler(self.names, phases), dict.fromkeys(self.names, 0), self._file_mixes())
         self.changes: list[dict] = []
         self._valid: dict[int, list[dict]] = {}
         self._loader: _Loader | None = None
@@ -142,29 +182,31 @@ class DataPipeline:
         """Advance `cursor` by one global batch; returns this rank's part and any notes."""
         step, size = cursor.step, self.global_batch_size
         weights = cursor.sampler.scheduled_weights(step, size)
-        sources, positions = cursor.sampler.take(step, size)
-        share = size // self.dp_size
-        mine = slice(self.dp_rank * share, (self.dp_rank + 1) * share)
-        notes, samples = [], []
-        for d, (order, source) in enumerate(zip(self.orders, self.sources)):
-            chosen = sources == d
-            if not chosen.any():
-                continue
-            first, last = int(positions[chosen][0]), int(positions[chosen][-1])
-            if last // order.size > first // order.size or (first % order.size == 0 and first > 0):
-                epoch = last // order.size + 1
-                if not self.data.allow_repeat:
-                    raise DataError(f"data source {source.name!r}: step {step} needs sample {last + 1:,} but the "
-                                    f"source holds {order.size:,} (data.allow_repeat=false)")
-                notes.append(f"warning: data source {source.name!r} starts epoch {epoch} at step {step}: its "
-                             f"{order.size:,} samples again, in a new order")
-        indices = np.empty(size, dtype=np.int64)
-        for d, order in enumerate(self.orders):
+        sources, _ = cursor.sampler.take(step, size)
+        files, positions = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
+        for d, mix in enumerate(cursor.files):
             chosen = sources == d
             if chosen.any():
+                files[chosen], positions[chosen] = mix.take(int(chosen.sum()))
+        notes, indices = [], np.empty(size, dtype=np.int64)
+        for d, orders in enumerate(self.orders):
+            for f, order in enumerate(orders):
+                chosen = (sources == d) & (files == f)
+                if not chosen.any():
+                    continue
+                first, last = int(positions[chosen][0]), int(positions[chosen][-1])
+                if last // order.size > first // order.size or (first % order.size == 0 and first > 0):
+                    epoch, label = last // order.size + 1, self.labels[d][f]
+                    if not self.data.allow_repeat:
+                        raise DataError(f"{label}: step {step} needs sample {last + 1:,} but it holds "
+                                        f"{order.size:,} (data.allow_repeat=false)")
+                    notes.append(f"warning: {label} starts epoch {epoch} at step {step}: its {order.size:,} "
+                                 "samples again, in a new order")
                 indices[chosen] = order.order(positions[chosen])
-        for d, i in zip(sources[mine].tolist(), indices[mine].tolist()):
-            samples.append(self.sources[d].train[i])
+        share = size // self.dp_size
+        mine = slice(self.dp_rank * share, (self.dp_rank + 1) * share)
+        samples = [self.sources[d].files[f].train[i]
+                   for d, f, i in zip(sources[mine].tolist(), files[mine].tolist(), indices[mine].tolist())]
         pin = self.device.type == "cuda"
         micro = [collate(samples[j: j + self.micro_batch_size], sources[mine][j: j + self.micro_batch_size], pin)
                  for j in range(0, share, self.micro_batch_size)]
@@ -185,15 +227,25 @@ class DataPipeline:
     # ---------------------------------------------------------------------- validation
 
     def valid_batches(self, source: int) -> list[dict[str, torch.Tensor]]:
-        """This rank's share of a fixed set of held-out samples of one source (the first
-        train.eval_batches x micro_batch_size of its validation split); empty without one."""
+        """This rank's share of a fixed set of held-out samples of one source: the first
+        train.eval_batches x micro_batch_size of its files' validation splits, interleaved by the
+        files' weights as training draws them (fewer when a file's split runs out first); empty
+        without any."""
         if source not in self._valid:
-            valid = self.sources[source].valid
-            n = min(len(valid), self.eval_batches * self.micro_batch_size) if valid is not None else 0
+            files = [f for f in self.sources[source].files if f.valid is not None and f.weight > 0]
+            picks = []
+            if files:
+                which, at = FileMix([f.prefix for f in files], [f.weight for f in files]).take(
+                    self.eval_batches * self.micro_batch_size)
+                for f, i in zip(which.tolist(), at.tolist()):
+                    if i >= len(files[f].valid):
+                        break
+                    picks.append((f, i))
+            n, mbs = len(picks), self.micro_batch_size
             lo, hi = self.dp_rank * n // self.dp_size, (self.dp_rank + 1) * n // self.dp_size
-            mbs = self.micro_batch_size
             self._valid[source] = [
-                collate([valid[i] for i in range(j, min(j + mbs, hi))], np.full(min(mbs, hi - j), source), False)
+                collate([files[f].valid[i] for f, i in picks[j: min(j + mbs, hi)]], np.full(min(mbs, hi - j), source),
+                        False)
                 for j in range(lo, hi, mbs)]
         return [self.to_device(b) for b in self._valid[source]]
 
@@ -238,23 +290,35 @@ class DataPipeline:
     def state_dict(self) -> dict:
         c = self.cursor
         return {"format": STATE_FORMAT, "step": c.step, "sampler": c.sampler.state_dict(), "tokens": dict(c.tokens),
+                "files": {n: m.state_dict() for n, m in zip(self.names, c.files) if len(m.positions) > 1},
                 "schedule": sched.phases_to_json(c.sampler.phases), "changes": list(self.changes),
                 "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: check that the data order can continue, adopt the configured schedule's
         future (or keep the saved one if the configuration rewrites trained steps), then
-        continue every source from its saved position."""
+        continue every source, and every file of a source, from its saved position."""
         if state.get("format") != STATE_FORMAT:
             raise DataError("the checkpoint's data state is from an older version (no schedule history or data "
                             "fingerprint): its data order cannot be continued; start a new run")
-        self._check_fingerprint(state["fingerprint"], state["sampler"]["positions"])
+        positions = state["sampler"]["positions"]
+        self._check_fingerprint(state["fingerprint"], positions)
         self._stop_loader()
         now = int(state["step"])
         saved = sched.phases_from_json(state["schedule"])
         sampler = MixtureSampler(self.names, saved)
         sampler.load_state_dict(state["sampler"])
-        self.cursor = _Cursor(now, sampler, {n: int(state["tokens"].get(n, 0)) for n in self.names})
+        files = self._file_mixes()
+        for name, mix in zip(self.names, files):
+            position, entry = int(positions.get(name, 0)), state["fingerprint"]["sources"].get(name)
+            if len(mix.positions) == 1:  # one file: at its source's position (also if its prefix moved)
+                mix.load_state_dict(_one_file_state(mix.sampler.names[0], position))
+            elif name in state.get("files", {}):
+                mix.load_state_dict(state["files"][name],
+                                    restart=entry["prefix"] != self.fingerprint["sources"][name]["prefix"])
+            else:  # it had one file (or was new): that file, if still listed, continues where it was
+                mix.load_state_dict(_one_file_state(entry["prefix"] if entry else "", position), restart=True)
+        self.cursor = _Cursor(now, sampler, {n: int(state["tokens"].get(n, 0)) for n in self.names}, files)
         self.changes = list(state.get("changes", []))
         self._started_at = now
         if self.explicit:
@@ -275,6 +339,9 @@ class DataPipeline:
     def _configured_phases(self) -> list[sched.Phase]:
         return sched.configured_schedule(self.data, self.total_steps)[0]
 
+    def _file_mixes(self) -> list[FileMix]:
+        return [FileMix([f.prefix for f in s.files], [f.weight for f in s.files]) for s in self.sources]
+
     def _check_fingerprint(self, saved: dict, positions: dict) -> None:
         problems = []
         for key in ("seq_length", "split", "seed", "tokenizer", "pack"):
@@ -286,9 +353,11 @@ class DataPipeline:
                 if positions.get(name, 0):
                     problems.append(f"data source {name!r} fed {positions[name]:,} samples but is not in data.sources")
             elif entry["prefix"] != now["prefix"]:
-                problems.append(f"data source {name!r}: prefix changed: {entry['prefix']} -> {now['prefix']}")
-            elif not same_content(entry["files"], now["files"]):
-                problems.append(f"data source {name!r}: the files at {now['prefix']} changed since the checkpoint "
+                problems.append(f"data source {name!r}: prefix changed: {_describe_files(entry['prefix'])} -> "
+                                f"{_describe_files(now['prefix'])}")
+            elif changed := [prefix for prefix, files in _file_fingerprints(now).items()
+                             if not same_content(_file_fingerprints(entry)[prefix], files)]:
+                problems.append(f"data source {name!r}: the files at {', '.join(changed)} changed since the checkpoint "
                                 "(rebuilt?)")
         if not problems:
             return
@@ -296,25 +365,26 @@ class DataPipeline:
             raise DataError("cannot resume: the data order depends on what changed:\n  " + "\n  ".join(problems)
                             + "\npass --data.allow_changed_data=true to continue anyway")
         self.log("data.allow_changed_data=true: resuming although\n  " + "\n  ".join(problems)
-                 + "\neach source continues at its saved position, which now indexes the new data")
+                 + "\neach source continues at its saved position, which now indexes the new data (a file new to a "
+                 "source of several starts at its beginning, and the mix of the source's files starts afresh)")
 
     def _check_plan(self, phases: list[sched.Phase]) -> None:
-        """Stop (data.allow_repeat=false) or warn when the schedule asks a source for more
+        """Stop (data.allow_repeat=false) or warn when the schedule asks a file for more
         samples than it holds."""
         c = self.cursor
         planned = sched.planned_samples(phases, self.names, c.step, self.total_steps, self.global_batch_size)
         for d, (name, source) in enumerate(zip(self.names, self.sources)):
-            need = c.sampler.positions[d] + planned[name]
-            if need <= len(source.train):
-                continue
-            if not self.data.allow_repeat:
-                raise DataError(f"data source {name!r}: the schedule asks for up to {int(need):,} samples but it holds "
-                                f"{len(source.train):,} training samples of length {self.data.seq_length} "
-                                "(data.allow_repeat=false forbids a second epoch)")
-            if name not in self._noted:
-                self._noted.add(name)
-                self.log(f"note: data source {name!r} will be read about {need / len(source.train):.2f} times "
-                         "(each epoch in a new order)")
+            for f, file in enumerate(source.files):
+                need, held, label = c.files[d].most_served(f, planned[name]), len(file.train), self.labels[d][f]
+                if need <= held:
+                    continue
+                if not self.data.allow_repeat:
+                    raise DataError(f"{label}: the schedule asks for up to {int(need):,} samples but it holds "
+                                    f"{held:,} training samples of length {self.data.seq_length} "
+                                    "(data.allow_repeat=false forbids a second epoch)")
+                if label not in self._noted:
+                    self._noted.add(label)
+                    self.log(f"note: {label} will be read about {need / held:.2f} times (each epoch in a new order)")
 
     # ---------------------------------------------------------------------- the loader
 

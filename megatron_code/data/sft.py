@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from megatron_code.data.chat import ChatTemplate, check_template, template_for, to_messages
 from megatron_code.data.corpus import open_binary, parse_json_line
-from megatron_code.data.datasets import SourceData, file_fingerprint
+from megatron_code.data.datasets import SourceFile, file_fingerprint
 from megatron_code.data.errors import DataError
 from megatron_code.data.preprocess import META_FORMAT, IndexedData, IndexedWriter, optimal_dtype, read_indexed
 from megatron_code.data.tokenizer import Tokenizer, load_tokenizer
@@ -236,10 +236,10 @@ def check_sft_dataset(prefix: str, tokenizer: Tokenizer) -> ChatTemplate:
     return check_template(recorded, tokenizer, prefix)
 
 
-def build_sft_source(name: str, prefix: str, tokenizer: Tokenizer, seq_length: int, split: str, seed: int,
-                     pack: bool, log) -> SourceData:
-    """Train and valid SFTDatasets of one source (documents split as Megatron splits them,
-    each split shuffled by `seed`)."""
+def build_sft_file(name: str, prefix: str, weight: float, tokenizer: Tokenizer, seq_length: int, split: str,
+                   seed: int, pack: bool, log) -> SourceFile:
+    """Train and valid SFTDatasets of one file of a source (documents split as Megatron splits
+    them, each split shuffled by `seed`)."""
     data = read_sft(prefix)
     bounds = split_bounds(split, len(data))
     pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eod_id  # an id the embedding has; no loss
@@ -250,11 +250,13 @@ def build_sft_source(name: str, prefix: str, tokenizer: Tokenizer, seq_length: i
         raise DataError(f"data source {name!r} ({prefix}) has no training examples with data.split={split}")
     for part, dataset in (("training", train), ("validation", valid)):
         if dataset is not None and dataset.truncated:
-            log(f"note: data source {name!r}: {dataset.truncated:,} {part} examples are longer than data.seq_length "
-                f"+ 1 = {seq_length + 1} tokens and are cut to it ({dataset.dropped:,} left with no response token "
-                "are left out)")
+            log(f"note: data source {name!r} ({prefix}): {dataset.truncated:,} {part} examples are longer than "
+                f"data.seq_length + 1 = {seq_length + 1} tokens and are cut to it ({dataset.dropped:,} left with no "
+                "response token are left out)")
     examples = len(train.order)
-    log(f"data source {name!r}: {examples:,} training examples in {len(train):,} samples of {seq_length} tokens"
+    log(f"data source {name!r} ({prefix}): {examples:,} training examples in {len(train):,} samples of "
+        f"{seq_length} tokens"
         + (f" ({train.lengths[train.order].sum() - examples:,} of {len(train) * seq_length:,} positions filled)"
            if pack else " (one example per sample, padded)"))
-    return SourceData(name, train, valid if valid is not None and len(valid) else None, file_fingerprint(prefix))
+    return SourceFile(prefix, weight, train, valid if valid is not None and len(valid) else None,
+                      file_fingerprint(prefix))
