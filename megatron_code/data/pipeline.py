@@ -39,8 +39,6 @@ class StepBatch:
     micro_batches: list[dict[str, torch.Tensor]]
     """This rank's micro batches: tokens, labels, loss_mask, position_ids, source (int64 per
     sample: an index into data.sources), and document_ids for packed instruction data."""
-    loss_tokens: int
-    """Loss-masked tokens in this rank's micro batches."""
     metrics: dict[str, float]
     """samples/<source>, tokens/<source> (of the global batch) and weight/<source> (scheduled)."""
 
@@ -218,8 +216,7 @@ class DataPipeline:
         metrics = {**{f"samples/{n}": int(c) for n, c in zip(self.names, counts)},
                    **{f"tokens/{n}": int(c) * seq for n, c in zip(self.names, counts)},
                    **{f"weight/{n}": w for n, w in weights.items()}}
-        loss_tokens = int(sum(int(b["loss_mask"].sum()) for b in micro))
-        return StepBatch(step, micro, loss_tokens, metrics), notes
+        return StepBatch(step, micro, metrics), notes
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
