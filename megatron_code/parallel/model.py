@@ -30,7 +30,7 @@ from megatron_code.parallel.pipeline_parallel import (TiedEmbedding, apply_pp, b
                                                       local_stage_ids, stage_layers)
 from megatron_code.parallel.tensor_parallel import (ParallelLayerFactory, TensorParallel, init_parameters,
                                                     tensor_parallel_ops)
-from megatron_code.training.loss import LossTotals, pack_target, token_losses, unpack_target
+from megatron_code.training.loss import LossTotals, pack_target, sample_losses, unpack_target
 
 EVAL_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids")
 """What `evaluate` reads of a batch."""
@@ -108,9 +108,9 @@ class ParallelModel:
         totals.all_reduce(counted_here=self.last is not None and self.tp.rank == 0)
 
     def _loss(self, model: GPT, hidden, labels, loss_mask, source) -> torch.Tensor:
-        sample_losses = (token_losses(model, hidden, labels, self.ops, self.tp) * loss_mask).sum(1)
-        self._sink(sample_losses.detach(), loss_mask.sum(1), source)
-        return sample_losses.sum() / self._token_count
+        losses = sample_losses(model, hidden, labels, loss_mask, self.ops, self.tp)
+        self._sink(losses.detach(), loss_mask.sum(1), source)
+        return losses.sum() / self._token_count
 
     def _pipeline_loss(self, hidden, target) -> torch.Tensor:
         labels, loss_mask, source = unpack_target(target)
