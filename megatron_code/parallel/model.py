@@ -148,6 +148,7 @@ class ParallelModel:
         tokens = batch["tokens"]
         batch = {"position_ids": torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens),
                  **{k: batch[k] for k in EVAL_KEYS if k in batch}}
+        batch = self._pad_sequence(batch)
         dp = self.runtime.size("dp") if split_over_data_parallel else 1
         size = tokens.shape[0]
         share = math.ceil(size / dp)
@@ -169,6 +170,22 @@ class ParallelModel:
             dist.all_gather_into_tensor(gathered, result, group=self.runtime.group("dp"))
             result = gathered.view(dp, 2, share).transpose(0, 1).flatten(1)
         return result[0, :size], result[1, :size]
+
+    def _pad_sequence(self, batch: dict) -> dict:
+        """Right-pad the sequence to what the layout runs: pipeline stages exchange activations of
+        data.seq_length tokens, sequence parallel splits it into T equal parts. Padding carries
+        no loss tokens, and causal attention keeps it from the real tokens."""
+        width, seq_length = batch["tokens"].shape[1], self.config.data.seq_length
+        if self.pipelined:
+            if width > seq_length:
+                raise ValueError(f"evaluation batch of {width} tokens per sample is longer than data.seq_length="
+                                 f"{seq_length}, which the pipeline stages run")
+            target = seq_length
+        elif self.tp.sequence_parallel:
+            target = -(-width // self.tp.size) * self.tp.size
+        else:
+            return batch
+        return {k: torch.nn.functional.pad(v, (0, target - width)) for k, v in batch.items()}
 
     def _evaluate_share(self, batch: dict) -> torch.Tensor:
         """(2, n) sums and counts of this rank's samples, on every rank of its pipeline."""
