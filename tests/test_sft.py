@@ -332,7 +332,7 @@ def test_sft_start_up_checks(tiny_corpus, tiny_indexed, two_sources, pretrained,
     plain = sft_overrides(tiny_corpus, two_sources, tmp_path, pretrained)
     with pytest.raises(DataError, match="holds instruction data .* set train.stage=sft"):
         Trainer(load_config(None, [a for a in plain if not a.startswith(("--train.stage", "--checkpoint"))]))
-    with pytest.raises(CheckpointError, match="model.hidden_size=64; this config has 128"):
+    with pytest.raises(CheckpointError, match="model.hidden_size: checkpoint 64, this config 128"):
         Trainer(load_config(None, plain + ["--model.hidden_size=128"]))
 
 
