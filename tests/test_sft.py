@@ -24,7 +24,7 @@ from megatron_code.data.sft import SFTDataset, check_sft_dataset, preprocess_sft
 from megatron_code.data.tokenizer import load_tokenizer
 from megatron_code.kernels import TORCH_OPS, build_attention
 from megatron_code.model import GPT
-from megatron_code.training.loss import loss_fn
+from megatron_code.training.loss import sample_losses
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -104,7 +104,8 @@ def test_changing_a_prompt_label_leaves_the_loss_and_a_response_label_changes_it
 
     def loss(labels):
         with torch.no_grad():
-            return loss_fn(model, {**batch, "labels": labels}, TORCH_OPS, 1)
+            hidden = model(batch["tokens"], batch["position_ids"], batch["document_ids"], return_hidden=True)
+            return sample_losses(model, hidden, labels, batch["loss_mask"], TORCH_OPS)  # the trainer's loss
 
     base = loss(batch["labels"])
     prompt = torch.nonzero((batch["loss_mask"][0] == 0) & (batch["document_ids"][0] < 3)).flatten()
@@ -334,7 +335,7 @@ def test_sft_start_up_checks(tiny_corpus, tiny_indexed, two_sources, pretrained,
     plain = sft_overrides(tiny_corpus, two_sources, tmp_path, pretrained)
     with pytest.raises(DataError, match="holds instruction data .* set train.stage=sft"):
         Trainer(load_config(None, [a for a in plain if not a.startswith(("--train.stage", "--checkpoint"))]))
-    with pytest.raises(CheckpointError, match="model.hidden_size=64; this config has 128"):
+    with pytest.raises(CheckpointError, match="model.hidden_size: checkpoint 64, this config 128"):
         Trainer(load_config(None, plain + ["--model.hidden_size=128"]))
 
 
