@@ -267,6 +267,11 @@ TP_CHECKS = [
 TP_CASES = [(0.0, None), (0.02, None), (0.02, 900), (0.0, 400)]
 
 
+def _real_here(vocab: int, vocab_size: int | None, rank: int, v_local: int) -> int:
+    """How many of rank's vocab shard columns are real ids; the rest must get exactly 0 gradient."""
+    return max(0, (vocab_size or vocab) - rank * v_local)
+
+
 def _tp_cross_entropy(fn, rank, world_size, group):
     n_tokens, vocab = 33, 1030
     v_local = vocab // world_size
@@ -285,6 +290,7 @@ def _tp_cross_entropy(fn, rank, world_size, group):
         _close(loss, ref, 1e-5, 1e-5, f"loss {case}")
         _close(shard.grad, ref_logits.grad[:, rank * v_local:(rank + 1) * v_local], 1e-5, 1e-6,
                f"grad of vocab shard {rank} {case}")
+        assert (shard.grad[:, _real_here(vocab, vocab_size, rank, v_local):] == 0).all(), f"padding grad {case}"
 
 
 def _tp_fused(fn, rank, world_size, group):
@@ -305,6 +311,7 @@ def _tp_fused(fn, rank, world_size, group):
         _close(h.grad, ref_hidden.grad, 1e-5, 1e-5, f"grad_hidden (all-reduced) vocab_size={vocab_size}")
         _close(w.grad, ref_weight.grad[rank * v_local:(rank + 1) * v_local], 1e-5, 1e-5,
                f"grad of weight shard {rank} vocab_size={vocab_size}")
+        assert (w.grad[_real_here(vocab, vocab_size, rank, v_local):] == 0).all(), f"padding grad {vocab_size}"
 
 
 def _tp_megatron(rank, world_size, group):
