@@ -122,9 +122,19 @@ _SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "kv_heads", "ffn_size
                  "position_embedding", "tie_embeddings")
 
 
-def check_model_config(saved_state: dict, model: ModelConfig, path: Path) -> None:
-    """Stop before any work when a checkpoint's model cannot load into `model`."""
+def check_tokenizer(saved: ModelConfig, path: str | Path, tokenizer_vocab_size: int, tokenizer: str | Path) -> None:
+    """Refuse a tokenizer of another size than the one a checkpoint's model trained with (0: not
+    recorded, a checkpoint saved before model.tokenizer_vocab_size existed)."""
+    if saved.tokenizer_vocab_size not in (0, tokenizer_vocab_size):
+        raise CheckpointError(f"checkpoint {path} was trained with a tokenizer of {saved.tokenizer_vocab_size} ids; "
+                              f"the tokenizer {tokenizer} has {tokenizer_vocab_size}: it is not this model's tokenizer")
+
+
+def check_model_config(saved_state: dict, model: ModelConfig, path: Path, tokenizer) -> None:
+    """Stop before any work when a checkpoint's model cannot load into `model`, or was trained
+    with another `tokenizer` (data.tokenizer's, loaded)."""
     saved = config_from_dict(saved_state["config"], model_only=True).model  # an import has no data sources
+    check_tokenizer(saved, path, tokenizer.vocab_size, "data.tokenizer")
     for name in _SHAPE_FIELDS + (("max_seq_len",) if model.position_embedding == "learned" else ()):
         if getattr(saved, name) != getattr(model, name):
             raise CheckpointError(f"checkpoint {path} holds a model with model.{name}={getattr(saved, name)!r}; "

@@ -55,7 +55,7 @@ class Trainer:
         ckpt = config.checkpoint
         start_from = resolve(ckpt.load or ckpt.init_from) if (ckpt.load or ckpt.init_from) else None
         if start_from is not None:
-            check_model_config(read_trainer_state(start_from), config.model, start_from)
+            check_model_config(read_trainer_state(start_from), config.model, start_from, self.tokenizer)
         self.eval_tasks = load_eval_tasks(config.train.eval_tasks)
 
         self.runtime = build_runtime(config.train.device, config.parallel.tensor, config.parallel.pipeline)
@@ -90,6 +90,10 @@ class Trainer:
 
     def _set_vocab_size(self, main: bool) -> None:
         model, T, tokens = self.config.model, self.config.parallel.tensor, self.tokenizer.vocab_size
+        if model.tokenizer_vocab_size not in (0, tokens):
+            raise ConfigError(f"model.tokenizer_vocab_size={model.tokenizer_vocab_size} but the tokenizer "
+                              f"{self.config.data.tokenizer} has {tokens} ids")
+        model.tokenizer_vocab_size = tokens
         if model.vocab_size == 0:
             model.vocab_size = model.padded_vocab(tokens, T)
             if main and model.vocab_size != tokens:
