@@ -59,7 +59,9 @@ class ModelConfig:
     kernels: str = "auto"
     """auto | triton | torch: who computes norms, RoPE, activations and the loss."""
     attention: str = "auto"
-    """auto | sdpa | flash_attn | triton."""
+    """auto | sdpa | flash_attn | triton. auto decides per batch: SDPA (flash-attn before Hopper
+    when installed); packed sequences (document ids) on CUDA through flash-attn's variable-length
+    path when installed, else the Triton kernel; on CPU SDPA with the document mask."""
     fused_linear_cross_entropy: bool = False
     """Compute the output projection and the loss together in token chunks, so the full
     [tokens, vocab] logits are never held (5-20x less loss memory at large vocabularies)."""

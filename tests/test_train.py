@@ -92,6 +92,7 @@ def test_quickstart_tiny(tmp_path, capsys):
     assert set(result.valid_losses) == {"text", "code"}
     assert result.tokens_per_source["text"] > result.tokens_per_source["code"] > 0
     report = capsys.readouterr().out
+    assert "kernels: torch; attention: auto: sdpa, packed sequences: sdpa" in report  # the start-up line on CPU
     assert "quickstart report" in report and "tokens seen" in report and str(result.checkpoint) in report
     assert f"train loss       {result.losses[0]:.3f} (step 1) -> {result.losses[-1]:.3f} (step 40)" in report
     binaries = sorted(tmp_path.glob("data/*.bin"))
