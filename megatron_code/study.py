@@ -7,8 +7,10 @@ recipes examples/recipes/ma_nl.yaml and ma_code.yaml; instruction-tune NN, NC, C
 stepwise increasing and decreasing code from examples/recipes/sft/ma_sft_*.yaml (CC is the
 uniform strategy, 5:3 all run); evaluate every model on the offline tasks of
 megatron_code.evaluation (arithmetic and logic multiple choice, Python functions by pass@1 and
-BLEU); print the comparison table and write plots. The recipes are shrunk by overrides (the
-model, sequence length, steps, batch, learning rate); everything else is theirs.
+BLEU), the pretrained arms with raw prompts and the tuned arms through the chat template of
+their instruction data; print one comparison table per prompt format and write plots. The
+recipes are shrunk by overrides (the model, sequence length, steps, batch, learning rate);
+everything else is theirs.
 
 Data, all made here with no network: the built-in text and code corpus and its tokenizer (as
 the quickstart builds them), and instruction sets from megatron_code.data.instructions (text:
@@ -171,32 +173,28 @@ def _common(size: Size, tokenizer: Path, run_dir: Path, steps: int, lr: float, p
 # ---------------------------------------------------------------------------------- evaluation
 
 
-def evaluate_arm(name: str, run_dir: Path, tasks: list[Path], out: Path, size: Size, device: str) -> Path:
-    """Score one model on the task files (reused when the results are from its latest step)."""
-    from megatron_code.evaluation.code import score_code
+def evaluate_arm(name: str, run_dir: Path, tasks: list[Path], out: Path, size: Size, device: str,
+                 chat_template: str) -> Path:
+    """Score one model on the task files with raw prompts (`chat_template` none) or through its
+    chat template (auto); reused when the results are from its latest step, in that format."""
     from megatron_code.evaluation.lm import load_language_model
-    from megatron_code.evaluation.multiple_choice import score_multiple_choice
-    from megatron_code.evaluation.results import write_results
-    from megatron_code.evaluation.tasks import MULTIPLE_CHOICE, load_task
-
+    from megatron_code.evaluation.results import RAW, write_results
+    from megatron_code.evaluation.score import score_tasks
+    from megatron_code.evaluation.tasks import load_task
     from megatron_code.training.checkpoint import resolve
 
     checkpoint = resolve(run_dir) / "trainer_state.json"
     if out.is_file() and out.stat().st_mtime_ns > checkpoint.stat().st_mtime_ns:
-        _log(f"{name}: evaluated ({out})")
-        return out
+        raw = json.loads(out.read_text()).get("prompt_format", RAW) == RAW
+        if raw == (chat_template == "none"):
+            _log(f"{name}: evaluated ({out})")
+            return out
     started = time.perf_counter()
     model = load_language_model(run_dir, "cuda" if device == "cuda" else "cpu")
-    scores = []
-    for task in map(load_task, tasks):
-        if task.kind == MULTIPLE_CHOICE:
-            scores.append(score_multiple_choice(task, model.sample_losses, model.tokenizer, model.max_length,
-                                                device=model.device))
-        else:
-            scores.append(score_code(task, model, max_new_tokens=size.max_new_tokens))
-    write_results(out, model.path, model.step, scores)
-    _log(f"{name}: " + "; ".join(f"{s.task} " + ", ".join(f"{m} {v:.3f}" for m, v in s.metrics.items())
-                                 for s in scores) + f" ({time.perf_counter() - started:.0f} s)")
+    scores, record = score_tasks(model, list(map(load_task, tasks)), chat_template, max_new_tokens=size.max_new_tokens,
+                                 log=lambda line: _log(f"{name}: {line}"))
+    write_results(out, model.path, model.step, scores, record)
+    _log(f"{name}: scored in {time.perf_counter() - started:.0f} s")
     return out
 
 
@@ -219,8 +217,11 @@ def _plot_scores(results: dict[str, Path], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {name: {(r["task"], r["metric"]): r["value"] for r in json.loads(p.read_text())["results"]}
-            for name, p in results.items()}
+    from megatron_code.evaluation.results import RAW
+
+    files = {name: json.loads(p.read_text()) for name, p in results.items()}
+    rows = {f"{name} ({f.get('prompt_format', RAW)})": {(r["task"], r["metric"]): r["value"] for r in f["results"]}
+            for name, f in files.items()}
     keys = list(dict.fromkeys(k for row in rows.values() for k in row))
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)), 3.8))
     width = 0.8 / len(rows)
@@ -298,11 +299,13 @@ def run(argv: list[str] | None = None) -> dict:
             size, tokenizer, tune[arm], size.sft_steps, size.sft_lr, progress, args.device)], size.sft_steps)
 
     runs = {**pretrain, **tune}
-    results = {arm: evaluate_arm(arm, run_dir, tasks, out / "eval" / f"{arm}.json", size, args.device)
+    results = {arm: evaluate_arm(arm, run_dir, tasks, out / "eval" / f"{arm}.json", size, args.device,
+                                 "none" if arm in pretrain else "auto")
                for arm, run_dir in runs.items()}
     from megatron_code.evaluation.results import compare
 
-    table = compare(list(results.values()))
+    tables = {"pretrained": compare([results[arm] for arm in pretrain]),
+              "tuned": compare([results[arm] for arm in tune])}
     report = "\n".join([
         f"# Study {args.name} ({args.size} size)", "",
         "Tiny-scale numbers: models of about a million parameters (0.16M at the ci size) trained for minutes on "
@@ -312,13 +315,18 @@ def run(argv: list[str] | None = None) -> dict:
         "and CC = CODE tuned on text + code instructions at 5:3 (Ma et al.'s uniform strategy); CC_stepwise_* "
         f"= CODE tuned with the stepwise schedules ({size.sft_steps} steps each).", "",
         "## Training", "", _arm_table(runs), "",
-        "## Evaluation (each arm's difference from the first, 95% bootstrap interval)", "", table, ""])
+        "## Evaluation (each arm's difference from the first, 95% bootstrap interval)", "",
+        "Pretrained arms, fed each task's text as written (raw):", "", tables["pretrained"], "",
+        "Tuned arms, fed each task's text as the user turn of the chat template they were tuned with (their "
+        "instruction data's, recorded with it): each question's options are scored as the assistant's reply, "
+        "code is generated after the assistant header. Compare arms within a table: a difference across the two "
+        "tables mixes the models with the prompt format.", "", tables["tuned"], ""])
     (out / "comparison.md").write_text(report)
     plots = write_plots(out, pretrain, tune, results)
     print("\n" + report)
     print(f"study {args.name}: {out}/comparison.md, plots in {out / 'plots'} "
           f"({(time.perf_counter() - started) / 60:.1f} min)")
-    return {"table": table, "report": report, "results": results, "plots": plots, "out": out,
+    return {"tables": tables, "report": report, "results": results, "plots": plots, "out": out,
             "size": asdict(size)}
 
 
