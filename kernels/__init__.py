@@ -16,13 +16,13 @@ import torch
 
 from .cross_entropy import (IGNORE_INDEX, cross_entropy_torch, cross_entropy_triton,
                             fused_linear_cross_entropy_torch, fused_linear_cross_entropy_triton)
-from .flash_attention import attention_torch, flash_attention_triton
+from .flash_attention import SUPPORTED_HEAD_DIMS, attention_torch, flash_attention_triton
 from .rms_norm import layer_norm_torch, layer_norm_triton, rms_norm_torch, rms_norm_triton
 from .rope import apply_rope_torch, apply_rope_triton, rope_tables
 from .swiglu import gelu_torch, gelu_triton, swiglu_torch, swiglu_triton
 
-__all__ = ["IGNORE_INDEX", "KernelOps", "KernelUnavailable", "TORCH_OPS", "TRITON_OPS", "attention_torch",
-           "build_ops", "build_attention", "rope_tables"]
+__all__ = ["IGNORE_INDEX", "AutoAttention", "KernelOps", "KernelUnavailable", "TORCH_OPS", "TRITON_OPS",
+           "attention_torch", "build_ops", "build_attention", "describe_attention", "rope_tables"]
 
 
 class KernelUnavailable(RuntimeError):
@@ -103,23 +103,70 @@ def flash_attn_attention(q, k, v, document_ids=None, scale=None):
     return out.view(B, T, Hq, D).transpose(1, 2)
 
 
-def build_attention(choice: str, device: torch.device) -> Callable:
-    """`auto`: cuDNN SDPA on Hopper, flash-attn elsewhere on CUDA when installed, else SDPA."""
+_ATTENTION_NAMES = {attention_torch: "sdpa", flash_attn_attention: "flash_attn", flash_attention_triton: "triton"}
+
+
+@dataclass(frozen=True)
+class AutoAttention:
+    """`model.attention=auto`, decided per call. Batches without document ids go to `unpacked`.
+    Packed batches (document_ids) go to `packed`: on CUDA, flash-attn's variable-length entry
+    point when installed, else our Triton kernel, which skips key blocks of other documents
+    (SDPA with a (B, T, T) document mask loses its flash backend and visits every key block);
+    on CPU, SDPA with the mask (the reference)."""
+    unpacked: Callable
+    packed: Callable
+
+    def __call__(self, q, k, v, document_ids=None, scale=None):
+        if document_ids is None:
+            return self.unpacked(q, k, v, None, scale)
+        return self.packed(q, k, v, document_ids, scale)
+
+
+def describe_attention(attention: Callable) -> str:
+    """What serves each kind of batch, for the run's start-up line."""
+    if isinstance(attention, AutoAttention):
+        return (f"auto: {_ATTENTION_NAMES[attention.unpacked]}, "
+                f"packed sequences: {_ATTENTION_NAMES[attention.packed]}")
+    return _ATTENTION_NAMES[attention]
+
+
+def _triton_attention_problem(device: torch.device, head_dim: int | None) -> str | None:
+    if head_dim is not None and head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"the Triton attention kernel takes head dims {SUPPORTED_HEAD_DIMS}, this model's is {head_dim}"
+    return _triton_problem(device)
+
+
+def _auto_attention(device: torch.device, head_dim: int | None) -> AutoAttention:
+    cuda, flash_attn = device.type == "cuda", _flash_attn_problem(device) is None
+    unpacked = flash_attn_attention if flash_attn and not _is_hopper_or_newer(device) else attention_torch
+    if not cuda:
+        packed = attention_torch
+    elif flash_attn:
+        packed = flash_attn_attention
+    elif _triton_attention_problem(device, head_dim) is None:
+        packed = flash_attention_triton
+    else:
+        packed = attention_torch
+    return AutoAttention(unpacked, packed)
+
+
+def build_attention(choice: str, device: torch.device, head_dim: int | None = None) -> Callable:
+    """`auto`: see AutoAttention; unpacked batches take cuDNN SDPA on Hopper, flash-attn elsewhere
+    on CUDA when installed, else SDPA. `head_dim` (when given) rules out the Triton kernel for
+    head sizes it does not take, here rather than at the first packed batch."""
     device = torch.device(device)
     if choice == "auto":
-        if _flash_attn_problem(device) is None and not _is_hopper_or_newer(device):
-            return flash_attn_attention
-        return attention_torch
+        return _auto_attention(device, head_dim)
     if choice == "sdpa":
         return attention_torch
     if choice == "flash_attn":
         problem = _flash_attn_problem(device)
         if problem:
             raise KernelUnavailable(f"model.attention=flash_attn is unavailable: {problem}; available: auto, sdpa"
-                                    + (", triton" if _triton_problem(device) is None else ""))
+                                    + (", triton" if _triton_attention_problem(device, head_dim) is None else ""))
         return flash_attn_attention
     if choice == "triton":
-        problem = _triton_problem(device)
+        problem = _triton_attention_problem(device, head_dim)
         if problem:
             raise KernelUnavailable(f"model.attention=triton is unavailable: {problem}; available: auto, sdpa")
         return flash_attention_triton

@@ -11,6 +11,10 @@ Conventions shared by every function here:
   `logits` (or the rows of `weight`) is this rank's shard, covering vocab ids
   [r * V_local, (r + 1) * V_local) with r the rank within `tp_group` (Megatron's layout). Every rank
   returns the full per-token loss; the backward of the logits needs no communication.
+- `vocab_size` is the real vocabulary when the logits are padded past it (Megatron pads the
+  embedding to a multiple of 128 x T): columns of ids >= vocab_size -- on a vocab-parallel rank,
+  the local columns past vocab_size - r * V_local -- are left out of the log-sum-exp, as if their
+  logits were -inf, and get a gradient of exactly 0. Targets must be real ids. None: no padding.
 
 Memory of the fused linear + cross-entropy (`fused_linear_cross_entropy_*`): the forward keeps only
 `hidden`, `weight`, `targets` and one fp32 log-sum-exp per token; at any time it holds one chunk of
@@ -29,6 +33,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 try:
     import triton
@@ -60,6 +65,17 @@ def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def _vocab_start(v_local: int, tp_group) -> int:
     return 0 if tp_group is None else dist.get_rank(tp_group) * v_local
+
+
+def _real_columns(v_local: int, tp_group, vocab_size: int | None) -> int:
+    """How many of this shard's columns are real ids (the rest is vocabulary padding; a
+    vocab-parallel rank may hold padding only)."""
+    full = v_local * (1 if tp_group is None else dist.get_world_size(tp_group))
+    if vocab_size is None:
+        return v_local
+    if not 0 < vocab_size <= full:
+        raise ValueError(f"vocab_size={vocab_size} must be in 1..{full}, the width of the (padded) logits")
+    return max(0, min(v_local, vocab_size - _vocab_start(v_local, tp_group)))
 
 
 def _finish_loss(lse: torch.Tensor, target_logit: torch.Tensor, targets: torch.Tensor,
@@ -94,11 +110,18 @@ def _local_target(targets: torch.Tensor, vocab_start: int, v_local: int, ignore_
     return torch.where(in_shard, local, torch.zeros_like(local)), in_shard
 
 
+def _real_logits(logits: torch.Tensor, n_real: int) -> torch.Tensor:
+    """The logits in fp32 with padding columns (from `n_real` on) at -inf; a new tensor when padded."""
+    pad = logits.shape[-1] - n_real
+    return F.pad(logits[..., :n_real].float(), (0, pad), value=float("-inf")) if pad else logits.float()
+
+
 def _grad_logits_torch(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                       grad_out: torch.Tensor, vocab_start: int, ignore_index: int, z_loss: float,
+                       grad_out: torch.Tensor, vocab_start: int, n_real: int, ignore_index: int, z_loss: float,
                        out: torch.Tensor) -> torch.Tensor:
-    """out = (softmax * (1 + 2 z lse) - onehot) * grad_out row-wise, 0 on ignored rows (may alias logits)."""
-    x = logits.float()
+    """out = (softmax * (1 + 2 z lse) - onehot) * grad_out row-wise, 0 on ignored rows and padding
+    columns (may alias logits)."""
+    x = _real_logits(logits, n_real)
     local, in_shard = _local_target(targets, vocab_start, x.shape[-1], ignore_index)
     valid = targets != ignore_index
     lse = torch.where(valid, lse, torch.zeros_like(lse))
@@ -108,13 +131,13 @@ def _grad_logits_torch(logits: torch.Tensor, targets: torch.Tensor, lse: torch.T
     return out.copy_(grad)
 
 
-def _row_stats_torch(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, ignore_index: int,
-                     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-    x = logits.float()
-    row_max = x.amax(-1)
+def _row_stats_torch(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, n_real: int,
+                     ignore_index: int, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    x = _real_logits(logits, n_real)
+    row_max = x.amax(-1)  # -inf on a shard of padding only: its sum-exp is 0
     local, in_shard = _local_target(targets, vocab_start, x.shape[-1], ignore_index)
     out[0].copy_(row_max)
-    out[1].copy_(torch.exp(x - row_max.unsqueeze(-1)).sum(-1))
+    out[1].copy_(torch.exp(x - row_max.nan_to_num(neginf=0.0).unsqueeze(-1)).sum(-1))
     out[2].copy_(torch.where(in_shard, x.gather(-1, local.unsqueeze(-1)).squeeze(-1), torch.zeros_like(row_max)))
 
 
@@ -125,8 +148,8 @@ class _CrossEntropyTorch(torch.autograd.Function):
     logsumexp + gather. A second backward (retain_graph) fails the saved-tensor version check."""
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, z_loss):
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    def forward(ctx, logits, targets, ignore_index, z_loss, n_real):
+        logp = torch.log_softmax(_real_logits(logits, n_real), dim=-1)  # (N, V), -inf on padding
         valid = targets != ignore_index
         index = torch.where(valid, targets, torch.zeros_like(targets)).unsqueeze(-1)  # (N, 1)
         loss = -logp.gather(-1, index).squeeze(-1)
@@ -145,19 +168,19 @@ class _CrossEntropyTorch(torch.autograd.Function):
         scale = g if lse is None else g * (1.0 + 2.0 * ctx.z_loss * lse)
         grad = logp.exp_().mul_(scale.unsqueeze(-1))  # softmax * scale, in the saved buffer
         grad.scatter_add_(-1, index, -g.unsqueeze(-1))
-        return grad.to(ctx.logits_dtype), None, None, None
+        return grad.to(ctx.logits_dtype), None, None, None, None
 
 
 class _VocabParallelCrossEntropyTorch(torch.autograd.Function):
     """Reference vocab-parallel loss: global max first, then sum-exp and target logit, all in fp32."""
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, z_loss, tp_group):
-        x = logits.float()
+    def forward(ctx, logits, targets, ignore_index, z_loss, tp_group, n_real):
+        x = _real_logits(logits, n_real)
         v_local = x.shape[-1]
         vocab_start = _vocab_start(v_local, tp_group)
         row_max = x.amax(-1)
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)  # finite: some rank holds real ids
         sumexp = torch.exp(x - row_max.unsqueeze(-1)).sum(-1)
         dist.all_reduce(sumexp, op=dist.ReduceOp.SUM, group=tp_group)
         local, in_shard = _local_target(targets, vocab_start, v_local, ignore_index)
@@ -165,29 +188,31 @@ class _VocabParallelCrossEntropyTorch(torch.autograd.Function):
         dist.all_reduce(target_logit, op=dist.ReduceOp.SUM, group=tp_group)
         lse = row_max + torch.log(sumexp)
         ctx.save_for_backward(logits, targets, lse)
-        ctx.vocab_start, ctx.ignore_index, ctx.z_loss = vocab_start, ignore_index, z_loss
+        ctx.vocab_start, ctx.n_real, ctx.ignore_index, ctx.z_loss = vocab_start, n_real, ignore_index, z_loss
         return _finish_loss(lse, target_logit, targets, ignore_index, z_loss)
 
     @staticmethod
     def backward(ctx, grad_loss):
         logits, targets, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        _grad_logits_torch(logits, targets, lse, grad_loss, ctx.vocab_start, ctx.ignore_index, ctx.z_loss, grad)
-        return grad, None, None, None, None
+        _grad_logits_torch(logits, targets, lse, grad_loss, ctx.vocab_start, ctx.n_real, ctx.ignore_index,
+                           ctx.z_loss, grad)
+        return grad, None, None, None, None, None
 
 
 def cross_entropy_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-                        z_loss: float = 0.0, tp_group=None) -> torch.Tensor:
+                        z_loss: float = 0.0, tp_group=None, vocab_size: int | None = None) -> torch.Tensor:
     """logits (..., V), targets (...) -> loss (...) in fp32; 0 where targets == ignore_index.
     z_loss adds z_loss * logsumexp(logits)^2 (PaLM) to keep the softmax normalizer near 1.
-    With `tp_group`, logits is this rank's vocab shard (see the module docstring)."""
+    With `tp_group`, logits is this rank's vocab shard; with `vocab_size`, columns past it are
+    padding (see the module docstring)."""
+    v_local = logits.shape[-1]
+    n_real = _real_columns(v_local, tp_group, vocab_size)
     if tp_group is not None:
-        v_local = logits.shape[-1]
         loss = _VocabParallelCrossEntropyTorch.apply(logits.reshape(-1, v_local), targets.reshape(-1),
-                                                     ignore_index, z_loss, tp_group)
+                                                     ignore_index, z_loss, tp_group, n_real)
         return loss.view(targets.shape)
-    loss = _CrossEntropyTorch.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                    ignore_index, z_loss)
+    loss = _CrossEntropyTorch.apply(logits.reshape(-1, v_local), targets.reshape(-1), ignore_index, z_loss, n_real)
     return loss.view(targets.shape)
 
 
@@ -202,9 +227,10 @@ if triton is not None:
         logits_ptr, logits_row_stride, targets_ptr,
         loss_ptr, lse_ptr,                       # FINISH: per-row loss and log-sum-exp
         max_ptr, sumexp_ptr, target_logit_ptr,   # not FINISH: per-row shard statistics
-        n_cols, vocab_start, ignore_index, z_loss,
+        n_cols, n_real, vocab_start, ignore_index, z_loss,
         FINISH: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
+        """Columns from `n_real` on are vocabulary padding: never read, left out of the sum-exp."""
         row = tl.program_id(0).to(tl.int64)
         target = tl.load(targets_ptr + row).to(tl.int64)
         if target == ignore_index:
@@ -220,9 +246,9 @@ if triton is not None:
         # online max / sum-exp: when the running max grows, rescale the running sum
         row_max = float("-inf")
         sumexp = 0.0
-        for start in range(0, n_cols, BLOCK_V):
+        for start in range(0, n_real, BLOCK_V):  # a shard of padding only keeps max -inf, sum-exp 0
             cols = start + tl.arange(0, BLOCK_V)
-            x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+            x = tl.load(row_ptr + cols, mask=cols < n_real, other=float("-inf")).to(tl.float32)
             new_max = tl.maximum(row_max, tl.max(x, axis=0))
             ref = tl.where(new_max == float("-inf"), 0.0, new_max)  # a block of -inf logits stays finite
             sumexp = sumexp * tl.exp(row_max - ref) + tl.sum(tl.exp(x - ref), axis=0)
@@ -244,10 +270,11 @@ if triton is not None:
     def _cross_entropy_bwd_kernel(
         logits_ptr, logits_row_stride, grad_ptr, grad_row_stride,
         targets_ptr, lse_ptr, grad_out_ptr, grad_out_stride,
-        n_cols, vocab_start, ignore_index, z_loss,
+        n_cols, n_real, vocab_start, ignore_index, z_loss,
         BLOCK_V: tl.constexpr,
     ):
-        """grad = (softmax * (1 + 2 z lse) - onehot) * grad_out; grad_ptr may equal logits_ptr."""
+        """grad = (softmax * (1 + 2 z lse) - onehot) * grad_out, 0 on padding columns (from
+        `n_real` on); grad_ptr may equal logits_ptr."""
         row = tl.program_id(0).to(tl.int64)
         target = tl.load(targets_ptr + row).to(tl.int64)
         grad_row_ptr = grad_ptr + row * grad_row_stride
@@ -265,7 +292,7 @@ if triton is not None:
         for start in range(0, n_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < n_cols
-            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(row_ptr + cols, mask=cols < n_real, other=float("-inf")).to(tl.float32)
             grad = tl.exp(x - lse) * scale - tl.where(cols == local, grad_out, 0.0)
             tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -285,7 +312,7 @@ def _as_rows(logits: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _forward_triton(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, ignore_index: int,
+def _forward_triton(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, n_real: int, ignore_index: int,
                     z_loss: float, finish: bool, out: tuple[torch.Tensor, ...]) -> None:
     """finish: out = (loss, lse). Else out = (max, sumexp, target_logit) of this shard."""
     n_rows, n_cols = logits.shape
@@ -299,17 +326,17 @@ def _forward_triton(logits: torch.Tensor, targets: torch.Tensor, vocab_start: in
         loss = lse = row_max
     _cross_entropy_fwd_kernel[(n_rows,)](
         logits, logits.stride(0), targets, loss, lse, row_max, sumexp, target_logit,
-        n_cols, vocab_start, ignore_index, float(z_loss),
+        n_cols, n_real, vocab_start, ignore_index, float(z_loss),
         FINISH=finish, BLOCK_V=_block_v(n_cols), num_warps=_NUM_WARPS,
     )
 
 
-def _row_stats_triton(logits, targets, vocab_start, ignore_index, out) -> None:
-    _forward_triton(logits, targets, vocab_start, ignore_index, 0.0, False, out)
+def _row_stats_triton(logits, targets, vocab_start, n_real, ignore_index, out) -> None:
+    _forward_triton(logits, targets, vocab_start, n_real, ignore_index, 0.0, False, out)
 
 
 def _grad_logits_triton(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                        grad_out: torch.Tensor, vocab_start: int, ignore_index: int, z_loss: float,
+                        grad_out: torch.Tensor, vocab_start: int, n_real: int, ignore_index: int, z_loss: float,
                         out: torch.Tensor) -> torch.Tensor:
     n_rows, n_cols = logits.shape
     if n_rows == 0:
@@ -317,7 +344,7 @@ def _grad_logits_triton(logits: torch.Tensor, targets: torch.Tensor, lse: torch.
     grad_out = grad_out.float()  # keeps a stride-0 (expanded) grad_output as is
     _cross_entropy_bwd_kernel[(n_rows,)](
         logits, logits.stride(0), out, out.stride(0), targets, lse, grad_out, grad_out.stride(0),
-        n_cols, vocab_start, ignore_index, float(z_loss),
+        n_cols, n_real, vocab_start, ignore_index, float(z_loss),
         BLOCK_V=_block_v(n_cols), num_warps=_NUM_WARPS,
     )
     return out
@@ -326,20 +353,20 @@ def _grad_logits_triton(logits: torch.Tensor, targets: torch.Tensor, lse: torch.
 class _CrossEntropyTriton(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, z_loss, tp_group, inplace_backward):
+    def forward(ctx, logits, targets, ignore_index, z_loss, tp_group, n_real, inplace_backward):
         n_rows, v_local = logits.shape
         vocab_start = _vocab_start(v_local, tp_group)
         if tp_group is None:
             loss = _alloc((n_rows,), torch.float32, logits.device)
             lse = _alloc((n_rows,), torch.float32, logits.device)
-            _forward_triton(logits, targets, 0, ignore_index, z_loss, True, (loss, lse))
+            _forward_triton(logits, targets, 0, n_real, ignore_index, z_loss, True, (loss, lse))
         else:
             stats = tuple(_alloc((n_rows,), torch.float32, logits.device) for _ in range(3))
-            _forward_triton(logits, targets, vocab_start, ignore_index, z_loss, False, stats)
+            _forward_triton(logits, targets, vocab_start, n_real, ignore_index, z_loss, False, stats)
             lse, target_logit = _reduce_row_stats(*stats, tp_group)
             loss = _finish_loss(lse, target_logit, targets, ignore_index, z_loss)
         ctx.save_for_backward(logits, targets, lse)
-        ctx.vocab_start, ctx.ignore_index, ctx.z_loss = vocab_start, ignore_index, z_loss
+        ctx.vocab_start, ctx.n_real, ctx.ignore_index, ctx.z_loss = vocab_start, n_real, ignore_index, z_loss
         ctx.inplace_backward = inplace_backward
         return loss
 
@@ -347,22 +374,23 @@ class _CrossEntropyTriton(torch.autograd.Function):
     def backward(ctx, grad_loss):
         logits, targets, lse = ctx.saved_tensors
         grad = logits if ctx.inplace_backward else _alloc(logits.shape, logits.dtype, logits.device)
-        _grad_logits_triton(logits, targets, lse, grad_loss, ctx.vocab_start, ctx.ignore_index, ctx.z_loss, grad)
-        return grad, None, None, None, None, None
+        _grad_logits_triton(logits, targets, lse, grad_loss, ctx.vocab_start, ctx.n_real, ctx.ignore_index,
+                            ctx.z_loss, grad)
+        return grad, None, None, None, None, None, None
 
 
 def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-                         z_loss: float = 0.0, tp_group=None, inplace_backward: bool = False) -> torch.Tensor:
+                         z_loss: float = 0.0, tp_group=None, vocab_size: int | None = None,
+                         inplace_backward: bool = False) -> torch.Tensor:
     """Same contract as `cross_entropy_torch`, with Triton kernels: the forward streams each row once
     (online max / sum-exp and the target logit), the backward writes the gradient in one pass.
     Saved for backward: the logits and one fp32 log-sum-exp per token.
     inplace_backward=True writes grad_logits into the logits' storage (saves N x V memory): only
     when nothing else reads those logits after the loss, and the graph is backpropagated once."""
     _check_triton()
-    v_local = logits.shape[-1]
-    rows = _as_rows(logits)
-    loss = _CrossEntropyTriton.apply(rows, targets.reshape(-1).contiguous(), ignore_index, z_loss, tp_group,
-                                     inplace_backward)
+    n_real = _real_columns(logits.shape[-1], tp_group, vocab_size)
+    loss = _CrossEntropyTriton.apply(_as_rows(logits), targets.reshape(-1).contiguous(), ignore_index, z_loss,
+                                     tp_group, n_real, inplace_backward)
     return loss.view(targets.shape)
 
 
@@ -371,8 +399,8 @@ def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
 # ----------------------------------------------------------------------------------------------
 
 class _CrossEntropyBackend(NamedTuple):
-    row_stats: Callable   # (logits, targets, vocab_start, ignore_index, out=(max, sumexp, target_logit))
-    grad_logits: Callable  # (logits, targets, lse, grad_out, vocab_start, ignore_index, z_loss, out)
+    row_stats: Callable   # (logits, targets, vocab_start, n_real, ignore_index, out=(max, sumexp, target_logit))
+    grad_logits: Callable  # (logits, targets, lse, grad_out, vocab_start, n_real, ignore_index, z_loss, out)
 
 
 _TORCH_BACKEND = _CrossEntropyBackend(_row_stats_torch, _grad_logits_torch)
@@ -388,7 +416,7 @@ def _default_chunk_size(n_tokens: int, v_local: int, hidden_size: int) -> int:
 class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, z_loss, tp_group, chunk_size, backend):
+    def forward(ctx, hidden, weight, targets, ignore_index, z_loss, tp_group, n_real, chunk_size, backend):
         n_tokens = hidden.shape[0]
         v_local = weight.shape[0]
         vocab_start = _vocab_start(v_local, tp_group)
@@ -396,12 +424,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
             logits = hidden[start:end] @ weight.t()  # (C, V_local), the only logits alive
-            backend.row_stats(logits, targets[start:end], vocab_start, ignore_index,
+            backend.row_stats(logits, targets[start:end], vocab_start, n_real, ignore_index,
                               tuple(s[start:end] for s in stats))
             del logits
         lse, target_logit = _reduce_row_stats(*stats, tp_group)
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.vocab_start, ctx.ignore_index, ctx.z_loss = vocab_start, ignore_index, z_loss
+        ctx.vocab_start, ctx.n_real, ctx.ignore_index, ctx.z_loss = vocab_start, n_real, ignore_index, z_loss
         ctx.tp_group, ctx.chunk_size, ctx.backend = tp_group, chunk_size, backend
         return _finish_loss(lse, target_logit, targets, ignore_index, z_loss)
 
@@ -420,7 +448,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             hidden_chunk = hidden[start:end]
             logits = hidden_chunk @ weight.t()
             grad_logits = ctx.backend.grad_logits(logits, targets[start:end], lse[start:end], grad_loss[start:end],
-                                                  ctx.vocab_start, ctx.ignore_index, ctx.z_loss, logits)
+                                                  ctx.vocab_start, ctx.n_real, ctx.ignore_index, ctx.z_loss, logits)
             if need_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[start:end])
             if need_weight:
@@ -434,10 +462,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.tp_group)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
-def _fused_linear_cross_entropy(hidden, weight, targets, ignore_index, z_loss, tp_group, chunk_size, backend):
+def _fused_linear_cross_entropy(hidden, weight, targets, ignore_index, z_loss, tp_group, vocab_size, chunk_size,
+                                backend):
     hidden_size = hidden.shape[-1]
     if weight.shape[-1] != hidden_size:
         raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {hidden_size}")
@@ -449,28 +478,30 @@ def _fused_linear_cross_entropy(hidden, weight, targets, ignore_index, z_loss, t
         chunk_size = _default_chunk_size(rows.shape[0], weight.shape[0], hidden_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    loss = _FusedLinearCrossEntropy.apply(rows, weight, flat_targets, ignore_index, z_loss, tp_group,
+    n_real = _real_columns(weight.shape[0], tp_group, vocab_size)
+    loss = _FusedLinearCrossEntropy.apply(rows, weight, flat_targets, ignore_index, z_loss, tp_group, n_real,
                                           int(chunk_size), backend)
     return loss.view(targets.shape)
 
 
 def fused_linear_cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                      ignore_index: int = IGNORE_INDEX, z_loss: float = 0.0, tp_group=None,
-                                     chunk_size: int | None = None) -> torch.Tensor:
+                                     vocab_size: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """Per-token loss of (hidden @ weight.T) without holding the full logits: hidden (..., H),
     weight (V_local, H), targets (...) -> loss (...) fp32. Chunked over `chunk_size` tokens
     (None: chunk logits about the size of `hidden`); see the module docstring for memory.
     With `tp_group`, weight is this rank's vocab shard and hidden is replicated on the group;
-    grad_hidden is all-reduced over the group. Cross-entropy math in PyTorch (reference)."""
-    return _fused_linear_cross_entropy(hidden, weight, targets, ignore_index, z_loss, tp_group, chunk_size,
-                                       _TORCH_BACKEND)
+    grad_hidden is all-reduced over the group. Rows of `weight` past `vocab_size` are padding
+    (zero gradient). Cross-entropy math in PyTorch (reference)."""
+    return _fused_linear_cross_entropy(hidden, weight, targets, ignore_index, z_loss, tp_group, vocab_size,
+                                       chunk_size, _TORCH_BACKEND)
 
 
 def fused_linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                       ignore_index: int = IGNORE_INDEX, z_loss: float = 0.0, tp_group=None,
-                                      chunk_size: int | None = None) -> torch.Tensor:
+                                      vocab_size: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """`fused_linear_cross_entropy_torch` with the Triton cross-entropy kernels on each chunk; the
     per-chunk statistics of a vocab-parallel run are reduced once for all chunks (2 collectives)."""
     _check_triton()
-    return _fused_linear_cross_entropy(hidden, weight, targets, ignore_index, z_loss, tp_group, chunk_size,
-                                       _TRITON_BACKEND)
+    return _fused_linear_cross_entropy(hidden, weight, targets, ignore_index, z_loss, tp_group, vocab_size,
+                                       chunk_size, _TRITON_BACKEND)

@@ -32,6 +32,12 @@ class ModelConfig:
     """0 = take it from the tokenizer (padded to `pad_vocab_to_multiple_of`)."""
     pad_vocab_to_multiple_of: int = 128
     """Megatron pads the embedding so it splits evenly over tensor-parallel ranks; export cuts it."""
+    tokenizer_vocab_size: int = 0
+    """The tokenizer's ids, the first rows of the embedding and head; rows past them are padding,
+    left out of the loss's softmax (zero gradient), so training, evaluation and the export all
+    normalize over the tokenizer's vocabulary. Set from the tokenizer at start-up and saved with
+    the checkpoint. 0: none known (a checkpoint saved before this field; whoever has the tokenizer
+    -- resume, evaluation, export -- takes it from there); a bare model then has no padding."""
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 8
@@ -53,7 +59,9 @@ class ModelConfig:
     kernels: str = "auto"
     """auto | triton | torch: who computes norms, RoPE, activations and the loss."""
     attention: str = "auto"
-    """auto | sdpa | flash_attn | triton."""
+    """auto | sdpa | flash_attn | triton. auto decides per batch: SDPA (flash-attn before Hopper
+    when installed); packed sequences (document ids) on CUDA through flash-attn's variable-length
+    path when installed, else the Triton kernel; on CPU SDPA with the document mask."""
     fused_linear_cross_entropy: bool = False
     """Compute the output projection and the loss together in token chunks, so the full
     [tokens, vocab] logits are never held (5-20x less loss memory at large vocabularies)."""
@@ -67,6 +75,9 @@ class ModelConfig:
         for name in ("hidden_size", "num_layers", "num_heads", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.tokenizer_vocab_size <= (self.vocab_size or self.tokenizer_vocab_size):
+            raise ConfigError(f"model.tokenizer_vocab_size={self.tokenizer_vocab_size} must be >= 0 and at most "
+                              f"model.vocab_size={self.vocab_size}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
@@ -91,6 +102,11 @@ class ModelConfig:
         if self.activation == "gelu":
             return 4 * self.hidden_size
         return -(-int(8 * self.hidden_size / 3) // 64) * 64
+
+    @property
+    def real_vocab_size(self) -> int:
+        """The ids the loss normalizes over: the tokenizer's, else the whole vocabulary."""
+        return self.tokenizer_vocab_size or self.vocab_size
 
     def padded_vocab(self, tokenizer_vocab: int, tensor_parallel: int = 1) -> int:
         """The tokenizer's vocabulary rounded up to `pad_vocab_to_multiple_of x tensor_parallel`,

@@ -40,6 +40,7 @@ SEVERAL = "--data.sources=[{name: text, prefix: /x/text}, {name: code, prefix: %
     ("--model.norm=batchnorm", "model.norm='batchnorm' is not one of rmsnorm, layernorm"),
     ("--model.preset=huge", "config.model.preset='huge' is not one of"),
     ("--model.num_kv_heads=3", "model.num_heads=8 is not divisible by model.num_kv_heads=3"),
+    ("--model.tokenizer_vocab_size=-1", "model.tokenizer_vocab_size=-1 must be >= 0"),
     ("--train.global_batch_size=12", "train.global_batch_size=12 is not a multiple of train.micro_batch_size=8"),
     ("--optim.schedule=step", "optim.schedule='step' is not one of"),
     ("--train.tensorboard=maybe", "config.train.tensorboard must be true or false"),

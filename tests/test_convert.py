@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from megatron_code.config import PRESETS, Config, ModelConfig
 from megatron_code.data.tokenizer import load_tokenizer
+from megatron_code.evaluation.lm import load_language_model
 from megatron_code.model import GPT
 from megatron_code.model.hf import ConversionError, from_hf_config, hf_architecture
 from megatron_code.training.weights import read_checkpoint, write_weights_only
@@ -58,6 +59,62 @@ def test_export_matches_transformers(trained_run, exported):
     assert diff <= 1e-4
     assert torch.equal(greedy, ids[0, 16:])
     assert hf_tokenizer.decode(tokens[0]) == load_tokenizer(exported).decode(tokens[0].tolist())
+
+
+def _copy_final_checkpoint(trained_run: Path, out: Path, tokenizer_vocab_size: int | None) -> Path:
+    """`trained_run`'s final step directory under `out`, its config's model.tokenizer_vocab_size
+    replaced (None: removed, as in a checkpoint saved before the field existed)."""
+    step = out / "checkpoints" / "step_0000016"
+    shutil.copytree(trained_run / "checkpoints" / step.name, step)
+    state = json.loads((step / "trainer_state.json").read_text())
+    assert state["config"]["model"].pop("tokenizer_vocab_size") == 1024
+    if tokenizer_vocab_size is not None:
+        state["config"]["model"]["tokenizer_vocab_size"] = tokenizer_vocab_size
+    (step / "trainer_state.json").write_text(json.dumps(state))
+    return step
+
+
+def _resume_args(train_args, out_dir: Path, step: Path) -> list[str]:
+    """trained_run's arguments (the same validation samples), loading `step`."""
+    return train_args(out_dir, "--model.vocab_size=1100", "--train.steps=16", "--train.micro_batch_size=4",
+                      "--train.global_batch_size=4", "--train.eval_batches=1", f"--checkpoint.load={step}")
+
+
+def test_validation_loss_is_the_exported_models(train_args, trained_run, exported, tmp_path):
+    """The trainer's validation loss on the final checkpoint equals transformers' loss of the
+    export (1024 rows) on the same samples, and the one training logged: the embedding's padding
+    rows (to 1100) take no probability. The checkpoint is loaded as one saved before
+    model.tokenizer_vocab_size existed: the trainer takes it from the tokenizer."""
+    from megatron_code.config import load_config
+    from megatron_code.training.trainer import Trainer
+
+    step = _copy_final_checkpoint(trained_run, tmp_path / "old", None)
+    trainer = Trainer(load_config(None, _resume_args(train_args, tmp_path / "resumed", step)))
+    assert trainer.step == 16 and trainer.config.model.tokenizer_vocab_size == 1024
+    valid = trainer.evaluate()
+    logged = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    for index, name in enumerate(trainer.data.names):
+        batches = trainer.data.valid_batches(index)
+        tokens, labels, mask = (torch.cat([b[k] for b in batches]) for k in ("tokens", "labels", "loss_mask"))
+        with torch.no_grad():
+            losses = torch.nn.functional.cross_entropy(hf(input_ids=tokens).logits.transpose(1, 2), labels,
+                                                       reduction="none")
+        assert valid[name] == pytest.approx(((losses * mask).sum() / mask.sum()).item(), rel=1e-5), name
+        assert valid[name] == pytest.approx(logged[-1][f"valid_loss/{name}"], rel=1e-6), name
+
+
+def test_a_checkpoint_refuses_another_tokenizer(convert_tool, trained_run, tmp_path, capsys):
+    """A checkpoint whose model trained over 1000 ids meets its tokenizer's 1024 (the padded
+    embedding of 1100 rows would hold either): evaluation and export refuse it by name."""
+    from megatron_code.training.checkpoint import CheckpointError
+
+    step = _copy_final_checkpoint(trained_run, tmp_path / "other", 1000)
+    problem = f"checkpoint {step} was trained with a tokenizer of 1000 ids; the tokenizer .* has 1024"
+    with pytest.raises(CheckpointError, match=problem):
+        load_language_model(step)
+    assert convert_tool.main(["export", "--load", str(step), "--out", str(tmp_path / "hf")]) == 1
+    assert re.search(problem, capsys.readouterr().err) and not (tmp_path / "hf").exists()
 
 
 def test_export_bf16_and_errors(convert_tool, trained_run, exported, tiny_corpus, tmp_path, capsys):
@@ -164,6 +221,7 @@ def test_import_then_export_is_exact(convert_tool, arch, tiny_corpus, tmp_path, 
     assert "greedy 32 tokens: identical" in capsys.readouterr().out
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_0000000" / "trainer_state.json").read_text())
     assert state["weights_only"] is True and state["step"] == 0
+    assert state["config"]["model"]["tokenizer_vocab_size"] == 1024  # rows past the tokenizer's are padding
     assert state["config"]["data"]["tokenizer"] == str((tmp_path / "run" / "tokenizer").resolve())
 
     weights = read_checkpoint(tmp_path / "run")
@@ -215,17 +273,20 @@ def _train_and_score(rank: int, world_size: int, args: list[str], tokens: torch.
 
 
 def test_export_of_a_tensor_parallel_checkpoint(convert_tool, tiny_corpus, train_args, tmp_path):
-    """Trained and saved on 2 ranks with tensor parallelism; exported in this process, with no
-    process group: transformers' losses on real text equal the 2-rank run's own."""
+    """Trained and saved on 2 ranks with tensor parallelism, the embedding padded past the
+    tokenizer's 1024 ids to 1100 rows (the second rank's shard ends in padding); exported in this
+    process, with no process group: transformers' losses on real text equal the 2-rank run's
+    evaluation forward, whose loss leaves the padding out."""
     from distributed_utils import run_distributed
 
     tokens = text_tokens(load_tokenizer(tiny_corpus.tokenizer), n=48)
     args = train_args(tmp_path / "tp2", "--parallel.tensor=2", "--train.steps=2", "--train.global_batch_size=2",
-                      "--train.eval_interval=0")
+                      "--train.eval_interval=0", "--model.vocab_size=1100")
     (checkpoint, sums), _ = run_distributed(_train_and_score, world_size=2, timeout_s=600, args=(args, tokens))
     assert json.loads((Path(checkpoint) / "trainer_state.json").read_text())["layout"] == "tp2-pp1-dp1"
     assert convert_tool.main(["export", "--load", checkpoint, "--out", str(tmp_path / "hf")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert hf.config.vocab_size == 1024
     with torch.no_grad():
         logits = hf(input_ids=tokens[:, :-1]).logits
     theirs = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").sum(1)

@@ -317,20 +317,20 @@ def test_generation_is_our_models_greedy_decoding(trained_run, tiny_corpus, tmp_
 
 
 def test_training_logs_task_scores(trained_run):
-    """Training scores through its evaluation forward, whose loss (the training loss) spans the
-    padded vocabulary; the same scorer over our model's full logits gives the logged numbers."""
-    from megatron_code.evaluation.lm import masked_sums
-    from megatron_code.training.weights import load_model
+    """Training scores through its evaluation forward (the training loss); the offline scorer on
+    the final checkpoint, over the tokenizer's 1024 ids as in an export, gives the logged numbers:
+    the embedding's padding rows (to 1100) take no probability in either."""
+    from megatron_code.training.weights import read_checkpoint
 
     lines = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     logged = {line["step"]: line for line in lines if "task/arithmetic_50/acc" in line}
     assert sorted(logged) == [8, 16]
-    model, weights = load_model(trained_run)  # the final checkpoint: the weights of the last validation
-    assert weights.state["embedding.weight"].shape[0] == 1100
+    weights = read_checkpoint(trained_run)  # the final checkpoint: the weights of the last validation
+    assert weights.state["embedding.weight"].shape[0] == 1100 and weights.config.model.tokenizer_vocab_size == 1024
+    model = load_language_model(trained_run)
     with torch.no_grad():
-        offline = score_multiple_choice(load_task(trained_run / "arithmetic_50.jsonl"),
-                                        lambda t, l, m: masked_sums(model(t), l, m),
-                                        load_language_model(trained_run).tokenizer, 64, batch_size=4)
+        offline = score_multiple_choice(load_task(trained_run / "arithmetic_50.jsonl"), model.sample_losses,
+                                        model.tokenizer, 64, batch_size=4)
     for metric in ("acc", "acc_norm", "acc_ppl"):
         assert logged[16][f"task/arithmetic_50/{metric}"] == pytest.approx(offline.metrics[metric])
 

@@ -94,6 +94,7 @@ def test_quickstart_tiny(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "\r" not in captured.err and "it/s" not in captured.err  # --no-progress: no bars, data stages included
     report = captured.out
+    assert "kernels: torch; attention: auto: sdpa, packed sequences: sdpa" in report  # the start-up line on CPU
     assert "quickstart report" in report and "tokens seen" in report and str(result.checkpoint) in report
     assert result.checkpoint.parent.parent == tmp_path / "train-tiny"  # each size trains in its own directory
     assert f"train loss       {result.losses[0]:.3f} (step 1) -> {result.losses[-1]:.3f} (step 40)" in report

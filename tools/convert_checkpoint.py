@@ -43,7 +43,7 @@ from megatron_code.data.tokenizer import Tokenizer, export_hf_tokenizer, hf_toke
 from megatron_code.evaluation.lm import gpt_next_logits, greedy
 from megatron_code.model import GPT
 from megatron_code.model.hf import ConversionError, from_hf_config, from_hf_state, hf_config, to_hf_state
-from megatron_code.training.checkpoint import CheckpointError
+from megatron_code.training.checkpoint import CheckpointError, check_tokenizer
 from megatron_code.training.weights import read_checkpoint, write_weights_only
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -246,6 +246,7 @@ def export_checkpoint(load: str | Path, out: str | Path, dtype: str = "fp32", ov
     if vocab > model_config.vocab_size:
         raise ConversionError(f"the tokenizer {source} has {vocab} tokens but the checkpoint's embedding has "
                               f"{model_config.vocab_size} rows: it is not this model's tokenizer")
+    check_tokenizer(model_config, weights.path, vocab, source)
     special = {f"{name}_token_id": _optional_id(tok, f"{attribute}_id")
                for name, attribute in (("bos", "bos"), ("eos", "eod"), ("pad", "pad"))}
     config = hf_config(model_config, vocab, special)  # refuses what no transformers class expresses
@@ -313,6 +314,7 @@ def import_checkpoint(hf: str | Path, out: str | Path, overwrite: bool = False, 
         if tok.vocab_size > hf_cfg.vocab_size:
             raise ConversionError(f"the tokenizer in {hf} has {tok.vocab_size} tokens but the embedding has "
                                   f"{hf_cfg.vocab_size} rows")
+        model_config.tokenizer_vocab_size = tok.vocab_size  # rows past it (ours and any of theirs) are padding
         print(f"import: {hf} ({hf_cfg.architectures[0] if hf_cfg.architectures else hf_cfg.model_type}) -> {out}; "
               f"vocabulary {hf_cfg.vocab_size} -> {model_config.vocab_size} rows")
         state = {k: v.float() for k, v in from_hf_state(_read_hf_state(hf), model_config).items()}

@@ -4,9 +4,8 @@ folder (an export, or any causal LM transformers loads).
 Scoring goes through one function, `SampleLosses`: for a batch of tokens, labels and loss mask
 it returns each sample's summed masked loss and its token count. The training loop's
 evaluation forward (`ParallelModel.evaluate`) has this shape under any parallel layout, so the
-same scorers run inside training and here. One difference: in training that loss is the
-training loss, normalized over the padded vocabulary; here, as in an export, over the
-tokenizer's vocabulary (the padding rows' share of probability, which training drives down).
+same scorers run inside training and here, all normalized over the tokenizer's vocabulary
+(the training loss leaves the embedding's padding rows out; here and in an export they are cut).
 Generation is greedy, in left-padded batches.
 """
 from __future__ import annotations
@@ -119,6 +118,7 @@ def _load_ours(path: Path, device: torch.device, dtype: torch.dtype, tokenizer_p
     conversion tests hold to transformers within 1e-4), which keeps a KV cache. A model no
     transformers class expresses generates by recomputing each step."""
     from megatron_code.model.hf import ConversionError, to_hf_model
+    from megatron_code.training.checkpoint import check_tokenizer
     from megatron_code.training.weights import load_model
 
     model, weights = load_model(path, dtype)
@@ -128,6 +128,7 @@ def _load_ours(path: Path, device: torch.device, dtype: torch.dtype, tokenizer_p
     except DataError as e:
         raise DataError(f"{e}{'' if tokenizer_path else f' (data.tokenizer of {weights.path}; pass --tokenizer)'}") from None
     vocab, max_length = tokenizer.vocab_size, weights.config.model.max_seq_len
+    check_tokenizer(weights.config.model, weights.path, vocab, tokenizer_path or weights.config.data.tokenizer)
     try:
         generate = _hf_generate(to_hf_model(model, vocab).eval(), max_length, tokenizer.eod_id, device)
     except ConversionError:

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 from torch.distributed.fsdp import FSDPModule
 
 from megatron_code.config import Config
-from megatron_code.kernels import build_attention, build_ops
+from megatron_code.kernels import build_attention, build_ops, describe_attention
 from megatron_code.model import GPT
 from megatron_code.parallel.activation_checkpointing import apply_ac
 from megatron_code.parallel.clipping import clip_grad_norm_
@@ -41,7 +41,9 @@ def build_model(config: Config, runtime: Runtime, autocast: Callable[[], context
     p = config.parallel
     tp = TensorParallel(runtime.mesh["tp"], p.sequence_parallel)
     ops = tensor_parallel_ops(build_ops(config.model.kernels, runtime.device), tp)
-    attention = build_attention(config.model.attention, runtime.device)
+    attention = build_attention(config.model.attention, runtime.device, config.model.head_dim)
+    if runtime.is_main:
+        print(f"kernels: {ops.name}; attention: {describe_attention(attention)}")
     stage_ids = local_stage_ids(runtime.coordinate("pp"), p)
     parts = apply_pp(lambda: GPT(config.model, ParallelLayerFactory(tp=tp), ops, attention), stage_ids,
                      stage_layers(config.model.num_layers, p))

@@ -128,6 +128,14 @@ _MATH_FIELDS = ("hidden_size", "num_layers", "num_heads", "kv_heads", "ffn_size"
                 "position_embedding", "tie_embeddings")
 
 
+def check_tokenizer(saved: ModelConfig, path: str | Path, tokenizer_vocab_size: int, tokenizer: str | Path) -> None:
+    """Refuse a tokenizer of another size than the one a checkpoint's model trained with (0: not
+    recorded, a checkpoint saved before model.tokenizer_vocab_size existed)."""
+    if saved.tokenizer_vocab_size not in (0, tokenizer_vocab_size):
+        raise CheckpointError(f"checkpoint {path} was trained with a tokenizer of {saved.tokenizer_vocab_size} ids; "
+                              f"the tokenizer {tokenizer} has {tokenizer_vocab_size}: it is not this model's tokenizer")
+
+
 def tokenizer_record(tokenizer) -> dict:
     """What a checkpoint records of its tokenizer, to refuse a start under another vocabulary."""
     return {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}

@@ -20,15 +20,18 @@ def sample_losses(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Te
     count, so accumulated micro batches add up to the global mean.
 
     Each tensor-parallel rank projects onto its vocabulary slice of the head; the loss kernels
-    reduce over the tensor-parallel group, so every rank gets every token's loss. With
-    `fused_linear_cross_entropy` the head runs inside the chunked loss."""
+    reduce over the tensor-parallel group, so every rank gets every token's loss. The softmax spans
+    the tokenizer's ids: vocabulary padding takes no probability. With `fused_linear_cross_entropy`
+    the head runs inside the chunked loss."""
     weight = local(model.output_weight)
     if model.config.fused_linear_cross_entropy:
         hidden = tp.gather(hidden, reduce_grad=False)  # the fused kernel sums the input gradient itself
-        losses = ops.fused_linear_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten(), tp_group=tp.group)
+        losses = ops.fused_linear_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten(), tp_group=tp.group,
+                                                vocab_size=model.config.real_vocab_size)
     else:
         logits = F.linear(tp.gather(hidden), weight)  # (B, T, V / T)
-        losses = ops.cross_entropy(logits.flatten(0, 1), labels.flatten(), tp_group=tp.group)
+        losses = ops.cross_entropy(logits.flatten(0, 1), labels.flatten(), tp_group=tp.group,
+                                   vocab_size=model.config.real_vocab_size)
     return (losses.view(labels.shape) * loss_mask).sum(1)
 
 

@@ -101,6 +101,10 @@ class Trainer:
 
     def _set_vocab_size(self, main: bool) -> None:
         model, T, tokens = self.config.model, self.config.parallel.tensor, self.tokenizer.vocab_size
+        if model.tokenizer_vocab_size not in (0, tokens):
+            raise ConfigError(f"model.tokenizer_vocab_size={model.tokenizer_vocab_size} but the tokenizer "
+                              f"{self.config.data.tokenizer} has {tokens} ids")
+        model.tokenizer_vocab_size = tokens
         if model.vocab_size == 0:
             model.vocab_size = model.padded_vocab(tokens, T)
             if main and model.vocab_size != tokens:

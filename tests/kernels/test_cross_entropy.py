@@ -1,5 +1,7 @@
 """Cross-entropy kernels (reference, Triton, fused linear + CE; vocab-parallel with TP=2 on gloo)
-against float64 PyTorch on double copies of the same inputs."""
+against float64 PyTorch on double copies of the same inputs, with and without vocabulary padding
+(the reference sees only the real columns; padding logits are made large, so any mass they took
+would show)."""
 import os
 import sys
 import traceback
@@ -51,8 +53,11 @@ def _targets(n_tokens: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
     return targets
 
 
-def _reference_loss(logits64: torch.Tensor, targets: torch.Tensor, z_loss: float) -> torch.Tensor:
-    """Per-token float64 loss (differentiable), 0 and no gradient where ignored."""
+def _reference_loss(logits64: torch.Tensor, targets: torch.Tensor, z_loss: float,
+                    vocab_size: int | None = None) -> torch.Tensor:
+    """Per-token float64 loss (differentiable), 0 and no gradient where ignored; over the first
+    `vocab_size` columns only (padding columns get no gradient)."""
+    logits64 = logits64[:, :vocab_size]
     loss = F.cross_entropy(logits64, targets, ignore_index=IGNORE, reduction="none")
     if z_loss:
         loss = loss + z_loss * torch.logsumexp(logits64, -1).pow(2) * (targets != IGNORE)
@@ -65,23 +70,33 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: floa
                                msg=lambda detail: f"{what}: {detail}")
 
 
-def _check_cross_entropy(fn, n_tokens, vocab, z_loss, dtype, seed, **kwargs):
+def _padded_logits(n_tokens: int, vocab: int, vocab_size: int | None, gen: torch.Generator) -> torch.Tensor:
+    """Logits of std 3; columns past `vocab_size` (padding) 10 higher, so unmasked they would
+    take most of the softmax."""
+    logits = 3 * torch.randn(n_tokens, vocab, generator=gen)
+    if vocab_size is not None:
+        logits[:, vocab_size:] += 10
+    return logits
+
+
+def _check_cross_entropy(fn, n_tokens, vocab, z_loss, dtype, seed, vocab_size=None, **kwargs):
     gen = torch.Generator().manual_seed(seed)
-    logits = (3 * torch.randn(n_tokens, vocab, generator=gen)).to(dtype)
-    targets = _targets(n_tokens, vocab, gen)
+    logits = _padded_logits(n_tokens, vocab, vocab_size, gen).to(dtype)
+    targets = _targets(n_tokens, vocab_size or vocab, gen)
     grad_out = torch.randn(n_tokens, generator=gen)  # arbitrary, non-uniform, signed
     ref_logits = logits.double().requires_grad_()
-    ref = _reference_loss(ref_logits, targets, z_loss)
+    ref = _reference_loss(ref_logits, targets, z_loss, vocab_size)
     (ref * grad_out.double()).sum().backward()
 
     x = logits.to(DEVICE).requires_grad_()
-    loss = fn(x, targets.to(DEVICE), z_loss=z_loss, **kwargs)
+    loss = fn(x, targets.to(DEVICE), z_loss=z_loss, vocab_size=vocab_size, **kwargs)
     (loss * grad_out.to(DEVICE)).sum().backward()
     loss_tol, grad_rtol, grad_atol = TOL[dtype]
     assert loss.dtype == torch.float32 and x.grad.dtype == dtype
     _close(loss, ref, loss_tol, loss_tol, "loss")
     _close(x.grad, ref_logits.grad, grad_rtol, grad_atol, "grad_logits")
     assert (x.grad[targets == IGNORE] == 0).all()
+    assert (x.grad[:, vocab_size or vocab:] == 0).all(), "padding columns must get exactly zero gradient"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +109,35 @@ def _check_cross_entropy(fn, n_tokens, vocab, z_loss, dtype, seed, **kwargs):
 @pytest.mark.parametrize("fn", [ce.cross_entropy_torch, ce.cross_entropy_triton], ids=lambda f: f.__name__)
 def test_cross_entropy(fn, n_tokens, vocab, z_loss, dtype):
     _check_cross_entropy(fn, n_tokens, vocab, z_loss, dtype, seed=n_tokens * vocab + int(z_loss * 100))
+
+
+# (tokens, padded vocab, real vocab): padding inside the last 256-wide block, and padding that
+# fills whole blocks
+PADDED = [(33, 1030, 1000), (7, 1000, 700)]
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 0.02])
+@pytest.mark.parametrize("n_tokens,vocab,vocab_size", PADDED)
+@pytest.mark.parametrize("fn", [ce.cross_entropy_torch, ce.cross_entropy_triton], ids=lambda f: f.__name__)
+def test_cross_entropy_ignores_vocabulary_padding(fn, n_tokens, vocab, vocab_size, z_loss):
+    _check_cross_entropy(fn, n_tokens, vocab, z_loss, torch.float32, seed=vocab_size, vocab_size=vocab_size)
+
+
+def test_cross_entropy_padding_fp16_and_inplace():
+    _check_cross_entropy(ce.cross_entropy_torch, 33, 1030, 0.02, torch.float16, seed=41, vocab_size=1000)
+    _check_cross_entropy(ce.cross_entropy_triton, 33, 1030, 0.02, torch.float16, seed=42, vocab_size=1000)
+    _check_cross_entropy(ce.cross_entropy_triton, 33, 1030, 0.0, torch.float32, seed=43, vocab_size=1000,
+                         inplace_backward=True)
+
+
+@pytest.mark.parametrize("fn", [ce.cross_entropy_torch, ce.cross_entropy_triton, ce.fused_linear_cross_entropy_torch],
+                         ids=lambda f: f.__name__)
+def test_vocab_size_beyond_the_logits_is_refused(fn):
+    x, targets = torch.randn(3, 16), torch.zeros(3, dtype=torch.long)
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match=f"vocab_size={bad} must be in 1..16"):
+            fn(x, torch.randn(16, 16), targets, vocab_size=bad) if "fused" in fn.__name__ else fn(x, targets,
+                                                                                                  vocab_size=bad)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 arithmetic needs a GPU (the interpreter has none)")
@@ -133,25 +177,35 @@ def test_cross_entropy_triton_all_ignored():
     assert (loss == 0).all() and (logits.grad == 0).all()
 
 
-def _check_fused(fn, n_tokens, vocab, z_loss, dtype, seed, chunk_size, hidden_size=16, tol=None):
+def _fused_inputs(n_tokens, vocab, hidden_size, vocab_size, gen):
+    """hidden, weight and targets; weight rows past `vocab_size` (padding) all equal, with logits
+    about 3 above the real rows' (h . w) spread, so unmasked they would take much of the mass."""
+    hidden = torch.randn(n_tokens, hidden_size, generator=gen)
+    weight = 0.5 * torch.randn(vocab, hidden_size, generator=gen)
+    if vocab_size is not None:
+        weight[vocab_size:] = hidden.mean(0) * 3 / hidden.mean(0).norm() ** 2
+    return hidden, weight, _targets(n_tokens, vocab_size or vocab, gen)
+
+
+def _check_fused(fn, n_tokens, vocab, z_loss, dtype, seed, chunk_size, hidden_size=16, tol=None, vocab_size=None):
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n_tokens, hidden_size, generator=gen).to(dtype)
-    weight = (0.5 * torch.randn(vocab, hidden_size, generator=gen)).to(dtype)
-    targets = _targets(n_tokens, vocab, gen)
+    hidden, weight, targets = _fused_inputs(n_tokens, vocab, hidden_size, vocab_size, gen)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
     grad_out = torch.randn(n_tokens, generator=gen)
     ref_hidden, ref_weight = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    ref = _reference_loss(ref_hidden @ ref_weight.t(), targets, z_loss)
+    ref = _reference_loss(ref_hidden @ ref_weight.t(), targets, z_loss, vocab_size)
     (ref * grad_out.double()).sum().backward()
 
     h = hidden.to(DEVICE).requires_grad_()
     w = weight.to(DEVICE).requires_grad_()
-    loss = fn(h, w, targets.to(DEVICE), z_loss=z_loss, chunk_size=chunk_size)
+    loss = fn(h, w, targets.to(DEVICE), z_loss=z_loss, vocab_size=vocab_size, chunk_size=chunk_size)
     (loss * grad_out.to(DEVICE)).sum().backward()
     loss_tol, grad_rtol, grad_atol = tol or (1e-5, 1e-5, 1e-5)
     assert h.grad.dtype == dtype and w.grad.dtype == dtype
     _close(loss, ref, loss_tol, loss_tol, "loss")
     _close(h.grad, ref_hidden.grad, grad_rtol, grad_atol, "grad_hidden")
     _close(w.grad, ref_weight.grad, grad_rtol, grad_atol, "grad_weight")
+    assert (w.grad[vocab_size or vocab:] == 0).all(), "padding rows must get exactly zero gradient"
 
 
 FUSED = [ce.fused_linear_cross_entropy_torch, ce.fused_linear_cross_entropy_triton]
@@ -162,6 +216,12 @@ FUSED = [ce.fused_linear_cross_entropy_torch, ce.fused_linear_cross_entropy_trit
 @pytest.mark.parametrize("fn", FUSED, ids=lambda f: f.__name__)
 def test_fused_linear_cross_entropy(fn, n_tokens, vocab, z_loss):
     _check_fused(fn, n_tokens, vocab, z_loss, torch.float32, seed=n_tokens + vocab, chunk_size=8)
+
+
+@pytest.mark.parametrize("n_tokens,vocab,vocab_size", PADDED)
+@pytest.mark.parametrize("fn", FUSED, ids=lambda f: f.__name__)
+def test_fused_linear_cross_entropy_ignores_vocabulary_padding(fn, n_tokens, vocab, vocab_size):
+    _check_fused(fn, n_tokens, vocab, 0.02, torch.float32, seed=vocab_size, chunk_size=8, vocab_size=vocab_size)
 
 
 @pytest.mark.parametrize("fn", FUSED, ids=lambda f: f.__name__)
@@ -202,43 +262,56 @@ TP_CHECKS = [
 ]
 
 
+# (z_loss, real vocab) over a padded vocab of 1030, 515 ids per rank: no padding; padding on the
+# second rank only; the second rank all padding
+TP_CASES = [(0.0, None), (0.02, None), (0.02, 900), (0.0, 400)]
+
+
+def _real_here(vocab: int, vocab_size: int | None, rank: int, v_local: int) -> int:
+    """How many of rank's vocab shard columns are real ids; the rest must get exactly 0 gradient."""
+    return max(0, (vocab_size or vocab) - rank * v_local)
+
+
 def _tp_cross_entropy(fn, rank, world_size, group):
-    n_tokens, vocab = 33, 1030  # 515 vocab ids per rank
+    n_tokens, vocab = 33, 1030
     v_local = vocab // world_size
-    for z_loss in (0.0, 0.02):
+    for z_loss, vocab_size in TP_CASES:
         gen = torch.Generator().manual_seed(100 + int(z_loss * 100))  # same full problem on every rank
-        logits = 3 * torch.randn(n_tokens, vocab, generator=gen)
-        targets = _targets(n_tokens, vocab, gen)
+        logits = _padded_logits(n_tokens, vocab, vocab_size, gen)
+        targets = _targets(n_tokens, vocab_size or vocab, gen)
         grad_out = torch.randn(n_tokens, generator=gen)
         ref_logits = logits.double().requires_grad_()
-        ref = _reference_loss(ref_logits, targets, z_loss)
+        ref = _reference_loss(ref_logits, targets, z_loss, vocab_size)
         (ref * grad_out.double()).sum().backward()
         shard = logits[:, rank * v_local:(rank + 1) * v_local].clone().requires_grad_()
-        loss = fn(shard, targets, z_loss=z_loss, tp_group=group)
+        loss = fn(shard, targets, z_loss=z_loss, tp_group=group, vocab_size=vocab_size)
         (loss * grad_out).sum().backward()
-        _close(loss, ref, 1e-5, 1e-5, f"loss z={z_loss}")
+        case = f"z={z_loss} vocab_size={vocab_size}"
+        _close(loss, ref, 1e-5, 1e-5, f"loss {case}")
         _close(shard.grad, ref_logits.grad[:, rank * v_local:(rank + 1) * v_local], 1e-5, 1e-6,
-               f"grad of vocab shard {rank} z={z_loss}")
+               f"grad of vocab shard {rank} {case}")
+        assert (shard.grad[:, _real_here(vocab, vocab_size, rank, v_local):] == 0).all(), f"padding grad {case}"
 
 
 def _tp_fused(fn, rank, world_size, group):
     n_tokens, vocab, hidden_size, z_loss = 33, 1030, 16, 0.02
     v_local = vocab // world_size
-    gen = torch.Generator().manual_seed(200)
-    hidden = torch.randn(n_tokens, hidden_size, generator=gen)
-    weight = 0.5 * torch.randn(vocab, hidden_size, generator=gen)
-    targets = _targets(n_tokens, vocab, gen)
-    grad_out = torch.randn(n_tokens, generator=gen)
-    ref_hidden, ref_weight = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    ref = _reference_loss(ref_hidden @ ref_weight.t(), targets, z_loss)
-    (ref * grad_out.double()).sum().backward()
-    h = hidden.clone().requires_grad_()
-    w = weight[rank * v_local:(rank + 1) * v_local].clone().requires_grad_()
-    loss = fn(h, w, targets, z_loss=z_loss, tp_group=group, chunk_size=8)
-    (loss * grad_out).sum().backward()
-    _close(loss, ref, 1e-5, 1e-5, "loss")
-    _close(h.grad, ref_hidden.grad, 1e-5, 1e-5, "grad_hidden (all-reduced)")
-    _close(w.grad, ref_weight.grad[rank * v_local:(rank + 1) * v_local], 1e-5, 1e-5, f"grad of weight shard {rank}")
+    for vocab_size in (None, 900, 400):
+        gen = torch.Generator().manual_seed(200)
+        hidden, weight, targets = _fused_inputs(n_tokens, vocab, hidden_size, vocab_size, gen)
+        grad_out = torch.randn(n_tokens, generator=gen)
+        ref_hidden, ref_weight = hidden.double().requires_grad_(), weight.double().requires_grad_()
+        ref = _reference_loss(ref_hidden @ ref_weight.t(), targets, z_loss, vocab_size)
+        (ref * grad_out.double()).sum().backward()
+        h = hidden.clone().requires_grad_()
+        w = weight[rank * v_local:(rank + 1) * v_local].clone().requires_grad_()
+        loss = fn(h, w, targets, z_loss=z_loss, tp_group=group, vocab_size=vocab_size, chunk_size=8)
+        (loss * grad_out).sum().backward()
+        _close(loss, ref, 1e-5, 1e-5, f"loss vocab_size={vocab_size}")
+        _close(h.grad, ref_hidden.grad, 1e-5, 1e-5, f"grad_hidden (all-reduced) vocab_size={vocab_size}")
+        _close(w.grad, ref_weight.grad[rank * v_local:(rank + 1) * v_local], 1e-5, 1e-5,
+               f"grad of weight shard {rank} vocab_size={vocab_size}")
+        assert (w.grad[_real_here(vocab, vocab_size, rank, v_local):] == 0).all(), f"padding grad {vocab_size}"
 
 
 def _tp_megatron(rank, world_size, group):

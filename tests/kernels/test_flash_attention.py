@@ -199,3 +199,98 @@ def test_attention_flops():
 
 def test_buffers_are_poisoned():
     assert torch.isnan(fa._alloc((3,), torch.float32, "cpu")).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# model.attention=auto: which attention serves which call
+# ---------------------------------------------------------------------------------------------
+
+def _auto_on_cuda(monkeypatch, flash_attn: bool, hopper: bool = True, triton: bool = True, head_dim: int = 32):
+    """build_attention("auto") for a CUDA device, with flash-attn, the GPU generation and Triton
+    as given (the functions that find them out are replaced)."""
+    import megatron_code.kernels as K
+
+    monkeypatch.setattr(K, "_flash_attn_problem", lambda device: None if flash_attn else "flash_attn is not installed")
+    monkeypatch.setattr(K, "_is_hopper_or_newer", lambda device: hopper)
+    monkeypatch.setattr(K, "_triton_problem", lambda device: None if triton else "triton is not installed")
+    return K.build_attention("auto", torch.device("cuda"), head_dim)
+
+
+@pytest.mark.parametrize("flash_attn, hopper, triton, head_dim, unpacked, packed", [
+    (True, True, True, 64, "sdpa", "flash_attn"),
+    (True, False, True, 64, "flash_attn", "flash_attn"),
+    (False, True, True, 64, "sdpa", "triton"),
+    (False, False, True, 96, "sdpa", "sdpa"),  # a head size the Triton kernel does not take
+    (False, True, False, 64, "sdpa", "sdpa"),  # no Triton
+])
+def test_auto_attention_choice_on_cuda(monkeypatch, flash_attn, hopper, triton, head_dim, unpacked, packed):
+    import megatron_code.kernels as K
+
+    functions = {"sdpa": fa.attention_torch, "flash_attn": K.flash_attn_attention, "triton": fa.flash_attention_triton}
+    attention = _auto_on_cuda(monkeypatch, flash_attn, hopper, triton, head_dim)
+    assert attention.unpacked is functions[unpacked] and attention.packed is functions[packed]
+    assert K.describe_attention(attention) == f"auto: {unpacked}, packed sequences: {packed}"
+
+
+def test_auto_attention_on_cpu_is_the_reference():
+    """On CPU both kinds of batch take SDPA (with the document mask), even where the Triton
+    interpreter could run the kernel."""
+    import megatron_code.kernels as K
+
+    attention = K.build_attention("auto", torch.device("cpu"), 64)
+    assert attention.unpacked is fa.attention_torch and attention.packed is fa.attention_torch
+    assert K.describe_attention(attention) == "auto: sdpa, packed sequences: sdpa"
+    assert K.describe_attention(K.build_attention("triton", torch.device("cpu"))) == "triton"
+    with pytest.raises(K.KernelUnavailable, match=r"head dims \(16, 32, 64, 128\), this model's is 96"):
+        K.build_attention("triton", torch.device("cpu"), 96)
+
+
+def test_auto_attention_sends_packed_batches_to_the_triton_kernel(monkeypatch):
+    """Each call goes where the dispatcher says, and both answers equal float64 attention
+    (forward and backward): packed batches through the Triton kernel (interpreted on CPU)."""
+    import dataclasses
+
+    attention = _auto_on_cuda(monkeypatch, flash_attn=False)
+    assert attention.packed is fa.flash_attention_triton
+    calls = []
+
+    def recording(name, fn):
+        def call(*args):
+            calls.append(name)
+            return fn(*args)
+        return call
+    attention = dataclasses.replace(attention, unpacked=recording("unpacked", attention.unpacked),
+                                    packed=recording("packed", attention.packed))
+    B, Hq, Hk, T, D = 2, 4, 2, 40, 32
+    documents = packed_documents(B, T, [[10, 20], [3]]).to(DEVICE)
+    for document_ids, expected_call in ((None, "unpacked"), (documents, "packed")):
+        q, k, v = make_inputs(B, Hq, Hk, T, D, torch.float32, seed=len(calls))
+        out = attention(q, k, v, document_ids)
+        assert calls[-1] == expected_call
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+        ref = reference_float64(q64, k64, v64, document_ids)
+        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out.double())
+        for name, ours, expected in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+            magnitude_close(ours, expected.detach(), FP32_REL, f"{expected_call} {name}")
+
+
+@pytest.mark.skipif(not CUDA, reason="the real dispatcher on a GPU needs a CUDA device")
+def test_auto_attention_on_this_gpu():
+    """build_attention("auto") as a run on this GPU gets it: packed batches leave SDPA (flash-attn
+    varlen or the Triton kernel); in bf16 both kinds of batch stay within 2x SDPA's own error of
+    float64 attention."""
+    import megatron_code.kernels as K
+
+    attention = K.build_attention("auto", DEVICE, 64)
+    assert attention.packed in (K.flash_attn_attention, fa.flash_attention_triton)
+    B, Hq, Hk, T, D = 2, 8, 2, 512, 64
+    documents = packed_documents(B, T, [[100, 211], [17, 300]]).to(DEVICE)
+    with torch.no_grad():
+        for document_ids in (None, documents):
+            q, k, v = make_inputs(B, Hq, Hk, T, D, torch.bfloat16)
+            expected = reference_float64(q, k, v, document_ids)
+            err, sdpa_err = ((out.double() - expected).abs().max().item()
+                             for out in (attention(q, k, v, document_ids), fa.attention_torch(q, k, v, document_ids)))
+            assert err <= 2 * sdpa_err + 1e-5, f"document_ids={document_ids is not None}: {err:.3e} vs {sdpa_err:.3e}"
