@@ -9,52 +9,12 @@ a run that already reached --steps is reported from its files without training.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 # Ma et al. (ICLR 2024) pretrain their CODE arm on about one third code.
 BLEND = {"text": 2.0, "code": 1.0}
-
-
-def dataset_is_current(prefix: Path, input_path: Path, tokenizer_path: Path) -> bool:
-    """The dataset at `prefix` was made from `input_path` with this tokenizer, after both last
-    changed, and its files are complete."""
-    from megatron_code.data.errors import DataError
-    from megatron_code.data.preprocess import check_dataset_matches_tokenizer
-    from megatron_code.data.tokenizer import load_tokenizer
-
-    meta, idx = Path(f"{prefix}.meta.json"), Path(f"{prefix}.idx")
-    if not (meta.is_file() and idx.is_file()):
-        return False
-    if json.loads(meta.read_text()).get("input") != str(input_path):
-        return False
-    if idx.stat().st_mtime_ns < max(input_path.stat().st_mtime_ns, tokenizer_path.stat().st_mtime_ns):
-        return False
-    try:
-        check_dataset_matches_tokenizer(prefix, load_tokenizer(tokenizer_path))
-    except DataError:
-        return False
-    return True
-
-
-def build_data(out: Path, vocab_size: int, max_bytes: int, workers: int) -> tuple[Path, dict[str, str]]:
-    from megatron_code.data.corpus import prepare_builtin_corpus
-    from megatron_code.data.preprocess import dataset_prefix, preprocess
-    from megatron_code.data.tokenizer import train_tokenizer
-
-    corpus = prepare_builtin_corpus(out / "corpus", max_bytes_per_source=max_bytes)
-    tokenizer = train_tokenizer([corpus["text"], corpus["code"]], out / "tokenizer" / "spm", vocab_size=vocab_size)
-    prefixes = {}
-    for name, path in corpus.items():
-        prefix = dataset_prefix(out / "data" / name, "text")
-        if dataset_is_current(prefix, path, tokenizer):
-            print(f"preprocess: {prefix}.{{bin,idx}} is up to date", file=sys.stderr)
-        else:
-            preprocess(path, out / "data" / name, tokenizer, json_keys=("text",), append_eod=True, workers=workers)
-        prefixes[name] = str(prefix)
-    return tokenizer, prefixes
 
 
 def overrides_for(args, tokenizer: Path, prefixes: dict[str, str]) -> list[str]:
@@ -107,10 +67,11 @@ def run(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from megatron_code.config import load_config
+    from megatron_code.data.builtin import build_builtin_data
     from megatron_code.training.checkpoint import CheckpointError, resolve
 
     started = time.perf_counter()
-    tokenizer, prefixes = build_data(args.out, args.vocab_size, args.max_bytes, args.workers)
+    tokenizer, prefixes = build_builtin_data(args.out, args.vocab_size, args.max_bytes, args.workers)
     overrides = overrides_for(args, tokenizer, prefixes)
     from megatron_code.training.run_summary import summarize
 
