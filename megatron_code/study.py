@@ -349,11 +349,11 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     size, out = SIZES[args.size], args.out or Path("runs/study") / args.name / args.size
+    recipes = {**{arm: recipe_file(recipe) for arm, recipe in PRETRAIN_ARMS.items()},
+               **{arm: recipe_file(recipe) for arm, (recipe, _) in TUNE_ARMS.items()}}
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     started = time.perf_counter()
-    recipes = {**{arm: recipe_file(recipe) for arm, recipe in PRETRAIN_ARMS.items()},
-               **{arm: recipe_file(recipe) for arm, (recipe, _) in TUNE_ARMS.items()}}
 
     from megatron_code.data.builtin import build_builtin_data
 
