@@ -6,10 +6,11 @@ code_stage (Ma et al., ICLR 2024): pretrain NL (text only) and CODE (2:1 text:co
 recipes ma_nl.yaml and ma_code.yaml; instruction-tune NN, NC, CC and CC with stepwise increasing
 and decreasing code from sft/ma_sft_*.yaml (CC is the uniform strategy, 5:3 all run); evaluate
 every model on the offline tasks of megatron_code.evaluation (arithmetic and logic multiple
-choice, Python functions by pass@1 and BLEU); print the comparison table and write plots. The
-recipes are examples/recipes/ of the checkout, installed with the package as
-`megatron_code.recipes`; they are shrunk by overrides (the model, sequence length, steps, batch,
-learning rate); everything else is theirs.
+choice, Python functions by pass@1 and BLEU), the pretrained arms with raw prompts and the tuned
+arms through the chat template of their instruction data; print one comparison table per prompt
+format and write plots. The recipes are examples/recipes/ of the checkout, installed with the
+package as `megatron_code.recipes`; they are shrunk by overrides (the model, sequence length,
+steps, batch, learning rate); everything else is theirs.
 
 Data, all made here with no network: the built-in text and code corpus and its tokenizer
 (megatron_code.data.builtin, as for the quickstart), and instruction sets from
@@ -256,34 +257,29 @@ def _common(size: Size, tokenizer: Path, run_dir: Path, steps: int, lr: float, p
 # ---------------------------------------------------------------------------------- evaluation
 
 
-def evaluate_arm(name: str, run_dir: Path, tasks: list[Path], out: Path, size: Size, device: str) -> Path:
-    """Score one model on the task files (reused when its marker shows the same checkpoint, tasks
-    and generation length)."""
-    from megatron_code.evaluation.code import score_code
+def evaluate_arm(name: str, run_dir: Path, tasks: list[Path], out: Path, size: Size, device: str,
+                 chat_template: str) -> Path:
+    """Score one model on the task files with raw prompts (`chat_template` none) or through its
+    chat template (auto); reused when its marker shows the same checkpoint, tasks, prompt format
+    and generation length."""
     from megatron_code.evaluation.lm import load_language_model
-    from megatron_code.evaluation.multiple_choice import score_multiple_choice
     from megatron_code.evaluation.results import write_results
-    from megatron_code.evaluation.tasks import MULTIPLE_CHOICE, load_task
+    from megatron_code.evaluation.score import score_tasks
+    from megatron_code.evaluation.tasks import load_task
 
     marker = out.with_suffix(".stage.json")
     inputs = {"checkpoint": checkpoint_digest(run_dir), "tasks": content_digest(*tasks),
-              "generation": value_digest(size.max_new_tokens)}
+              "prompts": value_digest([chat_template, size.max_new_tokens])}
     if out.is_file() and not changed_inputs(read_marker(marker), inputs):
         _log(f"{name}: evaluated ({out})")
         return out
     started = time.perf_counter()
     model = load_language_model(run_dir, "cuda" if device == "cuda" else "cpu")
-    scores = []
-    for task in map(load_task, tasks):
-        if task.kind == MULTIPLE_CHOICE:
-            scores.append(score_multiple_choice(task, model.sample_losses, model.tokenizer, model.max_length,
-                                                device=model.device))
-        else:
-            scores.append(score_code(task, model, max_new_tokens=size.max_new_tokens))
-    write_results(out, model.path, model.step, scores)
+    scores, record = score_tasks(model, list(map(load_task, tasks)), chat_template, max_new_tokens=size.max_new_tokens,
+                                 log=lambda line: _log(f"{name}: {line}"))
+    write_results(out, model.path, model.step, scores, record)
     write_marker(marker, inputs, done=True)
-    _log(f"{name}: " + "; ".join(f"{s.task} " + ", ".join(f"{m} {v:.3f}" for m, v in s.metrics.items())
-                                 for s in scores) + f" ({time.perf_counter() - started:.0f} s)")
+    _log(f"{name}: scored in {time.perf_counter() - started:.0f} s")
     return out
 
 
@@ -306,8 +302,11 @@ def _plot_scores(results: dict[str, Path], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {name: {(r["task"], r["metric"]): r["value"] for r in json.loads(p.read_text())["results"]}
-            for name, p in results.items()}
+    from megatron_code.evaluation.results import RAW
+
+    files = {name: json.loads(p.read_text()) for name, p in results.items()}
+    rows = {f"{name} ({f.get('prompt_format', RAW)})": {(r["task"], r["metric"]): r["value"] for r in f["results"]}
+            for name, f in files.items()}
     keys = list(dict.fromkeys(k for row in rows.values() for k in row))
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)), 3.8))
     width = 0.8 / len(rows)
@@ -379,11 +378,13 @@ def run(argv: list[str] | None = None) -> dict:
                   {"data": data_digest(prefixes), "base checkpoint": checkpoint_digest(pretrain[base])})
 
     runs = {**pretrain, **tune}
-    results = {arm: evaluate_arm(arm, run_dir, tasks, out / "eval" / f"{arm}.json", size, args.device)
+    results = {arm: evaluate_arm(arm, run_dir, tasks, out / "eval" / f"{arm}.json", size, args.device,
+                                 "none" if arm in pretrain else "auto")
                for arm, run_dir in runs.items()}
     from megatron_code.evaluation.results import compare
 
-    table = compare(list(results.values()))
+    tables = {"pretrained": compare([results[arm] for arm in pretrain]),
+              "tuned": compare([results[arm] for arm in tune])}
     report = "\n".join([
         f"# Study {args.name} ({args.size} size)", "",
         "Tiny-scale numbers: models of about a million parameters (0.16M at the ci size) trained for minutes on "
@@ -393,13 +394,18 @@ def run(argv: list[str] | None = None) -> dict:
         "and CC = CODE tuned on text + code instructions at 5:3 (Ma et al.'s uniform strategy); CC_stepwise_* "
         f"= CODE tuned with the stepwise schedules ({size.sft_steps} steps each).", "",
         "## Training", "", _arm_table(runs), "",
-        "## Evaluation (each arm's difference from the first, 95% bootstrap interval)", "", table, ""])
+        "## Evaluation (each arm's difference from the first, 95% bootstrap interval)", "",
+        "Pretrained arms, fed each task's text as written (raw):", "", tables["pretrained"], "",
+        "Tuned arms, fed each task's text as the user turn of the chat template they were tuned with (their "
+        "instruction data's, recorded with it): each question's options are scored as the assistant's reply, "
+        "code is generated after the assistant header. Compare arms within a table: a difference across the two "
+        "tables mixes the models with the prompt format.", "", tables["tuned"], ""])
     (out / "comparison.md").write_text(report)
     plots = write_plots(out, pretrain, tune, results)
     print("\n" + report)
     print(f"study {args.name}: {out}/comparison.md, plots in {out / 'plots'} "
           f"({(time.perf_counter() - started) / 60:.1f} min)")
-    return {"table": table, "report": report, "results": results, "plots": plots, "out": out,
+    return {"tables": tables, "report": report, "results": results, "plots": plots, "out": out,
             "size": asdict(size)}
 
 

@@ -1,8 +1,9 @@
 """Checkpoint files: which checkpoints are kept, stale temporaries, RNG state as plain data,
-weights-only starts (`init_from`, imported checkpoints) and loading under another vocabulary
-padding."""
+weights-only starts (`init_from`, imported checkpoints), loading under another vocabulary
+padding, the checks before a start, and which checkpoint a relaunch starts from."""
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -106,6 +107,99 @@ def test_resume_refuses_another_model(train_args, tmp_path):
     from megatron_code.training.trainer import Trainer
 
     saved = Trainer(load_config(None, train_args(tmp_path / "a", "--train.steps=1"))).train()
-    with pytest.raises(CheckpointError, match=r"holds a model with model.hidden_size=64; this config has 96"):
+    with pytest.raises(CheckpointError, match=r"model.hidden_size: checkpoint 64, this config 96"):
         Trainer(load_config(None, train_args(tmp_path / "b", "--model.hidden_size=96",
                                              f"--checkpoint.load={saved.checkpoint}")))
+
+
+# ----------------------------------------------------------------------------------------------
+# starting a run: what is checked before any work, which checkpoint a launch starts from
+
+@pytest.fixture(scope="module")
+def saved(train_args, tmp_path_factory):
+    """The last checkpoint of a finished 2-step run."""
+    from megatron_code.training.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("saved") / "run"
+    return Trainer(load_config(None, train_args(run, "--train.steps=2", "--train.eval_interval=0"))).train().checkpoint
+
+
+def test_a_start_that_does_not_fit_the_checkpoint_stops_before_any_work(saved, train_args, tiny_corpus, tmp_path,
+                                                                        monkeypatch):
+    """Model math, tokenizer and (on resume) the data order are checked from trainer_state.json
+    before any dataset or model is built; every differing field is named with both values."""
+    from megatron_code.data.errors import DataError
+    from megatron_code.data.tokenizer import train_tokenizer
+    from megatron_code.training import trainer as trainer_module
+    from megatron_code.training.checkpoint import CheckpointError
+
+    def no_data(*args):
+        raise AssertionError("datasets were built before the checkpoint was checked")
+    monkeypatch.setattr(trainer_module, "build_data", no_data)
+
+    def start(*extra):
+        return trainer_module.Trainer(load_config(None, train_args(tmp_path / "run", *extra)))
+
+    math = ("--model.rope_theta=500000", "--model.norm_eps=1e-6", "--model.num_kv_heads=4")
+    for how in ("init_from", "load"):
+        with pytest.raises(CheckpointError) as error:
+            start(f"--checkpoint.{how}={saved}", *math)
+        message = str(error.value)
+        for expected in ("model.rope_theta: checkpoint 10000.0, this config 500000.0",
+                         "model.norm_eps: checkpoint 1e-05, this config 1e-06", "model.kv_heads: checkpoint 2, this config 4"):
+            assert expected in message, (how, message)
+    # another vocabulary of the same size: other ids
+    other = train_tokenizer([tiny_corpus.code], tmp_path / "other" / "spm", vocab_size=1024, progress=False)
+    with pytest.raises(CheckpointError, match=r"tokenizer: checkpoint vocabulary \w+ \(1024 ids\), data.tokenizer="):
+        start(f"--checkpoint.init_from={saved}", f"--data.tokenizer={other}")
+    with pytest.raises(DataError, match=r"data.seed changed: 1234 -> 7"):
+        start(f"--checkpoint.load={saved}", "--data.seed=7")
+
+
+def test_each_data_file_is_hashed_once_per_start(saved, train_args, tmp_path, monkeypatch):
+    import hashlib
+
+    from megatron_code.data import datasets
+    from megatron_code.training.trainer import Trainer
+
+    monkeypatch.setattr(datasets, "_IDX_DIGESTS", {})
+    hashed, digest = [], hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda f, name: hashed.append(f.name) or digest(f, name))
+    Trainer(load_config(None, train_args(tmp_path / "resumed", f"--checkpoint.load={saved}", "--train.steps=3")))
+    assert len(hashed) == 2 and len(set(hashed)) == 2  # the text and the code .idx, once each
+
+
+def test_a_relaunch_resumes_its_run_directory(saved, train_args, tmp_path):
+    """A run started with init_from, relaunched, continues from its own latest checkpoint (not
+    from init_from again) and logs each step once; an explicit load overrides init_from; a load
+    from elsewhere that would overwrite the run directory's checkpoints is refused."""
+    from megatron_code.training.checkpoint import CheckpointError
+    from megatron_code.training.trainer import Trainer
+
+    run = tmp_path / "run"
+    args = train_args(run, f"--checkpoint.init_from={saved}", "--train.steps=3", "--checkpoint.interval=2",
+                      "--train.eval_interval=0")
+    first = Trainer(load_config(None, args)).train()
+    # as if the job died after logging step 3 but before saving it
+    shutil.rmtree(run / "checkpoints" / "step_0000003")
+    (run / "checkpoints" / "latest").write_text("step_0000002")
+    again = Trainer(load_config(None, args))
+    assert again.step == 2
+    assert again.train().losses == first.losses[2:]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+    explicit = Trainer(load_config(None, args + [f"--checkpoint.load={run / 'checkpoints' / 'step_0000002'}"]))
+    assert explicit.step == 2  # not the run's latest (3), not init_from's step 0
+    with pytest.raises(CheckpointError, match=rf"train.output_dir={run} already holds checkpoints \(latest step_0000003\)"):
+        Trainer(load_config(None, args + [f"--checkpoint.load={saved}"]))
+
+
+def test_the_checkpoint_is_saved_before_evaluation(train_args, tmp_path, monkeypatch):
+    from megatron_code.training.trainer import Trainer
+
+    def failing(self):
+        raise RuntimeError("evaluation failed")
+    monkeypatch.setattr(Trainer, "evaluate_tasks", failing)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        Trainer(load_config(None, train_args(tmp_path / "run", "--train.steps=2", "--train.eval_interval=2"))).train()
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_0000002"

@@ -192,6 +192,8 @@ def test_training_continues_from_an_import(convert_tool, tiny_corpus, train_args
     random_hf(tmp_path / "hf", tiny_corpus.hf_tokenizer, transformers.LlamaConfig(**LLAMA, tie_word_embeddings=True))
     run = tmp_path / "imported"
     assert convert_tool.main(["import", "--hf", str(tmp_path / "hf"), "--out", str(run), "--no-verify"]) == 0
+    recorded = json.loads((run / "checkpoints" / "step_0000000" / "trainer_state.json").read_text())["tokenizer"]
+    assert recorded == {"fingerprint": load_tokenizer(tiny_corpus.tokenizer).fingerprint, "vocab_size": 1024}
     trainer = Trainer(load_config(run / "config.yaml", train_args(tmp_path / "continued", "--train.steps=3",
                                                                   f"--checkpoint.init_from={run}")))
     model = trainer.model.state_dict()

@@ -1,10 +1,13 @@
 """Evaluation: the sandbox and pass@1, the synthetic tasks, BLEU against sacrebleu, the bootstrap
 against scipy, our multiple-choice scorer against lm-evaluation-harness on the exported model,
-in-training task scores, and tools/evaluate.py end to end."""
+chat-template prompts against the ids tools/preprocess_sft.py writes, in-training task scores,
+and tools/evaluate.py end to end."""
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +15,12 @@ import pytest
 import torch
 
 from megatron_code.evaluation import sandbox
-from megatron_code.evaluation.code import code_tokens, sentence_bleu, truncate_completion
+from megatron_code.evaluation.code import code_tokens, reply_code, sentence_bleu, truncate_completion
 from megatron_code.evaluation.lm import load_language_model
 from megatron_code.evaluation.multiple_choice import score_multiple_choice
 from megatron_code.evaluation.results import bootstrap_difference
 from megatron_code.evaluation.sandbox import Limits, run_python
+from megatron_code.evaluation.score import score_tasks
 from megatron_code.evaluation.synthetic import EVAL_SIZES, GENERATORS, generate, split_of
 from megatron_code.evaluation.tasks import TaskError, load_task
 
@@ -184,6 +188,75 @@ def test_bleu_matches_sacrebleu():
     assert truncate_completion("    return x\n\ndef g():\n    pass\nprint(g())\n") == "    return x\n\ndef g():\n    pass\n"
 
 
+def test_chat_replies_yield_their_code():
+    prompt = 'def add(a, b):\n    """Return a + b."""\n'
+    assert reply_code(prompt + "    return a + b\n", prompt) == "    return a + b\n"  # the prompt repeated
+    assert reply_code("    return a + b\n", prompt) == "    return a + b\n"
+    fenced = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nIt adds."
+    assert reply_code(fenced, prompt) == "def add(a, b):\n    return a + b\n"
+    assert run_python(prompt + reply_code(fenced, prompt), TESTS, LIMITS).passed  # the later def wins
+    assert reply_code("```\nx = 1\n", prompt) == "x = 1\n"  # a block the reply never closed
+
+
+def _chat_reference(tokenizer_path, template: str, conversations: list[tuple[str, str]], folder: Path):
+    """(prompt ids, reply ids) of each (user, assistant) pair as tools/preprocess_sft.py writes it:
+    the ids before the loss, and those carrying it."""
+    from megatron_code.data.sft import preprocess_sft, read_sft
+
+    folder.mkdir()
+    path = folder / f"{template}.jsonl"
+    path.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in conversations))
+    data = read_sft(preprocess_sft(path, folder / template, tokenizer_path, template=template, progress=False)["prefix"])
+    out = []
+    for d in range(len(data)):
+        tokens, mask = np.split(data.document(d).astype(np.int64), 2)  # the ids, then the loss mask
+        out.append((tokens[:np.flatnonzero(mask)[0]].tolist(), tokens[mask == 1].tolist()))
+    return out
+
+
+def test_the_scorers_feed_a_chat_template_as_instruction_data_encodes_it(trained_run, exported, eval_task_dir,
+                                                                         tiny_corpus, tmp_path):
+    """For each kind of template: the ids multiple choice scores (question as the user turn, the
+    option and end of turn as the continuation) and the ids code generation starts from equal what
+    data/sft.py writes for the same conversation. A transformers folder with its own template gets
+    it by `auto`; spelling our layout, it scores as our checkpoint does with role tokens."""
+    folder = tmp_path / "hf_chat"
+    shutil.copytree(exported, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["split_special_tokens"] = False  # the template's role strings are the special tokens
+    config["chat_template"] = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    choice = load_task(subset(eval_task_dir / "arithmetic.jsonl", 6, tmp_path))
+    code = load_task(subset(eval_task_dir / "python_functions.jsonl", 2, tmp_path))
+    pairs = [(item.question, option) for item in choice.items for option in item.options]
+    checkpoint = load_language_model(trained_run)
+    scored = {}
+    for name, model, template, tokenizer in (("role_tokens", checkpoint, "role_tokens", tiny_corpus.tokenizer),
+                                             ("text", checkpoint, "text", tiny_corpus.tokenizer),
+                                             ("hf", load_language_model(folder), "auto", folder)):
+        rows, prompts = [], []
+
+        def sample_losses(tokens, labels, mask, model=model, rows=rows):
+            for t, l, m in zip(tokens.tolist(), labels.tolist(), mask.bool().tolist()):
+                n = max(i for i, on in enumerate(m) if on) + 1
+                reply = [x for x, on in zip(l, m) if on]
+                rows.append(((t[:n] + [l[n - 1]])[:-len(reply)], reply))
+            return model.sample_losses(tokens, labels, mask)
+
+        def generate(batch, max_new_tokens, finished, model=model, prompts=prompts):
+            prompts.extend(batch)
+            return model.generate(batch, max_new_tokens, finished)
+        recording = replace(model, sample_losses=sample_losses, generate=generate)
+        scores, record = score_tasks(recording, [choice, code], template, max_new_tokens=4, log=lambda line: None)
+        assert record["prompt_format"] == f"chat:{name}" and [s.prompt_format for s in scores] == [f"chat:{name}"] * 2
+        assert sorted(rows) == sorted(_chat_reference(tokenizer, name, pairs, tmp_path / name))
+        assert prompts == [p for p, _ in _chat_reference(tokenizer, name, [(i.prompt, "x") for i in code.items],
+                                                         tmp_path / f"{name}_code")]
+        scored[name] = scores[0].per_item
+    assert scored["hf"] == scored["role_tokens"]  # the export through its template: the checkpoint's answers
+
+
 def test_bootstrap_matches_scipy():
     from scipy import stats as scipy_stats  # installed with lm-eval (the dev extras)
 
@@ -199,11 +272,13 @@ def test_bootstrap_matches_scipy():
 
 
 def test_our_scorer_agrees_with_lm_eval(trained_run, exported, eval_task_dir, tmp_path):
+    """Raw prompts: what `auto` gives a model that was not instruction-tuned."""
     from megatron_code.evaluation.harness import run_lm_eval
 
     task = load_task(subset(eval_task_dir / "logic.jsonl", 60, tmp_path))
     ours = load_language_model(trained_run)  # our checkpoint and model, not the export
-    scores = score_multiple_choice(task, ours.sample_losses, ours.tokenizer, ours.max_length, batch_size=8)
+    (scores,), record = score_tasks(ours, [task], "auto", batch_size=8, log=lambda line: None)
+    assert record == {"prompt_format": "raw"} and scores.prompt_format == "raw"
     (theirs,), output = run_lm_eval(exported, [task], batch_size=8)
     assert theirs.ids == scores.ids and theirs.n == 60
     for metric in ("acc", "acc_norm"):
@@ -293,13 +368,25 @@ def test_evaluate_tool_end_to_end(evaluate_tool, trained_run, exported, eval_tas
     assert rows[("logic", "acc")]["n"] == 50 and rows[("python_functions", "pass@1")]["n"] == 3
     assert len(results["samples"]["python_functions"]) == 3 and results["sandbox"]["limits"]["seconds"] == 5.0
 
+    assert results["prompt_format"] == "raw"  # auto: the model was not instruction-tuned
+    assert {r["prompt_format"] for r in results["results"]} == {"raw"}
+
     out = tmp_path / "export.json"
     assert evaluate.main(["run", "--model", str(exported), "--tasks", str(tasks[0]), "--out", str(out)]) == 0
     capsys.readouterr()
     assert evaluate.main(["compare", str(trained_run), str(out)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].startswith("| task | metric | n |") and "[95% CI]" in table[0]
+    assert table[0].startswith("| task | metric | n | prompt |") and "[95% CI]" in table[0]
     logic_acc = next(line for line in table if line.startswith("| logic | acc |"))
-    assert "+0.0000 [+0.0000, +0.0000]" in logic_acc  # the export scores exactly as the checkpoint
+    assert "| raw |" in logic_acc and "+0.0000 [+0.0000, +0.0000]" in logic_acc  # the export scores as the checkpoint
+    assert not any(line.startswith("Note:") for line in table)
+    chat = tmp_path / "chat.json"  # a template forced on the pretrained model: the table says the formats differ
+    assert evaluate.main(["run", "--model", str(trained_run), "--tasks", str(tasks[0]), "--out", str(chat),
+                          "--chat-template", "role_tokens"]) == 0
+    capsys.readouterr()
+    assert evaluate.main(["compare", str(out), str(chat)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "| raw / chat:role_tokens |" in next(line for line in table if line.startswith("| logic | acc |"))
+    assert "Note: on 3 of 3 rows the arms were fed different prompt formats" in table[-1]
     assert evaluate.main(["run", "--model", str(trained_run), "--tasks", str(tmp_path / "missing.jsonl")]) == 1
     assert "missing.jsonl does not exist" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import torch
 from megatron_code.config import PRESETS, ModelConfig
 from megatron_code.kernels import KernelUnavailable, build_attention, build_ops
 from megatron_code.model import GPT
-from megatron_code.training.loss import loss_fn
+from megatron_code.training.loss import sample_losses
 
 
 def train_losses(kernels: str, attention: str, arch: dict, steps: int = 20) -> list[float]:
@@ -25,8 +25,8 @@ def train_losses(kernels: str, attention: str, arch: dict, steps: int = 20) -> l
         labels[0, :3] = -100  # ignored positions take part too
         positions = torch.arange(16).expand(2, 16)
         mask = (labels != -100).float()
-        loss = loss_fn(model, {"tokens": tokens, "labels": labels, "position_ids": positions, "loss_mask": mask},
-                       ops, int(mask.sum()))
+        hidden = model(tokens, positions, return_hidden=True)
+        loss = sample_losses(model, hidden, labels, mask, ops).sum() / mask.sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

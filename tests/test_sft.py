@@ -1,5 +1,6 @@
 """Instruction data and the sft stage: loss masks, chat templates, packing, bad input, start-up
-checks and mixtures of instruction sources."""
+checks, mixtures of instruction sources, and what a tuned model learns (scored through its chat
+template and raw)."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +8,9 @@ import json
 import shutil
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +24,7 @@ from megatron_code.data.sft import SFTDataset, check_sft_dataset, preprocess_sft
 from megatron_code.data.tokenizer import load_tokenizer
 from megatron_code.kernels import TORCH_OPS, build_attention
 from megatron_code.model import GPT
-from megatron_code.training.loss import loss_fn
+from megatron_code.training.loss import sample_losses
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -101,7 +104,8 @@ def test_changing_a_prompt_label_leaves_the_loss_and_a_response_label_changes_it
 
     def loss(labels):
         with torch.no_grad():
-            return loss_fn(model, {**batch, "labels": labels}, TORCH_OPS, 1)
+            hidden = model(batch["tokens"], batch["position_ids"], batch["document_ids"], return_hidden=True)
+            return sample_losses(model, hidden, labels, batch["loss_mask"], TORCH_OPS)  # the trainer's loss
 
     base = loss(batch["labels"])
     prompt = torch.nonzero((batch["loss_mask"][0] == 0) & (batch["document_ids"][0] < 3)).flatten()
@@ -331,7 +335,7 @@ def test_sft_start_up_checks(tiny_corpus, tiny_indexed, two_sources, pretrained,
     plain = sft_overrides(tiny_corpus, two_sources, tmp_path, pretrained)
     with pytest.raises(DataError, match="holds instruction data .* set train.stage=sft"):
         Trainer(load_config(None, [a for a in plain if not a.startswith(("--train.stage", "--checkpoint"))]))
-    with pytest.raises(CheckpointError, match="model.hidden_size=64; this config has 128"):
+    with pytest.raises(CheckpointError, match="model.hidden_size: checkpoint 64, this config 128"):
         Trainer(load_config(None, plain + ["--model.hidden_size=128"]))
 
 
@@ -348,23 +352,24 @@ def test_epochs_set_the_steps_and_unpacked_data_pads(tiny_corpus, two_sources, p
     trainer.data.close()
 
 
-def test_a_tiny_model_learns_a_generated_instruction_set(tiny_corpus, pretrained, tmp_path):
-    """Sums of two digits in five phrasings: 400 questions tuned on (180 steps), 100 held out (other
-    phrasings of the same sums). Held-out loss falls by more than half, and exact match on the
-    held-out questions (greedy answer through the chat template) beats the best answer-blind
-    guess (sum 9 is the commonest: 10%) by far."""
+@pytest.fixture(scope="module")
+def tuned_on_sums(tiny_corpus, pretrained, tmp_path_factory) -> SimpleNamespace:
+    """Sums of two digits in five phrasings: a tiny model tuned 180 steps on 400 questions, the
+    other 100 held out (other phrasings of the same sums); held-out loss and exact match (greedy
+    answer through the chat template) before and after, and the run directory."""
     from megatron_code.data.instructions import make_instructions
     from megatron_code.evaluation.lm import gpt_next_logits, greedy
     from megatron_code.training.trainer import Trainer
 
+    root = tmp_path_factory.mktemp("sums")
     records = make_instructions({"digit_sums": 500}, seed=0)
-    prefix = preprocess_sft(write_jsonl(tmp_path / "sums.jsonl", records), tmp_path / "sums", tiny_corpus.tokenizer,
+    prefix = preprocess_sft(write_jsonl(root / "sums.jsonl", records), root / "sums", tiny_corpus.tokenizer,
                             progress=False)["prefix"]
     held_out = records[400:]  # data.split=80,20,0 holds out the last fifth of the file
     trainer = Trainer(load_config(None, sft_overrides(
-        tiny_corpus, {"sums": prefix}, tmp_path / "run", pretrained, "--data.split=80,20,0", "--train.steps=180",
+        tiny_corpus, {"sums": prefix}, root / "run", pretrained, "--data.split=80,20,0", "--train.steps=180",
         "--train.micro_batch_size=16", "--train.global_batch_size=16", "--optim.lr=5e-3", "--optim.min_lr=5e-4",
-        "--optim.warmup_steps=5", "--checkpoint.save=false")))
+        "--optim.warmup_steps=5")))
     template, model = template_for(trainer.tokenizer), trainer.model.parts[0]  # one process: the whole model
 
     def exact_match() -> float:
@@ -376,8 +381,66 @@ def test_a_tiny_model_learns_a_generated_instruction_set(tiny_corpus, pretrained
         return sum(trainer.tokenizer.decode([i for i in ids if i not in template.stop_ids]) == r["output"]
                    for ids, r in zip(answers, held_out)) / len(held_out)
 
-    before_loss, before_match = trainer.evaluate()["sums"], exact_match()
+    before = trainer.evaluate()["sums"], exact_match()
     trainer.train()
-    after_loss, after_match = trainer.evaluate()["sums"], exact_match()
+    return SimpleNamespace(run=root / "run", prefix=prefix, held_out=held_out, before=before,
+                           after=(trainer.evaluate()["sums"], exact_match()))
+
+
+def test_a_tiny_model_learns_a_generated_instruction_set(tuned_on_sums):
+    """Held-out loss falls by more than half, and exact match on the held-out questions beats
+    the best answer-blind guess (sum 9 is the commonest: 10%) by far."""
+    (before_loss, before_match), (after_loss, after_match) = tuned_on_sums.before, tuned_on_sums.after
     assert after_loss < 0.5 * before_loss, (before_loss, after_loss)
     assert before_match <= 0.1 and after_match >= 0.4, (before_match, after_match)
+
+
+def test_the_evaluators_prompt_a_tuned_model_through_its_chat_template(tuned_on_sums, tiny_corpus, tmp_path):
+    """The held-out sums as a multiple-choice task: the tuned model scores higher fed each question
+    as a user turn of its template (found by `auto` in its data's meta) than fed it raw; its
+    answers, generated after the assistant header, stop at <|end|>."""
+    import random
+
+    from megatron_code.evaluation.code import complete
+    from megatron_code.evaluation.lm import load_language_model
+    from megatron_code.evaluation.score import chat_template_for, score_tasks
+    from megatron_code.evaluation.tasks import load_task, write_jsonl
+
+    rng = random.Random(0)
+    items = []
+    for r in tuned_on_sums.held_out:
+        options = [r["output"], *rng.sample([str(v) for v in range(19) if str(v) != r["output"]], 3)]
+        rng.shuffle(options)
+        items.append({"question": r["instruction"], "options": options, "answer": options.index(r["output"])})
+    task = load_task(write_jsonl(tmp_path / "held_out_sums.jsonl", items))
+    model = load_language_model(tuned_on_sums.run)
+    assert model.tuned_on == (tuned_on_sums.prefix,)
+    (chat,), record = score_tasks(model, [task], "auto", log=lambda line: None)
+    (raw,), raw_record = score_tasks(model, [task], "none", log=lambda line: None)
+    assert (record["prompt_format"], chat.prompt_format, raw_record["prompt_format"]) == (
+        "chat:role_tokens", "chat:role_tokens", "raw")
+    assert record["chat_template"] == json.loads(Path(f"{tuned_on_sums.prefix}.meta.json").read_text())["template"]
+    assert chat.metrics["acc"] >= 0.8 and raw.metrics["acc"] <= chat.metrics["acc"] - 0.3, (chat.metrics,
+                                                                                           raw.metrics)
+    template = chat_template_for(model, "auto")
+    fed, returned = [], []
+
+    def generate(prompts, max_new_tokens, finished):
+        fed.extend(prompts)
+        returned.extend(model.generate(prompts, max_new_tokens, finished))
+        return returned[-len(prompts):]
+    questions = [r["instruction"] for r in tuned_on_sums.held_out]
+    answers = complete(replace(model, generate=generate), questions, 8, template=template)
+    assert fed == [template.prompt_ids([{"role": "user", "content": q}]) for q in questions]
+    assert all(template.end_id not in ids[:-1] for ids in returned)  # each row stopped at its first <|end|>
+    assert sum(ids[-1] == template.end_id for ids in returned) >= 0.9 * len(returned)
+    assert sum(a == r["output"] for a, r in zip(answers, tuned_on_sums.held_out)) >= 0.4 * len(questions)
+
+    moved = replace(model, tuned_on=(str(tmp_path / "moved" / "sums"),))
+    with pytest.raises(DataError, match=r"tuned on .*moved/sums, whose .*meta.json .* is not there; pass "
+                                        r"--chat-template role_tokens\|hf\|text"):
+        chat_template_for(moved, "auto")
+    text = preprocess_sft(write_jsonl(tmp_path / "t.jsonl", EXAMPLES), tmp_path / "t", tiny_corpus.tokenizer,
+                          template="text", progress=False)["prefix"]
+    with pytest.raises(DataError, match="tuned on data made with different chat templates .*: role_tokens, .*: text"):
+        chat_template_for(replace(model, tuned_on=(tuned_on_sums.prefix, text)), "auto")

@@ -75,11 +75,19 @@ def test_the_mini_study_runs_every_arm_and_resumes_an_interrupted_one(tmp_path, 
     argv = ["--name", "code_stage", "--size", "ci", "--out", str(tmp_path), "--no-progress"]
     first = study.run(argv)
     arms = [*study.PRETRAIN_ARMS, *study.TUNE_ARMS]
-    header = first["table"].splitlines()[0]
-    assert all(f"| {arm}@" in header for arm in arms) and "Tiny-scale numbers" in first["report"]
-    rows = {tuple(line.split(" | ")[:2]) for line in first["table"].splitlines()[2:]}
-    assert {("| arithmetic", "acc_ppl"), ("| logic", "acc"), ("| python_functions", "pass@1"),
-            ("| python_functions", "bleu")} <= rows
+    assert "Tiny-scale numbers" in first["report"]
+    # pretrained arms get raw prompts, tuned arms their chat template; each table holds one format
+    for group, prompt in (("pretrained", "raw"), ("tuned", "chat:role_tokens")):
+        lines = first["tables"][group].splitlines()
+        group_arms = study.PRETRAIN_ARMS if group == "pretrained" else study.TUNE_ARMS
+        assert all(f"| {arm}@" in lines[0] for arm in group_arms) and len(lines[0].split(" | ")) == 3 + 2 * len(
+            group_arms) and not any(line.startswith("Note:") for line in lines)
+        cells = [line.split(" | ") for line in lines[2:]]
+        assert {("| arithmetic", "acc_ppl"), ("| logic", "acc"), ("| python_functions", "pass@1"),
+                ("| python_functions", "bleu")} <= {tuple(c[:2]) for c in cells}
+        assert {c[3] for c in cells} == {prompt}
+        for arm in group_arms:
+            assert json.loads(first["results"][arm].read_text())["prompt_format"] == prompt
     for plot in first["plots"]:
         assert plot.is_file() and (plot.suffix != ".png" or plot.read_bytes()[:4] == b"\x89PNG")
     for arm, (recipe, base) in study.TUNE_ARMS.items():  # tuned from its pretrained arm's weights
@@ -106,7 +114,7 @@ def test_the_mini_study_runs_every_arm_and_resumes_an_interrupted_one(tmp_path, 
     assert all(f"{arm}: evaluated" in out for arm in arms if arm != "CC_stepwise_increase")
     after = json.loads(second["results"]["CC_stepwise_increase"].read_text())
     assert after["items"] == before["items"] and after["step"] == before["step"]
-    assert second["table"] == first["table"]
+    assert second["tables"] == first["tables"]
 
     # The NL arm's recipe changes (less weight decay): NL trains again from the start, then NN and NC
     # from its new checkpoint, and those three are evaluated again; the CODE side is reused.

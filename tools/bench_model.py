@@ -13,9 +13,9 @@ of each round's ratio.
 Ours runs as the trainer builds it: kernels and attention from `build_ops` / `build_attention`
 (`--kernels`, `--attention`, default auto: on CPU that is `TORCH_OPS` and torch SDPA). Loss: by
 default each model uses its own training path -- ours the per-token `ops.cross_entropy`
-(`TORCH_OPS.cross_entropy` on CPU) over flattened logits with a masked mean (as
-`training.loss.loss_fn`), HF `torch.nn.functional.cross_entropy` (mean). `--loss torch` uses
-`F.cross_entropy` for both. CPU threads: the machine's core count (`--threads`).
+(`TORCH_OPS.cross_entropy` on CPU) over flattened logits with a masked mean, through
+`training.loss.sample_losses` (the trainer's loss), HF `torch.nn.functional.cross_entropy`
+(mean). `--loss torch` uses `F.cross_entropy` for both. CPU threads: the machine's core count (`--threads`).
 
 Run it:
     python tools/bench_model.py                       # quickstart: ~7M params, seq 256, batch 8
@@ -38,7 +38,7 @@ from megatron_code.config import PRESETS, ModelConfig
 from megatron_code.kernels import KernelOps, build_attention, build_ops
 from megatron_code.model import GPT
 from megatron_code.model.hf import to_hf_model
-from megatron_code.training.loss import loss_fn
+from megatron_code.training.loss import sample_losses
 
 
 def build_config(preset: str, vocab_size: int, seq_length: int) -> ModelConfig:
@@ -58,14 +58,14 @@ def make_step(name: str, model: torch.nn.Module, tokens: torch.Tensor, loss: str
     """A closure running one training step and returning the loss (a tensor, not synced)."""
     inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     positions = torch.arange(inputs.shape[1], device=tokens.device).expand(inputs.shape)
-    batch = {"tokens": inputs, "labels": labels, "position_ids": positions,
-             "loss_mask": torch.ones_like(labels, dtype=torch.float32)}
+    loss_mask = torch.ones_like(labels, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
                                   fused=tokens.device.type == "cuda")
 
     def forward_loss() -> torch.Tensor:
         if name == "ours" and loss == "native":
-            return loss_fn(model, batch, ops, labels.numel())  # exactly the trainer's loss
+            hidden = model(inputs, positions, return_hidden=True)
+            return sample_losses(model, hidden, labels, loss_mask, ops).sum() / labels.numel()
         if name == "ours":
             logits = model(inputs, positions)  # as the trainer: explicit positions
         else:

@@ -11,7 +11,8 @@ tokenizer's size. `--dtype` sets the stored precision (fp32 by default).
 
 import reads a Llama-architecture folder (Llama 2/3, Mistral without sliding window, TinyLlama,
 SmolLM) and writes a weights-only checkpoint of ours: RUN/checkpoints/step_0000000 (model
-tensors, trainer_state.json with "weights_only": true, step 0 and the full config),
+tensors, trainer_state.json with "weights_only": true, step 0, the full config and the tokenizer's
+fingerprint, which a start from it checks),
 RUN/tokenizer/ and RUN/config.yaml (the model section and tokenizer, to train from it).
 Whatever our model cannot express (biases, sliding window, RoPE scaling, ...) is refused.
 
@@ -316,7 +317,7 @@ def import_checkpoint(hf: str | Path, out: str | Path, overwrite: bool = False, 
         state = {k: v.float() for k, v in from_hf_state(_read_hf_state(hf), model_config).items()}
         config = Config(model=model_config)
         config.data.tokenizer = str((out / "tokenizer").resolve())
-        step_dir = write_weights_only(tmp, state, config)
+        step_dir = write_weights_only(tmp, state, config, tok)
         (tmp / "config.yaml").write_text(yaml.safe_dump(
             {"model": {k: v for k, v in config.to_dict()["model"].items() if k != "preset"},
              "data": {"tokenizer": config.data.tokenizer}}, sort_keys=False))

@@ -9,17 +9,20 @@
 run scores JSONL tasks (megatron_code/evaluation/tasks.py; default: the built-in arithmetic,
 logic and python_functions files, written under runs/eval_tasks when missing) with our
 evaluators: multiple choice by option log-likelihood (acc, acc_norm, acc_ppl), code by greedy
-completion (pass@1 in a sandbox, BLEU). `--lm-eval` also runs lm-evaluation-harness on a
-transformers folder: `local` for our multiple-choice files, or registered task names.
+completion (pass@1 in a sandbox, BLEU). `--chat-template` (default auto) feeds an
+instruction-tuned model each prompt as a user turn of the chat template it was tuned with
+(megatron_code/evaluation/score.py); other models get raw prompts. `--lm-eval` also runs
+lm-evaluation-harness on a transformers folder, with raw prompts: `local` for our
+multiple-choice files, or registered task names.
 Results go to <run>/eval/step_N.json (a checkpoint) or <folder>/eval_results.json (an HF
-folder), or --out. compare prints a markdown table of arms by task with each arm's difference
-from the first and a 95% bootstrap confidence interval.
+folder), or --out, with the prompt format of every row. compare prints a markdown table of
+arms by task with each arm's difference from the first and a 95% bootstrap confidence interval,
+and says so where arms were fed different prompt formats.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 DEFAULT_TASK_DIR = Path("runs/eval_tasks")
@@ -59,27 +62,18 @@ def _default_out(model) -> Path:
 
 
 def _run(args) -> None:
-    from megatron_code.evaluation.code import score_code
     from megatron_code.evaluation.lm import load_language_model
-    from megatron_code.evaluation.multiple_choice import score_multiple_choice
     from megatron_code.evaluation.results import write_results
-    from megatron_code.evaluation.sandbox import Limits, sandbox_features
+    from megatron_code.evaluation.sandbox import Limits
+    from megatron_code.evaluation.score import score_tasks
     from megatron_code.evaluation.tasks import MULTIPLE_CHOICE, load_task, write_builtin_tasks
 
     paths = args.tasks or write_builtin_tasks(DEFAULT_TASK_DIR)
     tasks = [load_task(p) for p in paths]  # every task file checked before the model loads
     model = load_language_model(args.model, args.device, tokenizer=args.tokenizer)
     limits = Limits(seconds=args.timeout, memory_mb=args.memory_mb)
-    scores = []
-    for task in tasks:
-        if task.kind == MULTIPLE_CHOICE:
-            scores.append(score_multiple_choice(task, model.sample_losses, model.tokenizer, model.max_length,
-                                                args.batch_size, model.device))
-        else:
-            scores.append(score_code(task, model, limits, args.max_new_tokens, args.batch_size, progress=True))
-        print(f"{task.name}: " + ", ".join(f"{m} {v:.4f}" for m, v in scores[-1].metrics.items())
-              + f" (n={scores[-1].n})")
-    extra = {}
+    scores, record = score_tasks(model, tasks, args.chat_template, limits, args.max_new_tokens, args.batch_size,
+                                 progress=True)
     if args.lm_eval:
         from megatron_code.evaluation.harness import run_lm_eval
 
@@ -89,15 +83,15 @@ def _run(args) -> None:
                                         confirm_run_unsafe_code=args.confirm_run_unsafe_code)
         for s in harness_scores:
             s.task = f"lm-eval/{s.task}"
-            print(f"{s.task}: " + ", ".join(f"{m} {v:.4f}" for m, v in s.metrics.items()) + f" (n={s.n})")
+            print(f"{s.task}: " + ", ".join(f"{m} {v:.4f}" for m, v in s.metrics.items()) + f" (n={s.n}, raw prompts)")
         scores += harness_scores
-    if any(t.kind != MULTIPLE_CHOICE for t in tasks):
-        extra["sandbox"] = {**sandbox_features(), "limits": asdict(limits)}
-    out = write_results(args.out or _default_out(model), model.path, model.step, scores, extra)
+    out = write_results(args.out or _default_out(model), model.path, model.step, scores, record)
     print(f"results: {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_code.evaluation.score import CHAT_TEMPLATES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list", action="store_true", help="list tasks and which need a download")
     commands = parser.add_subparsers(dest="command")
@@ -114,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="let lm-eval execute generated code for its code tasks (outside our sandbox)")
     run.add_argument("--out", help="results JSON (default: <run>/eval/step_N.json or <folder>/eval_results.json)")
     run.add_argument("--tokenizer", help="tokenizer file or folder, when a checkpoint's data.tokenizer moved")
+    run.add_argument("--chat-template", default="auto", choices=CHAT_TEMPLATES,
+                     help="prompts as user turns of a chat template. auto: a model tuned here gets the template "
+                          "recorded with its instruction data, another its tokenizer folder's own; raw prompts "
+                          "without one. none: raw prompts. (lm-eval always gets raw prompts)")
     run.add_argument("--device", default="cpu")
     run.add_argument("--batch-size", type=int, default=16)
     run.add_argument("--max-new-tokens", type=int, default=128, help="code generation length")

@@ -75,14 +75,23 @@ def check_prefix(where: str, prefix: str) -> None:
             raise DataError(f"{where}: {prefix}{suffix} does not exist (build it with tools/preprocess_data.py)")
 
 
+_IDX_DIGESTS: dict[tuple, str] = {}
+"""sha256 of each .idx read in this process, keyed by its path, size, mtime and inode: a start
+checks the files before building datasets and again while building them, hashing each once."""
+
+
 def file_fingerprint(prefix: str) -> dict:
     """What identifies the files at a prefix: sizes and mtimes of both, sha256 of the .idx (the
-    document and sequence lengths: a rebuild with other input or another tokenizer changes it)."""
+    document and sequence lengths: a rebuild with other input or another tokenizer changes it).
+    The .bin is never read; the .idx is hashed once per process while it stays unchanged."""
     idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
-    with idx.open("rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"idx_sha256": digest, "idx_bytes": idx.stat().st_size, "bin_bytes": bin_.stat().st_size,
-            "idx_mtime_ns": idx.stat().st_mtime_ns, "bin_mtime_ns": bin_.stat().st_mtime_ns}
+    idx_stat, bin_stat = idx.stat(), bin_.stat()
+    key = (str(idx.resolve()), idx_stat.st_size, idx_stat.st_mtime_ns, idx_stat.st_ino)
+    if key not in _IDX_DIGESTS:
+        with idx.open("rb") as f:
+            _IDX_DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"idx_sha256": _IDX_DIGESTS[key], "idx_bytes": idx_stat.st_size, "bin_bytes": bin_stat.st_size,
+            "idx_mtime_ns": idx_stat.st_mtime_ns, "bin_mtime_ns": bin_stat.st_mtime_ns}
 
 
 def same_content(a: dict, b: dict) -> bool:

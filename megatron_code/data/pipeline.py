@@ -23,13 +23,15 @@ import torch.distributed as dist
 
 from megatron_code.data import schedule as sched
 from megatron_code.data.datasets import (EpochOrder, SourceData, build_gpt_file, check_prefix, default_cache_dir,
-                                         same_content)
+                                         file_fingerprint, same_content)
 from megatron_code.data.errors import DataError
 from megatron_code.data.mixture import FileMix, MixtureSampler
 from megatron_code.data.preprocess import check_dataset_matches_tokenizer
 from megatron_code.data.sft import build_sft_file, check_sft_dataset, dataset_kind
 
 STATE_FORMAT = 1
+OLD_FORMAT = ("the checkpoint's data state is from an older version (no schedule history or data fingerprint): its "
+              "data order cannot be continued; start a new run")
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids")
 
 
@@ -39,8 +41,6 @@ class StepBatch:
     micro_batches: list[dict[str, torch.Tensor]]
     """This rank's micro batches: tokens, labels, loss_mask, position_ids, source (int64 per
     sample: an index into data.sources), and document_ids for packed instruction data."""
-    loss_tokens: int
-    """Loss-masked tokens in this rank's micro batches."""
     metrics: dict[str, float]
     """samples/<source>, tokens/<source> (of the global batch) and weight/<source> (scheduled)."""
 
@@ -69,14 +69,60 @@ def check_stage(name: str, prefix: str, stage: str, tokenizer) -> None:
         check_sft_dataset(prefix, tokenizer)
 
 
-def _source_fingerprint(source: SourceData) -> dict:
-    """What a resume checks of a source: its prefix (or its files with their weights) and the
-    files' fingerprints. A source of one file has the form checkpoints from before several-file
-    sources hold."""
-    if len(source.files) == 1:
-        return {"prefix": source.files[0].prefix, "files": source.files[0].fingerprint}
-    return {"prefix": [{"prefix": f.prefix, "weight": f.weight} for f in source.files],
-            "files": {f.prefix: f.fingerprint for f in source.files}}
+def _source_fingerprint(files: list[tuple[str, float]]) -> dict:
+    """What a resume checks of a source of (prefix, weight) files: its prefix (or its files with
+    their weights) and the files' fingerprints. A source of one file has the form checkpoints
+    from before several-file sources hold."""
+    if len(files) == 1:
+        return {"prefix": files[0][0], "files": file_fingerprint(files[0][0])}
+    return {"prefix": [{"prefix": prefix, "weight": weight} for prefix, weight in files],
+            "files": {prefix: file_fingerprint(prefix) for prefix, _ in files}}
+
+
+def data_fingerprint(config, tokenizer) -> dict:
+    """What the data order depends on, from the config and the files alone (no datasets built)."""
+    data = config.data
+    return {"seq_length": data.seq_length, "split": data.split, "seed": data.seed, "tokenizer": tokenizer.fingerprint,
+            **({"pack": data.pack} if config.train.stage == "sft" else {}),
+            "sources": {s.name: _source_fingerprint(s.files()) for s in data.sources}}
+
+
+def fingerprint_problems(saved: dict, now: dict, positions: dict) -> list[str]:
+    """What changed between a checkpoint's data fingerprint and this run's that the saved
+    positions depend on."""
+    problems = []
+    for key in ("seq_length", "split", "seed", "tokenizer", "pack"):
+        if saved.get(key) != now.get(key):
+            problems.append(f"data.{key} changed: {saved.get(key)!r} -> {now.get(key)!r}")
+    for name, entry in saved["sources"].items():
+        current = now["sources"].get(name)
+        if current is None:
+            if positions.get(name, 0):
+                problems.append(f"data source {name!r} fed {positions[name]:,} samples but is not in data.sources")
+        elif entry["prefix"] != current["prefix"]:
+            problems.append(f"data source {name!r}: prefix changed: {_describe_files(entry['prefix'])} -> "
+                            f"{_describe_files(current['prefix'])}")
+        elif changed := [prefix for prefix, files in _file_fingerprints(current).items()
+                         if not same_content(_file_fingerprints(entry)[prefix], files)]:
+            problems.append(f"data source {name!r}: the files at {', '.join(changed)} changed since the checkpoint "
+                            "(rebuilt?)")
+    return problems
+
+
+def check_resumable(state: dict, config, tokenizer) -> None:
+    """Refuse, before any dataset is built, to resume a checkpoint's data state whose order this
+    config cannot continue (the full check, with its messages, runs again on loading)."""
+    if state.get("format") != STATE_FORMAT:
+        raise DataError(OLD_FORMAT)
+    problems = fingerprint_problems(state["fingerprint"], data_fingerprint(config, tokenizer),
+                                    state["sampler"]["positions"])
+    if problems and not config.data.allow_changed_data:
+        raise DataError(_changed_data_message(problems))
+
+
+def _changed_data_message(problems: list[str]) -> str:
+    return ("cannot resume: the data order depends on what changed:\n  " + "\n  ".join(problems)
+            + "\npass --data.allow_changed_data=true to continue anyway")
 
 
 def _file_fingerprints(entry: dict) -> dict[str, dict]:
@@ -148,10 +194,7 @@ class DataPipeline:
             self.log(f"train.epochs={train.epochs:g}: {samples:,} training samples per epoch -> "
                      f"{self.total_steps:,} steps of {self.global_batch_size}")
             phases, self.explicit = sched.configured_schedule(data, self.total_steps)
-        self.fingerprint = {"seq_length": data.seq_length, "split": data.split, "seed": data.seed,
-                            "tokenizer": tokenizer.fingerprint,
-                            **({"pack": data.pack} if train.stage == "sft" else {}),
-                            "sources": {s.name: _source_fingerprint(s) for s in self.sources}}
+        self.fingerprint = data_fingerprint(config, tokenizer)
         self.cursor = _Cursor(0, MixtureSampler(self.names, phases), dict.fromkeys(self.names, 0), self._file_mixes())
         self.changes: list[dict] = []
         self._valid: dict[int, list[dict]] = {}
@@ -218,8 +261,7 @@ class DataPipeline:
         metrics = {**{f"samples/{n}": int(c) for n, c in zip(self.names, counts)},
                    **{f"tokens/{n}": int(c) * seq for n, c in zip(self.names, counts)},
                    **{f"weight/{n}": w for n, w in weights.items()}}
-        loss_tokens = int(sum(int(b["loss_mask"].sum()) for b in micro))
-        return StepBatch(step, micro, loss_tokens, metrics), notes
+        return StepBatch(step, micro, metrics), notes
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -299,8 +341,7 @@ class DataPipeline:
         future (or keep the saved one if the configuration rewrites trained steps), then
         continue every source, and every file of a source, from its saved position."""
         if state.get("format") != STATE_FORMAT:
-            raise DataError("the checkpoint's data state is from an older version (no schedule history or data "
-                            "fingerprint): its data order cannot be continued; start a new run")
+            raise DataError(OLD_FORMAT)
         positions = state["sampler"]["positions"]
         self._check_fingerprint(state["fingerprint"], positions)
         self._stop_loader()
@@ -343,27 +384,11 @@ class DataPipeline:
         return [FileMix([f.prefix for f in s.files], [f.weight for f in s.files]) for s in self.sources]
 
     def _check_fingerprint(self, saved: dict, positions: dict) -> None:
-        problems = []
-        for key in ("seq_length", "split", "seed", "tokenizer", "pack"):
-            if saved.get(key) != self.fingerprint.get(key):
-                problems.append(f"data.{key} changed: {saved.get(key)!r} -> {self.fingerprint.get(key)!r}")
-        for name, entry in saved["sources"].items():
-            now = self.fingerprint["sources"].get(name)
-            if now is None:
-                if positions.get(name, 0):
-                    problems.append(f"data source {name!r} fed {positions[name]:,} samples but is not in data.sources")
-            elif entry["prefix"] != now["prefix"]:
-                problems.append(f"data source {name!r}: prefix changed: {_describe_files(entry['prefix'])} -> "
-                                f"{_describe_files(now['prefix'])}")
-            elif changed := [prefix for prefix, files in _file_fingerprints(now).items()
-                             if not same_content(_file_fingerprints(entry)[prefix], files)]:
-                problems.append(f"data source {name!r}: the files at {', '.join(changed)} changed since the checkpoint "
-                                "(rebuilt?)")
+        problems = fingerprint_problems(saved, self.fingerprint, positions)
         if not problems:
             return
         if not self.data.allow_changed_data:
-            raise DataError("cannot resume: the data order depends on what changed:\n  " + "\n  ".join(problems)
-                            + "\npass --data.allow_changed_data=true to continue anyway")
+            raise DataError(_changed_data_message(problems))
         self.log("data.allow_changed_data=true: resuming although\n  " + "\n  ".join(problems)
                  + "\neach source continues at its saved position, which now indexes the new data (a file new to a "
                  "source of several starts at its beginning, and the mix of the source's files starts afresh)")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megatron_code.data.chat import check_template, template_for, to_messages
+from megatron_code.data.chat import ChatTemplate, check_template, template_for, to_messages
 from megatron_code.data.corpus import open_binary, parse_json_line
 from megatron_code.data.datasets import SourceFile, file_fingerprint
 from megatron_code.data.errors import DataError
@@ -227,12 +227,13 @@ class SFTDataset:
         return {k: torch.from_numpy(v) for k, v in sample.items()}
 
 
-def check_sft_dataset(prefix: str, tokenizer: Tokenizer) -> None:
-    """The chat template the data at `prefix` was made with is the one `tokenizer` gives."""
+def check_sft_dataset(prefix: str, tokenizer: Tokenizer) -> ChatTemplate:
+    """The chat template the data at `prefix` was made with, checked to be the one `tokenizer`
+    gives (training checks its data with it; evaluation prompts a tuned model with it)."""
     recorded = read_meta(prefix).get("template")
     if not isinstance(recorded, dict):
         raise DataError(f"{prefix}.meta.json records no chat template: re-run tools/preprocess_sft.py")
-    check_template(recorded, tokenizer, prefix)
+    return check_template(recorded, tokenizer, prefix)
 
 
 def build_sft_file(name: str, prefix: str, weight: float, tokenizer: Tokenizer, seq_length: int, split: str,

@@ -19,6 +19,7 @@ it and masks their loss, so tokenizers without a pad token (GPT-2, Llama-3 style
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -143,9 +144,9 @@ class Tokenizer(ABC):
     def end_id(self) -> int:
         return self._special(CHAT_TOKENS[3])
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """Of the vocabulary in id order: equal for a .model and its HF export."""
+        """Of the vocabulary in id order: equal for a .model and its HF export (computed once)."""
         return vocabulary_fingerprint([self.id_to_token(i) for i in range(self.vocab_size)])
 
 

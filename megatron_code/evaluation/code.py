@@ -5,6 +5,12 @@ BLEU; it still moves when a small model passes nothing).
 A completion ends at the first line that starts in column 0 and does not begin another
 definition (`def`, `class`, `import`, `from`, a decorator): for a prompt that opens a function,
 that is the end of its body.
+
+With a chat template (an instruction-tuned model), the prompt is a user turn and the reply
+follows the assistant header; generation stops at the end-of-turn token. The reply's code (its
+first fenced block when it has one, without the prompt when the reply repeats it, as a model
+tuned to answer with the whole function does) is cut as above; the program is still prompt +
+code, which holds whether the reply is a body or a whole function (the later `def` wins).
 """
 from __future__ import annotations
 
@@ -15,14 +21,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
+from megatron_code.data.chat import ChatTemplate
 from megatron_code.evaluation.lm import LanguageModel
-from megatron_code.evaluation.results import TaskScores
+from megatron_code.evaluation.results import TaskScores, prompt_format
 from megatron_code.evaluation.sandbox import Limits, run_python, sandbox_features
 from megatron_code.evaluation.tasks import CODE, Task
 
 METRICS = ("pass@1", "bleu")
 _END = re.compile(r"\n(?=[^\s@])(?!(?:def|class|import|from)\b)")
 _CODE_TOKEN = re.compile(r"\w+|[^\w\s]")
+_FENCE = re.compile(r"```[\w+-]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 def truncate_completion(text: str) -> str:
@@ -60,29 +68,48 @@ def sentence_bleu(hypothesis: list[str], reference: list[str], max_order: int = 
     return 100 * math.exp(brevity + sum(log_precisions) / len(log_precisions))
 
 
+def reply_code(reply: str, prompt: str) -> str:
+    """The code of a chat reply to `prompt`: its first fenced block when it has one, without the
+    prompt when it repeats it."""
+    fenced = _FENCE.search(reply)
+    code = fenced.group(1) if fenced else reply
+    return code.removeprefix(prompt)
+
+
 def complete(model: LanguageModel, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
-             progress: bool = False) -> list[str]:
-    """Greedy completions of `prompts`, each cut where its function ends (or at end of document)."""
+             progress: bool = False, template: ChatTemplate | None = None) -> list[str]:
+    """Greedy completions of `prompts`, each cut where its function ends: raw, generation stops
+    there or at end of document; with `template`, each prompt is a user turn and generation
+    stops at the end of the assistant's turn."""
     tokenizer = model.tokenizer
-    eod = tokenizer.eod_id
+    stop = template.stop_ids if template is not None else {tokenizer.eod_id}
 
     def finished(ids: list[int]) -> bool:
-        return ids[-1] == eod or _END.search(tokenizer.decode(ids)) is not None
+        return ids[-1] in stop or (template is None and _END.search(tokenizer.decode(ids)) is not None)
+
+    def encode(prompt: str) -> list[int]:
+        if template is None:
+            return tokenizer.encode(prompt)
+        return template.prompt_ids([{"role": "user", "content": prompt}])
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", disable=not progress):
-        batch = [tokenizer.encode(p) for p in prompts[start: start + batch_size]]
-        for ids in model.generate(batch, max_new_tokens, finished):
-            out.append(truncate_completion(tokenizer.decode(ids[:-1] if ids[-1] == eod else ids)))
+        batch = prompts[start: start + batch_size]
+        for prompt, ids in zip(batch, model.generate([encode(p) for p in batch], max_new_tokens, finished)):
+            text = tokenizer.decode(ids[:-1] if ids and ids[-1] in stop else ids)
+            out.append(truncate_completion(text if template is None else reply_code(text, prompt)))
     return out
 
 
 def score_code(task: Task, model: LanguageModel, limits: Limits = Limits(), max_new_tokens: int = 128,
-               batch_size: int = 16, workers: int = 2, progress: bool = False) -> TaskScores:
-    """pass@1 (greedy) and BLEU for every item of a code task."""
+               batch_size: int = 16, workers: int = 2, progress: bool = False,
+               template: ChatTemplate | None = None) -> TaskScores:
+    """pass@1 (greedy) and BLEU for every item of a code task; raw prompts, or each prompt as a
+    user turn of `template`."""
     if task.kind != CODE:
         raise ValueError(f"{task.path} is a {task.kind} task, not code generation")
     sandbox_features()  # refuse early, before generating, where code cannot run contained
-    completions = complete(model, [item.prompt for item in task.items], max_new_tokens, batch_size, progress)
+    completions = complete(model, [item.prompt for item in task.items], max_new_tokens, batch_size, progress,
+                           template)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         runs = list(pool.map(lambda pair: run_python(pair[0].prompt + pair[1], "\n".join(pair[0].tests), limits),
                              zip(task.items, completions)))
@@ -93,4 +120,5 @@ def score_code(task: Task, model: LanguageModel, limits: Limits = Limits(), max_
         per_item["bleu"] = bleu
     samples = [{"id": item.id, "completion": c, "status": r.status, "output": r.output[-2000:]}
                for item, c, r in zip(task.items, completions, runs)]
-    return TaskScores.from_items(task.name, task.kind, [item.id for item in task.items], per_item, samples=samples)
+    return TaskScores.from_items(task.name, task.kind, [item.id for item in task.items], per_item, samples=samples,
+                                 prompt_format=prompt_format(template))

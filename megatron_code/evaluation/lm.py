@@ -92,6 +92,9 @@ class LanguageModel:
     sample_losses: SampleLosses
     generate: Generate
     device: torch.device
+    tuned_on: tuple[str, ...] = ()
+    """Prefixes of the instruction data a checkpoint of ours was tuned on (train.stage=sft), as
+    its config names them; empty for any other model."""
 
 
 def is_hf_folder(path: str | Path) -> bool:
@@ -130,8 +133,10 @@ def _load_ours(path: Path, device: torch.device, dtype: torch.dtype, tokenizer_p
     except ConversionError:
         def generate(prompts, max_new_tokens, finished):
             return greedy(gpt_next_logits(model, vocab), prompts, max_new_tokens, max_length, finished, device)
+    config = weights.config
+    tuned_on = tuple(s.prefix for s in config.data.sources) if config.train.stage == "sft" else ()
     return LanguageModel(str(weights.path), weights.step, tokenizer, max_length, vocab,
-                         gpt_sample_losses(model, vocab), generate, device)
+                         gpt_sample_losses(model, vocab), generate, device, tuned_on)
 
 
 def _load_hf(path: Path, device: torch.device, dtype: torch.dtype) -> LanguageModel:

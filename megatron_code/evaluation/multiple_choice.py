@@ -1,9 +1,16 @@
 """Multiple choice by per-option log-likelihood.
 
-Each option is scored as the continuation " " + option after the question, tokenized as
-lm-evaluation-harness does (the whole text is encoded and split where the question's own
-encoding ends, with the question's trailing whitespace moved to the continuation), so our
-numbers and lm-eval's agree on the same file. Three rules pick the answer:
+Raw prompts: each option is scored as the continuation " " + option after the question,
+tokenized as lm-evaluation-harness does (the whole text is encoded and split where the
+question's own encoding ends, with the question's trailing whitespace moved to the
+continuation), so our numbers and lm-eval's agree on the same file.
+
+With a chat template (an instruction-tuned model): the question is a user turn and the option
+the assistant's reply, encoded by data/chat.py as instruction data is; the scored continuation
+is what the tuning loss falls on there, the option and the end of the turn (so "1" does not
+win as the start of "12"; lm-eval's chat mode scores the option alone).
+
+Three rules pick the answer:
 
 - acc:      the highest summed log-likelihood;
 - acc_norm: the highest log-likelihood per character of the option (lm-eval's acc_norm);
@@ -14,11 +21,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from megatron_code.data.chat import ChatTemplate
 from megatron_code.data.tokenizer import Tokenizer
 from megatron_code.evaluation.lm import SampleLosses
-from megatron_code.evaluation.results import TaskScores
+from megatron_code.evaluation.results import TaskScores, prompt_format
 from megatron_code.evaluation.tasks import MULTIPLE_CHOICE, Task
 
 METRICS = ("acc", "acc_norm", "acc_ppl")
@@ -44,14 +53,30 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
     return whole[:n_context], whole[n_context:]
 
 
-def _requests(task: Task, tokenizer: Tokenizer, max_length: int) -> list[_Request]:
+def encode_chat_pairs(template: ChatTemplate, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) of each (question, answer) as data/chat.py encodes the
+    conversation user: question, assistant: answer: the continuation is the run carrying the loss."""
     out = []
-    for i, item in enumerate(task.items):
-        for j, option in enumerate(item.options):
-            context, continuation = encode_pair(tokenizer, item.question, TARGET_DELIMITER + option)
-            if not continuation:
-                raise ValueError(f"{task.path}: item {item.id} option {j} encodes to no tokens")
-            out.append(_Request(i, j, (context + continuation)[-(max_length + 1):], len(continuation)))
+    for ids, mask in template.encode_batch([[{"role": "user", "content": question},
+                                             {"role": "assistant", "content": answer}] for question, answer in pairs]):
+        learned = np.flatnonzero(mask)
+        out.append((ids[:learned[0]].tolist(), ids[learned[0]: learned[-1] + 1].tolist()))
+    return out
+
+
+def _requests(task: Task, tokenizer: Tokenizer, max_length: int,
+              template: ChatTemplate | None = None) -> list[_Request]:
+    pairs = [(i, j, item.question, option)
+             for i, item in enumerate(task.items) for j, option in enumerate(item.options)]
+    if template is None:
+        encoded = [encode_pair(tokenizer, question, TARGET_DELIMITER + option) for _, _, question, option in pairs]
+    else:
+        encoded = encode_chat_pairs(template, [(question, option) for _, _, question, option in pairs])
+    out = []
+    for (i, j, _, _), (context, continuation) in zip(pairs, encoded):
+        if not continuation:
+            raise ValueError(f"{task.path}: item {task.items[i].id} option {j} encodes to no tokens")
+        out.append(_Request(i, j, (context + continuation)[-(max_length + 1):], len(continuation)))
     return out
 
 
@@ -79,10 +104,12 @@ def option_log_likelihoods(requests: list[_Request], sample_losses: SampleLosses
 
 
 def score_multiple_choice(task: Task, sample_losses: SampleLosses, tokenizer: Tokenizer, max_length: int,
-                          batch_size: int = 16, device="cpu") -> TaskScores:
+                          batch_size: int = 16, device="cpu", template: ChatTemplate | None = None) -> TaskScores:
+    """acc, acc_norm and acc_ppl of a multiple-choice task; raw prompts, or each question as a
+    user turn of `template`."""
     if task.kind != MULTIPLE_CHOICE:
         raise ValueError(f"{task.path} is a {task.kind} task, not multiple choice")
-    requests = _requests(task, tokenizer, max_length)
+    requests = _requests(task, tokenizer, max_length, template)
     lls, counts = option_log_likelihoods(requests, sample_losses, batch_size, device)
     per_option: list[list[tuple[float, int, int]]] = [[] for _ in task.items]
     for r, ll, count in zip(requests, lls, counts):
@@ -94,4 +121,5 @@ def score_multiple_choice(task: Task, sample_losses: SampleLosses, tokenizer: To
         for name, rule in rules.items():
             scores = [rule(*o) for o in options]
             per_item[name].append(float(scores.index(max(scores)) == item.answer))  # ties: the first, as lm-eval
-    return TaskScores.from_items(task.name, task.kind, [item.id for item in task.items], per_item)
+    return TaskScores.from_items(task.name, task.kind, [item.id for item in task.items], per_item,
+                                 prompt_format=prompt_format(template))

@@ -1,15 +1,23 @@
 """Evaluation results: one JSON per model, and the comparison of experiment arms.
 
-A results file holds the model (path, step), one row per task and metric (value, n) and, per
-task, the item ids and per-item values, so arms can be compared item by item:
+A results file holds the model (path, step), one row per task and metric (value, n, who scored
+it and the prompt format it was fed) and, per task, the item ids and per-item values, so arms
+can be compared item by item:
 
-    {"model": "runs/code/checkpoints/step_0001000", "step": 1000,
-     "results": [{"task": "arithmetic", "metric": "acc", "value": 0.31, "n": 200, "source": "megatron_code"}],
+    {"model": "runs/code/checkpoints/step_0001000", "step": 1000, "prompt_format": "raw",
+     "results": [{"task": "arithmetic", "metric": "acc", "value": 0.31, "n": 200, "source": "megatron_code",
+                  "prompt_format": "raw"}],
      "items": {"arithmetic": {"ids": [...], "values": {"acc": [1.0, 0.0, ...]}}}}
+
+The prompt format is `raw` (the task's text as written) or `chat:<kind>` (the text as the user
+turn of a chat template of that kind: role_tokens, hf or text; see score.py); files written
+before formats were recorded were raw.
 
 `compare` prints a markdown table of arms by task and metric: each arm's value, and for every
 arm after the first its difference from the first with a 95% bootstrap confidence interval
-(paired over items when both arms scored the same items, else resampled independently).
+(paired over items when both arms scored the same items, else resampled independently). Each
+row names its prompt format; where arms were fed different formats, the row lists each arm's
+and a note under the table says that those differences mix the model with the prompt.
 """
 from __future__ import annotations
 
@@ -19,6 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from megatron_code.data.chat import ChatTemplate
+
+
+RAW = "raw"
+
+
+def prompt_format(template: ChatTemplate | None) -> str:
+    """RAW without a chat template, else `chat:<kind>` (role_tokens, hf or text)."""
+    return RAW if template is None else f"chat:{template.describe()['kind']}"
 
 
 @dataclass
@@ -34,6 +52,8 @@ class TaskScores:
     """Who scored it: megatron_code or lm-eval."""
     samples: list[dict] = field(default_factory=list)
     """Generations and their outcome, for code tasks."""
+    prompt_format: str = RAW
+    """How the task's text reached the model: RAW, or `chat:<template kind>`."""
 
     @classmethod
     def from_items(cls, task: str, kind: str, ids: list[str], per_item: dict[str, list[float]], **kw) -> "TaskScores":
@@ -46,8 +66,8 @@ def write_results(path: str | Path, model: str, step: int | None, scores: list[T
     path = Path(path)
     results = {
         "model": model, "step": step,
-        "results": [{"task": s.task, "metric": m, "value": v, "n": s.n, "source": s.source}
-                    for s in scores for m, v in s.metrics.items()],
+        "results": [{"task": s.task, "metric": m, "value": v, "n": s.n, "source": s.source,
+                     "prompt_format": s.prompt_format} for s in scores for m, v in s.metrics.items()],
         "items": {s.task: {"ids": s.ids, "values": s.per_item} for s in scores},
         **(extra or {}),
     }
@@ -101,12 +121,17 @@ def compare(paths: list[str | Path], resamples: int = 2000) -> str:
     files = [find_results(p) for p in paths]
     arms = [json.loads(f.read_text()) for f in files]
     labels = [_label(r, f) for r, f in zip(arms, files)]
-    header = ["task", "metric", "n"] + labels + [f"{label} - {labels[0]} [95% CI]" for label in labels[1:]]
+    header = ["task", "metric", "n", "prompt"] + labels + [f"{label} - {labels[0]} [95% CI]" for label in labels[1:]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    keys = list(dict.fromkeys((row["task"], row["metric"]) for arm in arms for row in arm["results"]))
+    rows = [{(row["task"], row["metric"]): row for row in arm["results"]} for arm in arms]
+    keys = list(dict.fromkeys(key for arm in rows for key in arm))
+    mixed = 0
     for task, metric in keys:
         values = [arm["items"].get(task, {}).get("values", {}).get(metric) for arm in arms]
         ids = [arm["items"].get(task, {}).get("ids") for arm in arms]
+        formats = [arm[(task, metric)].get("prompt_format", RAW) if (task, metric) in arm else "-" for arm in rows]
+        scored = {f for f in formats if f != "-"}
+        mixed += len(scored) > 1
         cells = [f"{np.mean(v):.4f}" if v else "-" for v in values]
         for v, item_ids in zip(values[1:], ids[1:]):
             if not v or not values[0]:
@@ -115,5 +140,10 @@ def compare(paths: list[str | Path], resamples: int = 2000) -> str:
             diff, low, high = bootstrap_difference(values[0], v, paired=item_ids == ids[0], resamples=resamples)
             cells.append(f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]")
         n = "/".join(sorted({str(len(v)) for v in values if v}))
-        lines.append("| " + " | ".join([task, metric, n] + cells) + " |")
+        prompt = scored.pop() if len(scored) == 1 else " / ".join(formats)
+        lines.append("| " + " | ".join([task, metric, n, prompt] + cells) + " |")
+    if mixed:
+        lines += ["", f"Note: on {mixed} of {len(keys)} rows the arms were fed different prompt formats (the "
+                  "prompt column lists each arm's, in column order): a difference between two of them mixes the "
+                  "models with the prompt format."]
     return "\n".join(lines)

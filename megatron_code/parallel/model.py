@@ -30,7 +30,7 @@ from megatron_code.parallel.pipeline_parallel import (TiedEmbedding, apply_pp, b
                                                       local_stage_ids, stage_layers)
 from megatron_code.parallel.tensor_parallel import (ParallelLayerFactory, TensorParallel, init_parameters,
                                                     tensor_parallel_ops)
-from megatron_code.training.loss import LossTotals, pack_target, token_losses, unpack_target
+from megatron_code.training.loss import LossTotals, pack_target, sample_losses, unpack_target
 
 EVAL_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids")
 """What `evaluate` reads of a batch."""
@@ -108,9 +108,9 @@ class ParallelModel:
         totals.all_reduce(counted_here=self.last is not None and self.tp.rank == 0)
 
     def _loss(self, model: GPT, hidden, labels, loss_mask, source) -> torch.Tensor:
-        sample_losses = (token_losses(model, hidden, labels, self.ops, self.tp) * loss_mask).sum(1)
-        self._sink(sample_losses.detach(), loss_mask.sum(1), source)
-        return sample_losses.sum() / self._token_count
+        losses = sample_losses(model, hidden, labels, loss_mask, self.ops, self.tp)
+        self._sink(losses.detach(), loss_mask.sum(1), source)
+        return losses.sum() / self._token_count
 
     def _pipeline_loss(self, hidden, target) -> torch.Tensor:
         labels, loss_mask, source = unpack_target(target)
@@ -148,6 +148,7 @@ class ParallelModel:
         tokens = batch["tokens"]
         batch = {"position_ids": torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens),
                  **{k: batch[k] for k in EVAL_KEYS if k in batch}}
+        batch = self._pad_sequence(batch)
         dp = self.runtime.size("dp") if split_over_data_parallel else 1
         size = tokens.shape[0]
         share = math.ceil(size / dp)
@@ -169,6 +170,22 @@ class ParallelModel:
             dist.all_gather_into_tensor(gathered, result, group=self.runtime.group("dp"))
             result = gathered.view(dp, 2, share).transpose(0, 1).flatten(1)
         return result[0, :size], result[1, :size]
+
+    def _pad_sequence(self, batch: dict) -> dict:
+        """Right-pad the sequence to what the layout runs: pipeline stages exchange activations of
+        data.seq_length tokens, sequence parallel splits it into T equal parts. Padding carries
+        no loss tokens, and causal attention keeps it from the real tokens."""
+        width, seq_length = batch["tokens"].shape[1], self.config.data.seq_length
+        if self.pipelined:
+            if width > seq_length:
+                raise ValueError(f"evaluation batch of {width} tokens per sample is longer than data.seq_length="
+                                 f"{seq_length}, which the pipeline stages run")
+            target = seq_length
+        elif self.tp.sequence_parallel:
+            target = -(-width // self.tp.size) * self.tp.size
+        else:
+            return batch
+        return {k: torch.nn.functional.pad(v, (0, target - width)) for k, v in batch.items()}
 
     def _evaluate_share(self, batch: dict) -> torch.Tensor:
         """(2, n) sums and counts of this rank's samples, on every rank of its pipeline."""

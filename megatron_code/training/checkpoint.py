@@ -5,12 +5,17 @@ Layout of `<run>/checkpoints/step_0000100/`:
   *.distcp, .metadata   DCP tensors: "model.<name>" for every parameter, and the optimizer state
                         as "optimizer.state.<name>.<exp_avg|exp_avg_sq|step>" and
                         "optimizer.param_groups.<name>.<lr|betas|...>"
-  trainer_state.json    {"step", "weights_only", "config", "layout", and each plain-data state:
+  trainer_state.json    {"step", "weights_only", "config", "layout", "tokenizer" (its fingerprint
+                        and size), and each plain-data state:
                         "train" (the step counter), "data" (the data pipeline's position)}
   rng_rank<r>.json      each rank's RNG states, as plain data
 A checkpoint is written to `step_N.tmp`, fsynced, renamed; then `latest` names it. Saving prunes
 stale `step_*.tmp` directories and keeps the newest `keep_last` checkpoints by step number
 (never the one just written).
+
+Starting a run (`starting_point`, `check_checkpoint_matches`): a train.output_dir holding checkpoints
+resumes from its latest (a relaunch never restarts from `init_from` nor overwrites them);
+`load` overrides `init_from`. Model math and tokenizer are checked from trainer_state.json alone.
 
 Contract for readers (conversion, evaluation, `init_from`):
 - "model.<name>" holds each parameter under the single-process model's name (`layers.3.mlp.up.weight`)
@@ -117,18 +122,70 @@ def read_trainer_state(path: str | Path) -> dict:
     return json.loads((resolve(path) / "trainer_state.json").read_text())
 
 
-# The model fields that decide parameter shapes (the vocabulary may differ by padding only).
-_SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "kv_heads", "ffn_size", "norm", "activation",
-                 "position_embedding", "tie_embeddings")
+# Every model field of the math a checkpoint's weights were trained for (the vocabulary may
+# differ by padding only: the tokenizer's fingerprint decides whether the ids mean the same).
+_MATH_FIELDS = ("hidden_size", "num_layers", "num_heads", "kv_heads", "ffn_size", "norm", "norm_eps", "activation",
+                "position_embedding", "tie_embeddings")
 
 
-def check_model_config(saved_state: dict, model: ModelConfig, path: Path) -> None:
-    """Stop before any work when a checkpoint's model cannot load into `model`."""
+def tokenizer_record(tokenizer) -> dict:
+    """What a checkpoint records of its tokenizer, to refuse a start under another vocabulary."""
+    return {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}
+
+
+def _saved_tokenizer(saved_state: dict) -> dict | None:
+    """The checkpoint's tokenizer record; a checkpoint from before it was kept has the
+    fingerprint in its data state."""
+    if "tokenizer" in saved_state:
+        return saved_state["tokenizer"]
+    fingerprint = saved_state.get("data", {}).get("fingerprint", {}).get("tokenizer")
+    return {"fingerprint": fingerprint} if fingerprint else None
+
+
+def check_checkpoint_matches(saved_state: dict, model: ModelConfig, tokenizer, tokenizer_path: str,
+                             path: Path) -> None:
+    """Stop before any work when a checkpoint's weights do not fit this run: every differing
+    model field of the math, and another tokenizer (other ids), named with both values."""
     saved = config_from_dict(saved_state["config"], model_only=True).model  # an import has no data sources
-    for name in _SHAPE_FIELDS + (("max_seq_len",) if model.position_embedding == "learned" else ()):
-        if getattr(saved, name) != getattr(model, name):
-            raise CheckpointError(f"checkpoint {path} holds a model with model.{name}={getattr(saved, name)!r}; "
-                                  f"this config has {getattr(model, name)!r}")
+    fields = _MATH_FIELDS + (("rope_theta",) if model.position_embedding == "rope" else ("max_seq_len",))
+    problems = [f"model.{name}: checkpoint {getattr(saved, name)!r}, this config {getattr(model, name)!r}"
+                for name in fields if getattr(saved, name) != getattr(model, name)]
+    if saved.vocab_size < tokenizer.vocab_size:
+        problems.append(f"model.vocab_size: checkpoint {saved.vocab_size} rows, fewer than the "
+                        f"{tokenizer.vocab_size} ids of data.tokenizer={tokenizer_path}")
+    record = _saved_tokenizer(saved_state)
+    if record is not None and record["fingerprint"] != tokenizer.fingerprint:
+        problems.append(f"tokenizer: checkpoint vocabulary {record['fingerprint'][:12]} "
+                        f"({record.get('vocab_size', '?')} ids), data.tokenizer={tokenizer_path} has "
+                        f"{tokenizer.fingerprint[:12]} ({tokenizer.vocab_size} ids): the ids mean other tokens")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not match this run:\n  " + "\n  ".join(problems))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint a run directory holds, or None."""
+    try:
+        return resolve(Path(run_dir) / "checkpoints")
+    except CheckpointError:
+        return None
+
+
+def starting_point(load: str, init_from: str, run_dir: Path) -> tuple[Path | None, bool]:
+    """(checkpoint to start from, whether only its weights) for a launch. A run directory that
+    holds checkpoints is resumed from its latest, so a relaunch continues instead of starting
+    over from `init_from`; an explicit `load` wins, but may not point elsewhere when that would
+    overwrite the run directory's own checkpoints."""
+    own = latest_checkpoint(run_dir)
+    if load:
+        path = resolve(load)
+        if own is not None and path.resolve().parent != own.resolve().parent:
+            raise CheckpointError(f"train.output_dir={run_dir} already holds checkpoints (latest {own.name}); "
+                                  f"checkpoint.load={load} is another run's, and saving here would overwrite "
+                                  "them: choose another train.output_dir, or drop checkpoint.load to resume it")
+        return path, False
+    if own is not None:
+        return own, False
+    return (resolve(init_from), True) if init_from else (None, False)
 
 
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:

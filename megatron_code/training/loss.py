@@ -12,12 +12,16 @@ from megatron_code.parallel.tensor_parallel import TensorParallel, local
 NO_TENSOR_PARALLEL = TensorParallel(None)
 
 
-def token_losses(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, ops,
-                 tp: TensorParallel = NO_TENSOR_PARALLEL) -> torch.Tensor:
-    """Per-token loss (B, T), fp32, from hidden states after the final norm (a sequence shard
-    under SP). Each tensor-parallel rank projects onto its vocabulary slice of the head; the
-    loss kernels reduce over the tensor-parallel group, so every rank gets every token's loss.
-    With `fused_linear_cross_entropy` the head runs inside the chunked loss."""
+def sample_losses(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, ops,
+                  tp: TensorParallel = NO_TENSOR_PARALLEL) -> torch.Tensor:
+    """Each sample's loss summed over its loss-masked tokens, (B,) fp32, from hidden states after
+    the final norm (a sequence shard under SP): the one loss of training, evaluation, the model
+    benchmark and the tests. Training divides the step's total by the global batch's loss-token
+    count, so accumulated micro batches add up to the global mean.
+
+    Each tensor-parallel rank projects onto its vocabulary slice of the head; the loss kernels
+    reduce over the tensor-parallel group, so every rank gets every token's loss. With
+    `fused_linear_cross_entropy` the head runs inside the chunked loss."""
     weight = local(model.output_weight)
     if model.config.fused_linear_cross_entropy:
         hidden = tp.gather(hidden, reduce_grad=False)  # the fused kernel sums the input gradient itself
@@ -25,14 +29,7 @@ def token_losses(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Ten
     else:
         logits = F.linear(tp.gather(hidden), weight)  # (B, T, V / T)
         losses = ops.cross_entropy(logits.flatten(0, 1), labels.flatten(), tp_group=tp.group)
-    return losses.view(labels.shape)
-
-
-def loss_fn(model: torch.nn.Module, batch: dict, ops, token_count: int) -> torch.Tensor:
-    """One process: sum of per-token losses over loss-masked tokens, divided by the global
-    batch's count, so accumulated micro batches add up to the global mean."""
-    hidden = model(batch["tokens"], batch["position_ids"], batch.get("document_ids"), return_hidden=True)
-    return (token_losses(model, hidden, batch["labels"], ops) * batch["loss_mask"]).sum() / token_count
+    return (losses.view(labels.shape) * loss_mask).sum(1)
 
 
 class LossTotals:

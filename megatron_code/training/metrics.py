@@ -35,15 +35,27 @@ def flops_per_token(config: ModelConfig, seq_length: int) -> float:
     return 6 * matmul_params + 3 * attention
 
 
-class MetricsLogger:
-    """`every_record` (e.g. the parallel layout) goes into each JSONL line."""
+def _record_step(line: str) -> float:
+    """A JSONL record's step; a line cut short by a crash counts as past every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, every_record: dict | None = None):
+
+class MetricsLogger:
+    """`every_record` (e.g. the parallel layout) goes into each JSONL line. A run that starts at
+    `start_step` (a resume) drops the records past it that an earlier attempt wrote: the steps
+    it replays are logged again, once."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, every_record: dict | None = None,
+                 start_step: int = 0):
         self.enabled, self.every_record = enabled, every_record or {}
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
+            self._truncate_after(start_step)
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -52,6 +64,16 @@ class MetricsLogger:
                           "logging to metrics.jsonl only (pip install tensorboard)")
                 else:
                     self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(True)
+        kept = [line for line in lines if _record_step(line) <= step]
+        if len(kept) < len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(self.path)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:

@@ -15,13 +15,14 @@ import torch
 from tqdm import tqdm
 
 from megatron_code.config import Config, ConfigError
-from megatron_code.data.pipeline import DataPipeline
+from megatron_code.data.pipeline import DataPipeline, check_resumable
 from megatron_code.data.tokenizer import load_tokenizer
 from megatron_code.evaluation.multiple_choice import score_multiple_choice
 from megatron_code.evaluation.tasks import load_eval_tasks
 from megatron_code.parallel.distributed import Runtime, build_runtime, launched_world_size
 from megatron_code.parallel.model import ParallelModel, build_model
-from megatron_code.training.checkpoint import Checkpointer, TrainState, check_model_config, read_trainer_state, resolve
+from megatron_code.training.checkpoint import (Checkpointer, TrainState, check_checkpoint_matches, read_trainer_state,
+                                               starting_point, tokenizer_record)
 from megatron_code.training.loss import LossTotals
 from megatron_code.training.metrics import MetricsLogger, flops_per_token, peak_flops
 from megatron_code.training.optim import Optimizers, lr_at
@@ -49,18 +50,26 @@ def build_data(config: Config, tokenizer, runtime: Runtime) -> DataPipeline:
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
-        # Cheap checks first: the layout, the tokenizer and checkpoints, before datasets or the model.
+        # Cheap checks first: the layout, the tokenizer and the checkpoint's trainer_state.json
+        # (model math, vocabulary, data order), before datasets or the model.
         config.validate(world_size=launched_world_size())
         self.tokenizer = load_tokenizer(config.data.tokenizer)
         ckpt = config.checkpoint
-        start_from = resolve(ckpt.load or ckpt.init_from) if (ckpt.load or ckpt.init_from) else None
+        self.run_dir = Path(config.train.output_dir)
+        start_from, weights_only = starting_point(ckpt.load, ckpt.init_from, self.run_dir)
         if start_from is not None:
-            check_model_config(read_trainer_state(start_from), config.model, start_from)
+            saved = read_trainer_state(start_from)
+            check_checkpoint_matches(saved, config.model, self.tokenizer, config.data.tokenizer, start_from)
+            weights_only = weights_only or saved.get("weights_only", False)
+            if not weights_only and "data" in saved:
+                check_resumable(saved["data"], config, self.tokenizer)
         self.eval_tasks = load_eval_tasks(config.train.eval_tasks)
 
         self.runtime = build_runtime(config.train.device, config.parallel.tensor, config.parallel.pipeline)
         device, main = self.runtime.device, self.runtime.is_main
-        self.run_dir = Path(config.train.output_dir)
+        if main and start_from is not None and not ckpt.load and not weights_only:
+            print(f"resuming from {start_from}, the latest checkpoint in train.output_dir"
+                  + (f" (checkpoint.init_from={ckpt.init_from} only seeds a run's first start)" if ckpt.init_from else ""))
         use_bf16 = device.type == "cuda" and config.train.dtype in ("auto", "bf16")
         self.autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16
                          else contextlib.nullcontext)
@@ -81,10 +90,12 @@ class Trainer:
             self.run_dir / "checkpoints", ckpt.keep_last,
             sharded={"model": self.model, "optimizer": self.optimizer},
             plain={"train": self.train_state, "data": self.data},
-            metadata={"config": config.to_dict(), "layout": self.runtime.layout})
-        if start_from is not None and not self.checkpointer.load(start_from, weights_only=not ckpt.load) and main:
+            metadata={"config": config.to_dict(), "layout": self.runtime.layout,
+                      "tokenizer": tokenizer_record(self.tokenizer)})
+        if start_from is not None and not self.checkpointer.load(start_from, weights_only=weights_only) and main:
             print(f"model weights from {start_from}; fresh optimizer, LR schedule and data position")
-        self.metrics = MetricsLogger(self.run_dir, main, config.train.tensorboard, {"layout": self.runtime.layout})
+        self.metrics = MetricsLogger(self.run_dir, main, config.train.tensorboard, {"layout": self.runtime.layout},
+                                     start_step=self.step)
         if main:
             (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
@@ -158,6 +169,7 @@ class Trainer:
         bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not (main and cfg.train.progress),
                    desc="train", unit="step", dynamic_ncols=True)
         self.model.train()
+        checkpoint = None
         while self.step < cfg.train.steps:
             start = time.perf_counter()
             metrics = self.train_step()
@@ -170,6 +182,8 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             last = self.step == cfg.train.steps
+            if last or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
+                checkpoint = self.save()  # before evaluating: a failing evaluation loses no training
             if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or last):
                 result.valid_losses = self.evaluate()
                 metrics.update({f"valid_loss/{k}": v for k, v in result.valid_losses.items()})
@@ -182,11 +196,9 @@ class Trainer:
                 bar.write(f"step {self.step}: loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
                           f"grad norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f}"
                           + (f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""))
-            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and not last:
-                self.save()
         bar.close()
         result.step = self.step
-        result.checkpoint = self.save()
+        result.checkpoint = checkpoint or self.save()
         result.tokens_per_source = dict(self.data.cursor.tokens)
         self.data.close()
         self.metrics.close()

@@ -4,7 +4,8 @@ Model state in a checkpoint is keyed "model.<parameter name>" with full (canonic
 whatever tensor/pipeline/data-parallel layout saved it, so one process reads it through DCP's
 no-dist path (checkpoint.load_model_state). Used by conversion (tools/convert_checkpoint.py) and
 evaluation, and to write weights-only checkpoints: the usual step directory holding only model
-tensors, with trainer_state.json {"step": 0, "weights_only": true, "config": ...}, from which a
+tensors, with trainer_state.json {"step": 0, "weights_only": true, "config": ..., "tokenizer":
+{"fingerprint", "vocab_size"}}, from which a
 run starts (`checkpoint.init_from`, or `--load`) with a fresh optimizer, schedule and data.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from megatron_code.config import Config, config_from_dict
-from megatron_code.training.checkpoint import CheckpointError, load_model_state, resolve
+from megatron_code.training.checkpoint import CheckpointError, load_model_state, resolve, tokenizer_record
 
 MODEL_PREFIX = "model."
 
@@ -92,8 +93,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     return model.to(dtype).eval(), weights
 
 
-def write_weights_only(run_dir: str | Path, state: dict[str, torch.Tensor], config: Config) -> Path:
-    """`run_dir/checkpoints/step_0000000` with only model tensors; returns the step directory."""
+def write_weights_only(run_dir: str | Path, state: dict[str, torch.Tensor], config: Config, tokenizer=None) -> Path:
+    """`run_dir/checkpoints/step_0000000` with only model tensors; returns the step directory.
+    With the `tokenizer` the weights were trained with, its fingerprint is recorded, so a start
+    from them under another vocabulary is refused."""
     shapes = expected_shapes(config)
     wrong = [n for n in shapes if n not in state or state[n].shape != shapes[n]] + sorted(set(state) - set(shapes))
     if wrong:
@@ -105,7 +108,8 @@ def write_weights_only(run_dir: str | Path, state: dict[str, torch.Tensor], conf
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
         dcp.save({"model": {k: v.contiguous() for k, v in state.items()}}, checkpoint_id=tmp, no_dist=True)
-    trainer_state = {"step": 0, "weights_only": True, "config": config.to_dict()}
+    trainer_state = {"step": 0, "weights_only": True, "config": config.to_dict(),
+                     **({"tokenizer": tokenizer_record(tokenizer)} if tokenizer is not None else {})}
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
