@@ -200,10 +200,17 @@ def _completed_step(run_dir: Path) -> int | None:
 
 
 def checkpoint_digest(run_dir: Path) -> str:
-    """The content of a run's latest checkpoint."""
-    from megatron_code.training.checkpoint import resolve
+    """The model in a run's latest checkpoint: its config and every weight's bytes (not the files,
+    whose bytes differ between two saves of equal weights)."""
+    import torch
 
-    return content_digest(resolve(run_dir))
+    from megatron_code.training.checkpoint import load_model_state, read_trainer_state
+
+    digest = hashlib.sha256(value_digest(read_trainer_state(run_dir)["config"]["model"]).encode())
+    for name, tensor in sorted(load_model_state(run_dir).items()):
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def train_arm(name: str, recipe: Path, run_dir: Path, overrides: list[str], inputs: dict[str, str]) -> None:
