@@ -9,6 +9,7 @@ PACKAGES = [
     "megatron_code.training",
     "megatron_code.evaluation",
     "megatron_code.kernels",
+    "megatron_code.recipes",
 ]
 
 setup(
@@ -19,7 +20,10 @@ setup(
     packages=PACKAGES,
     # kernels/ installs as megatron_code.kernels: a PyPI package named `kernels` exists and
     # transformers probes `import kernels`, so it must never be a top-level package here.
-    package_dir={"megatron_code.kernels": "kernels"},
+    # examples/recipes installs as megatron_code.recipes (package data) for the studies, which
+    # must run from an installed package with no checkout around it.
+    package_dir={"megatron_code.kernels": "kernels", "megatron_code.recipes": "examples/recipes"},
+    package_data={"megatron_code.recipes": ["*.yaml", "sft/*.yaml"]},
     install_requires=[
         "torch>=2.4,<2.14",
         "megatron-core>=0.16,<0.17",

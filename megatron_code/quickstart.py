@@ -12,7 +12,6 @@ cannot resume) stops with one line and exit status 1 (2 for a bad flag).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,55 +25,6 @@ DEFAULT_SIZE = "quickstart"
 
 class QuickstartError(Exception):
     """A problem the user must fix; main() prints it as one line."""
-
-
-def dataset_is_current(prefix: Path, input_path: Path, tokenizer_path: Path) -> bool:
-    """The dataset at `prefix` was made from `input_path` with this tokenizer, after both last
-    changed, and its files are complete."""
-    from megatron_code.data.errors import DataError
-    from megatron_code.data.preprocess import check_dataset_matches_tokenizer
-    from megatron_code.data.tokenizer import load_tokenizer
-
-    meta, idx = Path(f"{prefix}.meta.json"), Path(f"{prefix}.idx")
-    if not (meta.is_file() and idx.is_file()):
-        return False
-    if json.loads(meta.read_text()).get("input") != str(input_path):
-        return False
-    if idx.stat().st_mtime_ns < max(input_path.stat().st_mtime_ns, tokenizer_path.stat().st_mtime_ns):
-        return False
-    try:
-        check_dataset_matches_tokenizer(prefix, load_tokenizer(tokenizer_path))
-    except DataError:
-        return False
-    return True
-
-
-def data_paths(out: Path) -> tuple[Path, dict[str, str]]:
-    """Where build_data puts the tokenizer model and each source's dataset prefix."""
-    from megatron_code.data.preprocess import dataset_prefix
-
-    return out / "tokenizer" / "spm.model", {name: str(dataset_prefix(out / "data" / name, "text"))
-                                             for name in BLEND}
-
-
-def build_data(out: Path, vocab_size: int, max_bytes: int, workers: int,
-               progress: bool = True) -> tuple[Path, dict[str, str]]:
-    from megatron_code.data.corpus import prepare_builtin_corpus
-    from megatron_code.data.preprocess import preprocess
-    from megatron_code.data.tokenizer import train_tokenizer
-
-    corpus = prepare_builtin_corpus(out / "corpus", max_bytes_per_source=max_bytes, progress=progress)
-    tokenizer = train_tokenizer([corpus["text"], corpus["code"]], out / "tokenizer" / "spm", vocab_size=vocab_size,
-                                progress=progress)
-    prefixes = data_paths(out)[1]
-    for name, path in corpus.items():
-        prefix = Path(prefixes[name])
-        if dataset_is_current(prefix, path, tokenizer):
-            print(f"preprocess: {prefix}.{{bin,idx}} is up to date", file=sys.stderr)
-        else:
-            preprocess(path, out / "data" / name, tokenizer, json_keys=("text",), append_eod=True, workers=workers,
-                       progress=progress)
-    return tokenizer, prefixes
 
 
 def run_dir_for(out: Path, size: str) -> Path:
@@ -155,17 +105,19 @@ def run(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from megatron_code.config import ConfigError, load_config
     from megatron_code.parallel.distributed import pick_device
+    from megatron_code.data.builtin import build_builtin_data, builtin_data_paths
     from megatron_code.training.checkpoint import CheckpointError, resolve
 
     # the whole config first: a mistake surfaces before the corpus, tokenizer and binaries are built
-    overrides = overrides_for(args, *data_paths(args.out))
+    overrides = overrides_for(args, *builtin_data_paths(args.out))
     try:
         load_config(None, overrides).validate()
         pick_device(args.device)
     except ConfigError as e:
         raise QuickstartError(str(e)) from None
     started = time.perf_counter()
-    tokenizer, prefixes = build_data(args.out, args.vocab_size, args.max_bytes, args.workers, not args.no_progress)
+    tokenizer, prefixes = build_builtin_data(args.out, args.vocab_size, args.max_bytes, args.workers,
+                                             progress=not args.no_progress)
     from megatron_code.training.run_summary import summarize
 
     run_dir = run_dir_for(args.out, args.size)

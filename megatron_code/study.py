@@ -3,28 +3,34 @@
     python -m megatron_code.study --name code_stage [--size default|ci] [--out DIR]
 
 code_stage (Ma et al., ICLR 2024): pretrain NL (text only) and CODE (2:1 text:code) from the
-recipes examples/recipes/ma_nl.yaml and ma_code.yaml; instruction-tune NN, NC, CC and CC with
-stepwise increasing and decreasing code from examples/recipes/sft/ma_sft_*.yaml (CC is the
-uniform strategy, 5:3 all run); evaluate every model on the offline tasks of
-megatron_code.evaluation (arithmetic and logic multiple choice, Python functions by pass@1 and
-BLEU), the pretrained arms with raw prompts and the tuned arms through the chat template of
-their instruction data; print one comparison table per prompt format and write plots. The
-recipes are shrunk by overrides (the model, sequence length, steps, batch, learning rate);
-everything else is theirs.
+recipes ma_nl.yaml and ma_code.yaml; instruction-tune NN, NC, CC and CC with stepwise increasing
+and decreasing code from sft/ma_sft_*.yaml (CC is the uniform strategy, 5:3 all run); evaluate
+every model on the offline tasks of megatron_code.evaluation (arithmetic and logic multiple
+choice, Python functions by pass@1 and BLEU), the pretrained arms with raw prompts and the tuned
+arms through the chat template of their instruction data; print one comparison table per prompt
+format and write plots. The recipes are examples/recipes/ of the checkout, installed with the
+package as `megatron_code.recipes`; they are shrunk by overrides (the model, sequence length,
+steps, batch, learning rate); everything else is theirs.
 
-Data, all made here with no network: the built-in text and code corpus and its tokenizer (as
-the quickstart builds them), and instruction sets from megatron_code.data.instructions (text:
-prose cloze, arithmetic, logic, digit sums; code: Python functions, standard-library functions;
-5:3 text:code by count). Each stage reuses what an earlier run built; an interrupted training run
-continues from its latest checkpoint. `--size default` takes at most 30 minutes on 2 CPU cores,
-`--size ci` a couple of minutes. The numbers are tiny-scale: they show the pipeline runs, not what
-code data does to a large model.
+Data, all made here with no network: the built-in text and code corpus and its tokenizer
+(megatron_code.data.builtin, as for the quickstart), and instruction sets from
+megatron_code.data.instructions (text: prose cloze, arithmetic, logic, digit sums; code: Python
+functions, standard-library functions; 5:3 text:code by count).
+
+Each stage reuses what an earlier run built from the same inputs: its marker records a digest of
+each input (the config, the data and tokenizer, the checkpoint it starts from or evaluates), so
+a changed pretraining arm has its tuned arms trained and every affected arm evaluated again; an
+interrupted training run continues from its latest checkpoint. `--size default` takes at most 30
+minutes on 2 CPU cores, `--size ci` a couple of minutes. The numbers are tiny-scale: they show the
+pipeline runs, not what code data does to a large model.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import hashlib
+import importlib.resources
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,8 +39,8 @@ import yaml
 
 from megatron_code.cli import user_errors
 
-REPO = Path(__file__).resolve().parent.parent
-RECIPES = REPO / "examples" / "recipes"
+RECIPES = "megatron_code.recipes"
+"""The package the recipes install as (from examples/recipes)."""
 PRETRAIN_ARMS = {"NL": "ma_nl", "CODE": "ma_code"}
 TUNE_ARMS = {"NN": ("sft/ma_sft_nn", "NL"), "NC": ("sft/ma_sft_nc", "NL"), "CC": ("sft/ma_sft_cc", "CODE"),
              "CC_stepwise_increase": ("sft/ma_sft_cc_stepwise_increase", "CODE"),
@@ -84,6 +90,59 @@ def _log(text: str) -> None:
     print(text, flush=True)
 
 
+def recipe_file(name: str) -> Path:
+    """A recipe by its name under examples/recipes (`sft/ma_sft_nn`), from the installed package."""
+    try:
+        folder = importlib.resources.files(RECIPES)
+    except ModuleNotFoundError:
+        raise SystemExit(f"error: the recipes are not installed ({RECIPES} is missing): reinstall megatron_code "
+                         "(pip install . or pip install -e . from the checkout)") from None
+    path = folder.joinpath(*f"{name}.yaml".split("/"))
+    if not path.is_file():
+        raise SystemExit(f"error: recipe {name}.yaml is missing from {folder}: reinstall megatron_code")
+    return Path(str(path))
+
+
+# --------------------------------------------------------------------------------- stage markers
+# A stage is done when its marker records the digests of the inputs it was made from and they are
+# still the inputs' digests now; a stage whose inputs changed is done again from scratch.
+
+
+def content_digest(*paths: Path) -> str:
+    """sha256 over the bytes of files, and of every file under a directory (by relative name)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0".encode())
+                with file.open("rb") as f:
+                    digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+def value_digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_marker(marker: Path) -> dict | None:
+    try:
+        return json.loads(marker.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def changed_inputs(recorded: dict | None, inputs: dict[str, str]) -> list[str]:
+    """The inputs whose digests differ from the marker's (all of them without a marker)."""
+    return [k for k in inputs if recorded is None or recorded["inputs"].get(k) != inputs[k]]
+
+
+def write_marker(marker: Path, inputs: dict[str, str], done: bool) -> None:
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(json.dumps({"inputs": inputs, "done": done}, indent=1))
+    tmp.replace(marker)
+
+
 # ------------------------------------------------------------------------------------- data
 
 
@@ -92,15 +151,17 @@ def build_instructions(out: Path, size: Size, tokenizer: Path, prose: Path) -> d
     from megatron_code.data.instructions import make_instructions
     from megatron_code.data.sft import preprocess_sft
     from megatron_code.evaluation.tasks import write_jsonl
-    from megatron_code.quickstart import dataset_is_current
+    from megatron_code.data.preprocess import dataset_is_current
 
     folder = out / "instructions"
     folder.mkdir(parents=True, exist_ok=True)
     prefixes = {}
     for name, counts in (("text", size.text_instructions), ("code", size.code_instructions)):
-        path, prefix = folder / f"{name}.jsonl", folder / name
-        if not path.is_file():
+        path, prefix, marker = folder / f"{name}.jsonl", folder / name, folder / f"{name}.stage.json"
+        inputs = {"generator": value_digest([counts, INSTRUCTION_SEED]), "prose": content_digest(prose)}
+        if changed_inputs(read_marker(marker), inputs) or not path.is_file():
             write_jsonl(path, make_instructions(counts, INSTRUCTION_SEED, prose))
+            write_marker(marker, inputs, done=True)
         if dataset_is_current(prefix, path, tokenizer):
             _log(f"instructions: {prefix}.{{bin,idx}} is up to date")
         else:
@@ -123,11 +184,12 @@ def build_eval_tasks(out: Path, size: Size) -> list[Path]:
 # ------------------------------------------------------------------------------------ training
 
 
-def _sources(recipe: Path, prefixes: dict[str, str]) -> str:
-    """The recipe's sources (names and weights) pointed at this study's files."""
+def _sources(recipe: Path, prefixes: dict[str, str]) -> tuple[str, list[str]]:
+    """The recipe's sources (names and weights) pointed at this study's files, and those files."""
     raw = yaml.safe_load(recipe.read_text())["data"]["sources"]
-    return "--data.sources=[" + ", ".join(f"{{name: {s['name']}, prefix: '{prefixes[s['name']]}', "
-                                           f"weight: {s['weight']}}}" for s in raw) + "]"
+    override = "--data.sources=[" + ", ".join(f"{{name: {s['name']}, prefix: '{prefixes[s['name']]}', "
+                                              f"weight: {s['weight']}}}" for s in raw) + "]"
+    return override, [prefixes[s["name"]] for s in raw]
 
 
 def _completed_step(run_dir: Path) -> int | None:
@@ -139,23 +201,52 @@ def _completed_step(run_dir: Path) -> int | None:
         return None
 
 
-def train_arm(name: str, recipe: Path, run_dir: Path, overrides: list[str], steps: int) -> None:
-    """Train one arm from its recipe, or continue it from its latest checkpoint, or do nothing
-    when it is complete."""
+def checkpoint_digest(run_dir: Path) -> str:
+    """The model in a run's latest checkpoint: its config and every weight's bytes (not the files,
+    whose bytes differ between two saves of equal weights)."""
+    import torch
+
+    from megatron_code.training.checkpoint import load_model_state, read_trainer_state
+
+    digest = hashlib.sha256(value_digest(read_trainer_state(run_dir)["config"]["model"]).encode())
+    for name, tensor in sorted(load_model_state(run_dir).items()):
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def train_arm(name: str, recipe: Path, run_dir: Path, overrides: list[str], inputs: dict[str, str]) -> None:
+    """Train one arm from its recipe, or continue it from its latest checkpoint, or do nothing when
+    it is complete. `inputs` are digests of its data (and of the checkpoint it starts from); with
+    the config's digest they make its marker. A run made from other inputs is deleted first."""
     from megatron_code.config import load_config
     from megatron_code.training.trainer import Trainer
 
-    done = _completed_step(run_dir)
-    if done is not None and done >= steps:
+    config = load_config(recipe, overrides)
+    settings = config.to_dict()
+    settings["train"].pop("progress")
+    inputs = {"config": value_digest(settings), **inputs}
+    marker = run_dir / "study_stage.json"
+    recorded, done = read_marker(marker), _completed_step(run_dir)
+    changed = changed_inputs(recorded, inputs)
+    if not changed and recorded["done"] and done is not None and done >= config.train.steps:
         _log(f"{name}: trained ({run_dir}, step {done})")
         return
+    if changed and run_dir.exists():
+        why = (f"its {', '.join(changed)} changed since {run_dir} was trained" if recorded else
+               f"{run_dir} has no record of the inputs it was trained from")
+        _log(f"{name}: {why}: training it again from the start")
+        shutil.rmtree(run_dir)
+        done = None
     if done is not None:  # interrupted: resume (weights, optimizer, data position) from the checkpoint
         _log(f"{name}: resuming from step {done} ({run_dir})")
-        overrides = [*overrides, "--checkpoint.init_from=", f"--checkpoint.load={run_dir}"]
+        config = load_config(recipe, [*overrides, "--checkpoint.init_from=", f"--checkpoint.load={run_dir}"])
     else:
-        _log(f"{name}: training {steps} steps from {recipe.relative_to(REPO)} ({run_dir})")
+        _log(f"{name}: training {config.train.steps} steps from recipe {recipe.name} ({run_dir})")
+    write_marker(marker, inputs, done=False)
     started = time.perf_counter()
-    result = Trainer(load_config(recipe, overrides)).train()
+    result = Trainer(config).train()
+    write_marker(marker, inputs, done=True)
     _log(f"{name}: step {result.step}, train loss {result.losses[-1]:.3f}, valid loss "
          + ", ".join(f"{k} {v:.3f}" for k, v in result.valid_losses.items())
          + f" ({time.perf_counter() - started:.0f} s)")
@@ -178,24 +269,25 @@ def _common(size: Size, tokenizer: Path, run_dir: Path, steps: int, lr: float, p
 def evaluate_arm(name: str, run_dir: Path, tasks: list[Path], out: Path, size: Size, device: str,
                  chat_template: str) -> Path:
     """Score one model on the task files with raw prompts (`chat_template` none) or through its
-    chat template (auto); reused when the results are from its latest step, in that format."""
+    chat template (auto); reused when its marker shows the same checkpoint, tasks, prompt format
+    and generation length."""
     from megatron_code.evaluation.lm import load_language_model
-    from megatron_code.evaluation.results import RAW, write_results
+    from megatron_code.evaluation.results import write_results
     from megatron_code.evaluation.score import score_tasks
     from megatron_code.evaluation.tasks import load_task
-    from megatron_code.training.checkpoint import resolve
 
-    checkpoint = resolve(run_dir) / "trainer_state.json"
-    if out.is_file() and out.stat().st_mtime_ns > checkpoint.stat().st_mtime_ns:
-        raw = json.loads(out.read_text()).get("prompt_format", RAW) == RAW
-        if raw == (chat_template == "none"):
-            _log(f"{name}: evaluated ({out})")
-            return out
+    marker = out.with_suffix(".stage.json")
+    inputs = {"checkpoint": checkpoint_digest(run_dir), "tasks": content_digest(*tasks),
+              "prompts": value_digest([chat_template, size.max_new_tokens])}
+    if out.is_file() and not changed_inputs(read_marker(marker), inputs):
+        _log(f"{name}: evaluated ({out})")
+        return out
     started = time.perf_counter()
     model = load_language_model(run_dir, "cuda" if device == "cuda" else "cpu")
     scores, record = score_tasks(model, list(map(load_task, tasks)), chat_template, max_new_tokens=size.max_new_tokens,
                                  log=lambda line: _log(f"{name}: {line}"))
     write_results(out, model.path, model.step, scores, record)
+    write_marker(marker, inputs, done=True)
     _log(f"{name}: scored in {time.perf_counter() - started:.0f} s")
     return out
 
@@ -241,25 +333,13 @@ def _plot_scores(results: dict[str, Path], path: Path) -> Path:
     return path
 
 
-def _plot_runs_tool():
-    """tools/plot_run.py of this checkout, or None when the package runs without one."""
-    path = REPO / "tools" / "plot_run.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("plot_run", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def write_plots(out: Path, pretrain: dict[str, Path], tune: dict[str, Path], results: dict[str, Path]) -> list[Path]:
+    from megatron_code.training.plots import plot_runs
+
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    written = [_plot_scores(results, plots / "scores.png")]
-    if (plot_run := _plot_runs_tool()) is not None:
-        written += plot_run.plot_runs(list(pretrain.values()), plots / "pretrain")
-        written += plot_run.plot_runs(list(tune.values()), plots / "tune")
-    return written
+    return [_plot_scores(results, plots / "scores.png"), *plot_runs(list(pretrain.values()), plots / "pretrain"),
+            *plot_runs(list(tune.values()), plots / "tune")]
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -277,28 +357,34 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     size, out = SIZES[args.size], args.out or Path("runs/study") / args.name / args.size
+    recipes = {**{arm: recipe_file(recipe) for arm, recipe in PRETRAIN_ARMS.items()},
+               **{arm: recipe_file(recipe) for arm, (recipe, _) in TUNE_ARMS.items()}}
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     started = time.perf_counter()
 
-    from megatron_code.quickstart import build_data
+    from megatron_code.data.builtin import build_builtin_data
 
-    tokenizer, corpus = build_data(out, size.vocab_size, size.max_bytes, workers=2, progress=progress)
+    tokenizer, corpus = build_builtin_data(out, size.vocab_size, size.max_bytes, workers=2, progress=progress)
     instructions = build_instructions(out, size, tokenizer, out / "corpus" / "text.jsonl")
     tasks = build_eval_tasks(out, size)
 
+    def data_digest(prefixes: list[str]) -> str:
+        return content_digest(tokenizer, *(Path(p + suffix) for p in prefixes for suffix in (".bin", ".idx")))
+
     pretrain = {arm: out / "pretrain" / arm for arm in PRETRAIN_ARMS}
-    for arm, recipe in PRETRAIN_ARMS.items():
-        path = RECIPES / f"{recipe}.yaml"
-        train_arm(arm, path, pretrain[arm], [_sources(path, corpus), *_common(
+    for arm in PRETRAIN_ARMS:
+        sources, prefixes = _sources(recipes[arm], corpus)
+        train_arm(arm, recipes[arm], pretrain[arm], [sources, *_common(
             size, tokenizer, pretrain[arm], size.pretrain_steps, size.pretrain_lr, progress, args.device)],
-            size.pretrain_steps)
+            {"data": data_digest(prefixes)})
     tune = {arm: out / "tune" / arm for arm in TUNE_ARMS}
-    for arm, (recipe, base) in TUNE_ARMS.items():
-        path = RECIPES / f"{recipe}.yaml"
-        train_arm(arm, path, tune[arm], [_sources(path, instructions), "--train.epochs=0",
-                                         f"--checkpoint.init_from={pretrain[base]}", *_common(
-            size, tokenizer, tune[arm], size.sft_steps, size.sft_lr, progress, args.device)], size.sft_steps)
+    for arm, (_, base) in TUNE_ARMS.items():
+        sources, prefixes = _sources(recipes[arm], instructions)
+        train_arm(arm, recipes[arm], tune[arm],
+                  [sources, "--train.epochs=0", f"--checkpoint.init_from={pretrain[base]}", *_common(
+                      size, tokenizer, tune[arm], size.sft_steps, size.sft_lr, progress, args.device)],
+                  {"data": data_digest(prefixes), "base checkpoint": checkpoint_digest(pretrain[base])})
 
     runs = {**pretrain, **tune}
     results = {arm: evaluate_arm(arm, run_dir, tasks, out / "eval" / f"{arm}.json", size, args.device,

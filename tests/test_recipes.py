@@ -48,11 +48,8 @@ def test_a_recipe_runs_tiny_on_real_data(tiny_corpus, tiny_indexed, tmp_path):
     assert [r["weight/code"] for r in lines] == pytest.approx([0.3] * 4 + [0.4] * 2 + [0.5] * 2)
     assert [r["samples/code"] for r in lines[-2:]] == [4, 4] and all("loss/code" in r for r in lines)
 
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("plot_run", RECIPES[0].parent.parent.parent / "tools" / "plot_run.py")
-    plot_run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_run)
-    written = plot_run.plot_runs([tmp_path], tmp_path / "plots")
+    from megatron_code.training.plots import plot_runs
+    written = plot_runs([tmp_path], tmp_path / "plots")
     for png in written[:3]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = written[3].read_text()

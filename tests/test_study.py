@@ -1,8 +1,13 @@
 """The instruction-tuning recipes at paper scale, and the mini-study at its smallest size: every
 arm trained from its recipe, evaluated and tabled; a second run reuses everything and continues
-an interrupted arm exactly."""
+an interrupted arm exactly; a third, after a pretraining arm's recipe changed, trains that arm,
+the arms tuned from it and their evaluations again. The study runs from the installed package
+alone."""
+import ast
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,7 +42,34 @@ def test_sft_recipe_at_paper_scale_and_tiny(recipe):
     assert tiny.model.hidden_size == 64 and tiny.train.steps == 40
 
 
-def test_the_mini_study_runs_every_arm_and_resumes_an_interrupted_one(tmp_path, capsys):
+def test_the_study_needs_only_what_the_package_installs(tmp_path, monkeypatch):
+    """setup.py ships the recipes as package data beside the modules, and the study, imported from
+    that build alone, finds them there; it reads nothing from the quickstart or the checkout."""
+    from megatron_code import study
+
+    root = Path(__file__).parent.parent
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=root,
+                   check=True, capture_output=True)
+    shipped = tmp_path / "megatron_code" / "recipes"
+    assert ({p.relative_to(shipped) for p in shipped.rglob("*.yaml")}
+            == {p.relative_to(root / "examples" / "recipes") for p in (root / "examples" / "recipes").rglob("*.yaml")})
+    names = [*study.PRETRAIN_ARMS.values(), *(recipe for recipe, _ in study.TUNE_ARMS.values())]
+    found = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
+         f"from megatron_code.study import recipe_file; print([str(recipe_file(n)) for n in {names!r}])"],
+        cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+    assert json.loads(found.replace("'", '"')) == [str(shipped / f"{n}.yaml") for n in names]
+
+    tree = ast.parse(Path(study.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "megatron_code.quickstart" not in imported and "importlib.util" not in imported
+    assert "__file__" not in {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    monkeypatch.setattr(study, "RECIPES", "megatron_code.not_installed")
+    with pytest.raises(SystemExit, match="the recipes are not installed .* reinstall megatron_code"):
+        study.recipe_file("ma_nl")
+
+
+def test_the_mini_study_runs_every_arm_and_resumes_an_interrupted_one(tmp_path, capsys, monkeypatch):
     from megatron_code import study
 
     argv = ["--name", "code_stage", "--size", "ci", "--out", str(tmp_path), "--no-progress"]
@@ -83,3 +115,28 @@ def test_the_mini_study_runs_every_arm_and_resumes_an_interrupted_one(tmp_path, 
     after = json.loads(second["results"]["CC_stepwise_increase"].read_text())
     assert after["items"] == before["items"] and after["step"] == before["step"]
     assert second["tables"] == first["tables"]
+
+    # The NL arm's recipe changes (less weight decay): NL trains again from the start, then NN and NC
+    # from its new checkpoint, and those three are evaluated again; the CODE side is reused.
+    recipes = tmp_path / "recipes"
+    shutil.copytree(study.recipe_file("ma_nl").parent, recipes)
+    text = (recipes / "ma_nl.yaml").read_text()
+    (recipes / "ma_nl.yaml").write_text(text.replace("weight_decay: 0.1\n", "weight_decay: 0.05\n"))
+    monkeypatch.setattr(study, "recipe_file", lambda name: recipes / f"{name}.yaml")
+    tuned_before = {arm: study.checkpoint_digest(tmp_path / "tune" / arm) for arm in study.TUNE_ARMS}
+    study.run(argv)
+    out = capsys.readouterr().out
+    assert f"NL: its config changed since {tmp_path / 'pretrain' / 'NL'} was trained" in out
+    assert json.loads((tmp_path / "pretrain" / "NL" / "config.json").read_text())["optim"]["weight_decay"] == 0.05
+    for arm in ("NN", "NC"):
+        assert f"{arm}: its base checkpoint changed since" in out
+        assert study.checkpoint_digest(tmp_path / "tune" / arm) != tuned_before[arm]
+    for arm in ("NL", "NN", "NC"):
+        assert f"{arm}: evaluated" not in out
+        marker = json.loads((tmp_path / "eval" / f"{arm}.stage.json").read_text())
+        run_dir = tmp_path / ("pretrain" if arm == "NL" else "tune") / arm
+        assert marker["inputs"]["checkpoint"] == study.checkpoint_digest(run_dir)
+    for arm in ("CODE", "CC", "CC_stepwise_increase", "CC_stepwise_decrease"):
+        assert f"{arm}: trained" in out and f"{arm}: evaluated" in out
+        if arm != "CODE":
+            assert study.checkpoint_digest(tmp_path / "tune" / arm) == tuned_before[arm]

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from megatron_code.data.corpus import open_binary, parse_json_line
 from megatron_code.data.errors import DataError
 from megatron_code.data.megatron_tokenizers import DocumentTokenizer, TokenizerOptions, build_document_tokenizer
-from megatron_code.data.tokenizer import Tokenizer
+from megatron_code.data.tokenizer import Tokenizer, load_tokenizer
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -531,3 +531,20 @@ def check_dataset_matches_tokenizer(prefix: Path | str, tokenizer: Tokenizer) ->
     if (high := max_token_id(data)) >= tokenizer.vocab_size:
         raise DataError(f"{prefix}.bin: holds token id {high} but the tokenizer {tokenizer.path} has only "
                         f"{tokenizer.vocab_size:,} ids; the dataset was made with another tokenizer")
+
+
+def dataset_is_current(prefix: Path | str, input_path: Path, tokenizer_path: Path) -> bool:
+    """The dataset at `prefix` was made from `input_path` with this tokenizer, after both last
+    changed, and its files are complete (so a rebuild can be skipped)."""
+    meta, idx = Path(f"{prefix}.meta.json"), Path(f"{prefix}.idx")
+    if not (meta.is_file() and idx.is_file()):
+        return False
+    if json.loads(meta.read_text()).get("input") != str(input_path):
+        return False
+    if idx.stat().st_mtime_ns < max(input_path.stat().st_mtime_ns, tokenizer_path.stat().st_mtime_ns):
+        return False
+    try:
+        check_dataset_matches_tokenizer(prefix, load_tokenizer(tokenizer_path))
+    except DataError:
+        return False
+    return True

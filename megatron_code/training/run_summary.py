@@ -1,6 +1,6 @@
 """What a run directory says about its run: metrics.jsonl read back (the last record of each
 step, since a resume from an earlier checkpoint logs its steps again) and the latest
-checkpoint's trainer state. Used by the quickstart's report and tools/plot_run.py."""
+checkpoint's trainer state. Used by the quickstart's report and the run plots (training/plots.py)."""
 from __future__ import annotations
 
 import json

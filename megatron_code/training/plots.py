@@ -1,0 +1,98 @@
+"""Plots of one or more training runs from their metrics.jsonl and checkpoints (the command line
+is tools/plot_run.py; the studies call `plot_runs`).
+
+    python tools/plot_run.py RUN_DIR [RUN_DIR ...] [--out DIR]
+
+Writes into --out (default: the first run's `plots/`):
+  mixture.png      scheduled weight (dashed) vs the share of each global batch (solid) per source
+  train_loss.png   training loss per source (the batch loss split by each sample's source)
+  valid_loss.png   validation loss per source
+  summary.md       per run: steps, tokens per source, first/last loss, last validation loss, schedule
+Several runs share each axis, one colour per run.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from megatron_code.training.run_summary import read_metrics, series, summarize
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _figure(runs: dict[str, list[dict]], prefix: str, title: str, ylabel: str, path: Path,
+            scheduled: bool = False, window: int = 1) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = sorted({name for records in runs.values() for name in series(records, prefix)})
+    fig, axes = plt.subplots(1, max(len(sources), 1), figsize=(5 * max(len(sources), 1), 3.6), squeeze=False)
+    for ax, source in zip(axes[0], sources):
+        for colour, (label, records) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 8, runs.items()):
+            steps, values = series(records, prefix).get(source, ([], []))
+            if scheduled:
+                totals = {r["step"]: sum(v for k, v in r.items() if k.startswith("samples/")) for r in records}
+                values = [v / max(totals[s], 1) for s, v in zip(steps, values)]
+                w_steps, weights = series(records, "weight").get(source, ([], []))
+                ax.plot(w_steps, weights, "--", color=colour, label=f"{label} scheduled")
+            ax.plot(steps, _smooth(values, window), color=colour, label=label + (" actual" if scheduled else ""))
+        ax.set_title(f"{title}: {source}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown(summaries: list[dict]) -> str:
+    lines = ["# Run summary", "", "| run | steps | tokens per source | train loss first -> last | valid loss |",
+             "|---|---|---|---|---|"]
+    for s in summaries:
+        tokens = ", ".join(f"{k} {v:,}" for k, v in s["tokens"].items())
+        loss = (f"{s['first_loss']:.3f} -> {s['last_loss']:.3f}" if s["first_loss"] is not None else "-")
+        valid = ", ".join(f"{k} {v:.3f}" for k, v in s["valid_loss"].items()) or "-"
+        lines.append(f"| {s['run_dir']} | {s['step']} | {tokens or '-'} | {loss} | {valid} |")
+    for s in summaries:
+        if s["schedule"]:
+            lines += ["", f"## Schedule of {s['run_dir']}", ""]
+            for p in s["schedule"]:
+                mix = ", ".join(f"{n} {w:.3f}" for n, w in p["weights"].items() if w > 0)
+                ramp = f" (ramp over {p['ramp']} steps)" if p.get("ramp") else ""
+                lines.append(f"- from step {p['start']}: {mix}{ramp}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_runs(run_dirs: list[Path], out: Path) -> list[Path]:
+    runs = {}
+    for run_dir in run_dirs:
+        records = read_metrics(run_dir)
+        if not records:
+            raise SystemExit(f"error: {run_dir}/metrics.jsonl is missing or empty: not a training run directory")
+        runs[run_dir.name if [d.name for d in run_dirs].count(run_dir.name) == 1 else str(run_dir)] = records
+    out.mkdir(parents=True, exist_ok=True)
+    longest = max(len(r) for r in runs.values())
+    written = [out / "mixture.png", out / "train_loss.png", out / "valid_loss.png", out / "summary.md"]
+    _figure(runs, "samples", "mixture", "share of samples", written[0], scheduled=True,
+            window=max(1, longest // 20))
+    _figure(runs, "loss", "training loss", "loss", written[1], window=max(1, longest // 50))
+    _figure(runs, "valid_loss", "validation loss", "loss", written[2])
+    written[3].write_text(_markdown([summarize(d) for d in run_dirs]))
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/plots of the first run)")
+    args = parser.parse_args(argv)
+    for path in plot_runs(args.run_dirs, args.out or args.run_dirs[0] / "plots"):
+        print(path)
+
