@@ -20,8 +20,8 @@ functions, standard-library functions; 5:3 text:code by count).
 Each stage reuses what an earlier run built from the same inputs: its marker records a digest of
 each input (the config, the data and tokenizer, the checkpoint it starts from or evaluates), so
 a changed pretraining arm has its tuned arms trained and every affected arm evaluated again; an
-interrupted training run continues from its latest checkpoint. `--size default` takes at most 30
-minutes on 2 CPU cores, `--size ci` a couple of minutes. The numbers are tiny-scale: they show the
+interrupted training run continues from its latest checkpoint. `--size default` takes about 11
+minutes on 2 quiet CPU cores (up to 30 on a loaded machine), `--size ci` under a minute. The numbers are tiny-scale: they show the
 pipeline runs, not what code data does to a large model.
 """
 from __future__ import annotations
@@ -351,7 +351,7 @@ def run(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", required=True, choices=["code_stage"], help="which study")
     parser.add_argument("--size", default="default", choices=list(SIZES),
-                        help="default: at most 30 minutes on 2 CPU cores; ci: a couple of minutes")
+                        help="default: about 11 minutes on 2 CPU cores; ci: under a minute")
     parser.add_argument("--out", type=Path, help="where everything goes (default: runs/study/NAME/SIZE)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-progress", action="store_true")
