@@ -21,8 +21,8 @@ Each stage reuses what an earlier run built from the same inputs: its marker rec
 each input (the config, the data and tokenizer, the checkpoint it starts from or evaluates), so
 a changed pretraining arm has its tuned arms trained and every affected arm evaluated again; an
 interrupted training run continues from its latest checkpoint. `--size default` takes about 11
-minutes on 2 quiet CPU cores (up to 30 on a loaded machine), `--size ci` under a minute. The numbers are tiny-scale: they show the
-pipeline runs, not what code data does to a large model.
+minutes on 2 quiet CPU cores (up to 30 on a loaded machine), `--size ci` under a minute. The
+numbers are tiny-scale: they show the pipeline runs, not what code data does to a large model.
 """
 from __future__ import annotations
 
