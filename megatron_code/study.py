@@ -238,9 +238,8 @@ def train_arm(name: str, recipe: Path, run_dir: Path, overrides: list[str], inpu
         _log(f"{name}: {why}: training it again from the start")
         shutil.rmtree(run_dir)
         done = None
-    if done is not None:  # interrupted: resume (weights, optimizer, data position) from the checkpoint
+    if done is not None:  # interrupted: the trainer resumes train.output_dir's latest checkpoint itself
         _log(f"{name}: resuming from step {done} ({run_dir})")
-        config = load_config(recipe, [*overrides, "--checkpoint.init_from=", f"--checkpoint.load={run_dir}"])
     else:
         _log(f"{name}: training {config.train.steps} steps from recipe {recipe.name} ({run_dir})")
     write_marker(marker, inputs, done=False)
