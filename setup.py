@@ -18,11 +18,11 @@ setup(
     description="Megatron-style pretraining of GPT models on text+code mixtures",
     python_requires=">=3.10",
     packages=PACKAGES,
-    # kernels/ installs as megatron_code.kernels: a PyPI package named `kernels` exists and
-    # transformers probes `import kernels`, so it must never be a top-level package here.
+    # kernels/ is megatron_code.kernels through the link megatron_code/kernels -> ../kernels, and
+    # holds no __init__.py: see kernels/ops.py for why it must never be a regular package.
     # examples/recipes installs as megatron_code.recipes (package data) for the studies, which
     # must run from an installed package with no checkout around it.
-    package_dir={"megatron_code.kernels": "kernels", "megatron_code.recipes": "examples/recipes"},
+    package_dir={"megatron_code.recipes": "examples/recipes"},
     package_data={"megatron_code.recipes": ["*.yaml", "sft/*.yaml"]},
     install_requires=[
         "torch>=2.4,<2.14",

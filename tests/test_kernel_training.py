@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron_code.config import PRESETS, ModelConfig
-from megatron_code.kernels import KernelUnavailable, build_attention, build_ops
+from megatron_code.kernels.ops import KernelUnavailable, build_attention, build_ops
 from megatron_code.model import GPT
 from megatron_code.training.loss import sample_losses
 

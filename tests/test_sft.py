@@ -22,7 +22,7 @@ from megatron_code.data.errors import DataError
 from megatron_code.data.pipeline import collate
 from megatron_code.data.sft import SFTDataset, check_sft_dataset, preprocess_sft, read_sft
 from megatron_code.data.tokenizer import load_tokenizer
-from megatron_code.kernels import TORCH_OPS, build_attention
+from megatron_code.kernels.ops import TORCH_OPS, build_attention
 from megatron_code.model import GPT
 from megatron_code.training.loss import sample_losses
 

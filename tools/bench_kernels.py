@@ -163,7 +163,7 @@ SHAPES: dict[str, dict[str, list[tuple[str, dict]]]] = {
 
 def _kernels():
     """megatron_code.kernels, imported late: TRITON_INTERPRET must be set before triton loads."""
-    import megatron_code.kernels as K
+    import megatron_code.kernels.ops as K
     return K
 
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_code.config import PRESETS, ModelConfig
-from megatron_code.kernels import KernelOps, build_attention, build_ops
+from megatron_code.kernels.ops import KernelOps, build_attention, build_ops
 from megatron_code.model import GPT
 from megatron_code.model.hf import to_hf_model
 from megatron_code.training.loss import sample_losses

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_code.config import ModelConfig
-from megatron_code.kernels import TORCH_OPS, KernelOps, attention_torch, rope_tables
+from megatron_code.kernels.ops import TORCH_OPS, KernelOps, attention_torch, rope_tables
 
 
 class FusedLinear(nn.Module):

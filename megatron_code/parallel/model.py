@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 from torch.distributed.fsdp import FSDPModule
 
 from megatron_code.config import Config
-from megatron_code.kernels import build_attention, build_ops, describe_attention
+from megatron_code.kernels.ops import build_attention, build_ops, describe_attention
 from megatron_code.model import GPT
 from megatron_code.parallel.activation_checkpointing import apply_ac
 from megatron_code.parallel.clipping import clip_grad_norm_

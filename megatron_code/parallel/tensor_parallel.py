@@ -38,7 +38,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-from megatron_code.kernels import KernelOps
+from megatron_code.kernels.ops import KernelOps
 from megatron_code.model.gpt import LayerFactory
 
 

@@ -208,7 +208,7 @@ def test_buffers_are_poisoned():
 def _auto_on_cuda(monkeypatch, flash_attn: bool, hopper: bool = True, triton: bool = True, head_dim: int = 32):
     """build_attention("auto") for a CUDA device, with flash-attn, the GPU generation and Triton
     as given (the functions that find them out are replaced)."""
-    import megatron_code.kernels as K
+    import megatron_code.kernels.ops as K
 
     monkeypatch.setattr(K, "_flash_attn_problem", lambda device: None if flash_attn else "flash_attn is not installed")
     monkeypatch.setattr(K, "_is_hopper_or_newer", lambda device: hopper)
@@ -224,7 +224,7 @@ def _auto_on_cuda(monkeypatch, flash_attn: bool, hopper: bool = True, triton: bo
     (False, True, False, 64, "sdpa", "sdpa"),  # no Triton
 ])
 def test_auto_attention_choice_on_cuda(monkeypatch, flash_attn, hopper, triton, head_dim, unpacked, packed):
-    import megatron_code.kernels as K
+    import megatron_code.kernels.ops as K
 
     functions = {"sdpa": fa.attention_torch, "flash_attn": K.flash_attn_attention, "triton": fa.flash_attention_triton}
     attention = _auto_on_cuda(monkeypatch, flash_attn, hopper, triton, head_dim)
@@ -235,7 +235,7 @@ def test_auto_attention_choice_on_cuda(monkeypatch, flash_attn, hopper, triton, 
 def test_auto_attention_on_cpu_is_the_reference():
     """On CPU both kinds of batch take SDPA (with the document mask), even where the Triton
     interpreter could run the kernel."""
-    import megatron_code.kernels as K
+    import megatron_code.kernels.ops as K
 
     attention = K.build_attention("auto", torch.device("cpu"), 64)
     assert attention.unpacked is fa.attention_torch and attention.packed is fa.attention_torch
@@ -281,7 +281,7 @@ def test_auto_attention_on_this_gpu():
     """build_attention("auto") as a run on this GPU gets it: packed batches leave SDPA (flash-attn
     varlen or the Triton kernel); in bf16 both kinds of batch stay within 2x SDPA's own error of
     float64 attention."""
-    import megatron_code.kernels as K
+    import megatron_code.kernels.ops as K
 
     attention = K.build_attention("auto", DEVICE, 64)
     assert attention.packed in (K.flash_attn_attention, fa.flash_attention_triton)

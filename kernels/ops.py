@@ -1,9 +1,14 @@
-"""Kernels for the training hot path, chosen per run.
+"""Which kernel serves each op of the training hot path, chosen per run.
 
 Each kernel stem (rms_norm, rope, swiglu, cross_entropy, flash_attention) holds the PyTorch
 reference beside its Triton implementation, so the two can be compared anywhere. The model never
 imports a kernel directly: it receives a `KernelOps` built here from `model.kernels` and an
 attention function built from `model.attention`.
+
+`kernels/` has no `__init__.py` on purpose: a regular package named `kernels` at the repository
+root would shadow the PyPI package `kernels` that transformers imports at start-up whenever the
+root is on sys.path (`python -m ...` and pytest from the root); this folder installs as the
+namespace package `megatron_code.kernels`.
 """
 from __future__ import annotations
 
