@@ -73,6 +73,20 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(unknown)
 
 
+def test_errors_name_the_override_or_the_file_the_value_came_from(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  preset: tiny\n  norm: batchnorm\ndata:\n  tokenizer: t.model\n"
+                    "  sources:\n    - {name: text, prefix: /p/text}\n")
+    for overrides, origin in (([], f"{path}: "), (["--model.norm=rmsnorm", "--model.bogus=1"], "override --model.bogus=1: "),
+                              (["--model.norm=rmsnorm", "--modle.norm=x"], "override --modle.norm=x: "),
+                              (["--model.norm=rmsnorm", "--train.steps=many"], "override --train.steps=many: "),
+                              (["--model.norm=rmsnorm", "--model.num_kv_heads=3"], "override --model.num_kv_heads=3: "),
+                              (["--train.steps=9"], f"{path}: model.norm='batchnorm'")):
+        with pytest.raises(ConfigError) as err:
+            load_config(path, overrides)
+        assert str(err.value).startswith(origin), (overrides, str(err.value))
+
+
 def test_empty_sources_rejected():
     with pytest.raises(ConfigError, match="data.sources is empty"):
         load_config(None, ["--data.tokenizer=x"])

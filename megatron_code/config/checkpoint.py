@@ -1,0 +1,27 @@
+"""The checkpoint section: when to save, what to keep, where to start from."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import ConfigError
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0
+    """Save every N steps (0: only at the end)."""
+    keep_last: int = 2
+    load: str = ""
+    """Resume from this checkpoint directory (a run dir's `checkpoints/` or one `step_N` in it);
+    overrides `init_from`. A weights-only checkpoint (e.g. imported from Hugging Face) starts as
+    `init_from` does. Without it, a train.output_dir that holds checkpoints resumes from its
+    latest; pointing it at another run while train.output_dir holds checkpoints is refused."""
+    init_from: str = ""
+    """Start from this checkpoint's model weights only: fresh optimizer, LR schedule and data
+    position, step 0 -- on the run's first start; a relaunch resumes train.output_dir's latest
+    checkpoint instead. Any parallel layout can read a checkpoint saved under any other."""
+    save: bool = True
+
+    def validate(self) -> None:
+        if self.interval < 0 or self.keep_last < 1:
+            raise ConfigError("checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
