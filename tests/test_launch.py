@@ -131,5 +131,6 @@ def test_launch_example_builds_a_torchrun_command_that_validates(command, stand_
     if master := re.search(r"MASTER_ADDR=(\S+)", command):  # every node meets at MASTER_ADDR
         assert launch.rdzv_backend == "c10d" and launch.rdzv_endpoint == f"{master[1]}:29500"
     world_size = nodes * launch.nproc_per_node
+    monkeypatch.chdir(REPO)  # the command's paths are the repository root's, where it ran
     config = checked_config(args.training_script_args, world_size)  # raises ConfigError naming the field
     assert config.parallel.data_parallel(world_size) >= 1
