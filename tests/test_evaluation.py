@@ -17,7 +17,7 @@ from megatron_code.evaluation.multiple_choice import score_multiple_choice
 from megatron_code.evaluation.results import bootstrap_difference
 from megatron_code.evaluation.sandbox import Limits, run_python
 from megatron_code.evaluation.score import score_tasks
-from megatron_code.evaluation.synthetic import EVAL_SIZES, GENERATORS, generate, split_of
+from megatron_code.data.synthetic import EVAL_SIZES, GENERATORS, generate, split_of
 from megatron_code.evaluation.tasks import TaskError, load_task
 
 TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n"
@@ -44,6 +44,22 @@ def test_generators_are_deterministic_and_keep_eval_out_of_train():
             assert not eval_texts & {getattr(i, "question", None) or i.prompt for i in train}
     with pytest.raises(ValueError, match="fewer than"):
         generate("python_functions", 500, 0, "eval")
+
+
+def test_data_never_imports_evaluation():
+    """The item types and their generators live in data/synthetic.py, which evaluation imports
+    downward: no module under megatron_code/data imports megatron_code.evaluation."""
+    import ast
+
+    import megatron_code.data
+
+    upward = []
+    for path in sorted(Path(megatron_code.data.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            upward += [f"{path.name} imports {name}" for name in names if name.startswith("megatron_code.evaluation")]
+    assert not upward, upward
 
 
 def test_reference_solutions_pass_and_options_are_sound(eval_task_dir):
