@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -609,3 +610,24 @@ def test_no_folder_outlives_an_evaluator_out_of_file_descriptors(tmp_path):
         print(json.dumps({"status": run_python("print(1)", "").status}))
         """, tmp)
     assert files_under(tmp) == [], files_under(tmp)
+
+
+def test_pass_at_1_refuses_to_count_programs_the_sandbox_could_not_run():
+    """An address-space limit too small for the interpreter makes every sample a sandbox_error;
+    score_code says so instead of reporting pass@1 = 0."""
+    from types import SimpleNamespace
+
+    from megatron_code.data.synthetic import CodeItem
+    from megatron_code.evaluation.code import score_code
+    from megatron_code.evaluation.sandbox import SandboxUnavailable
+    from megatron_code.evaluation.tasks import CODE, Task
+
+    item = CodeItem("0", ADD, ("assert add(1, 2) == 3",), "    return a + b\n")
+    task = Task("adds", Path("adds.jsonl"), CODE, (item,))
+    characters = SimpleNamespace(encode=lambda text: [ord(c) for c in text], decode=lambda ids: "".join(map(chr, ids)),
+                                 eod_id=0)
+    answer = [ord(c) for c in "    return a + b\n"] + [0]
+    model = SimpleNamespace(tokenizer=characters, generate=lambda batch, n, finished: [answer for _ in batch])
+    assert score_code(task, model, LIMITS).metrics["pass@1"] == 1.0
+    with pytest.raises(SandboxUnavailable, match="could not run 1 of 1 programs; the first: sandbox: the contained"):
+        score_code(task, model, replace(LIMITS, memory_mb=8))
