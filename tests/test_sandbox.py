@@ -189,8 +189,16 @@ FORGERIES = {
             frame = frame.f_back
         os._exit(0)
         """),
-    "searches the heap": "import gc, os\nfor o in gc.get_objects():\n    os.write(1, repr(o).encode()[:99])\n"
-                         "os._exit(0)\n",
+    "searches the heap for the nonce": textwrap.dedent("""\
+        import gc, os
+        for o in gc.get_objects():
+            for value in ([c.cell_contents for c in o.__closure__ or ()] if callable(o) and hasattr(o, "__closure__")
+                          else list(o.values()) if isinstance(o, dict) else list(o) if isinstance(o, (list, tuple))
+                          else []):
+                if isinstance(value, bytes) and len(value) == 33 and value.endswith(b"\\n"):
+                    os.write(1, value)
+        os._exit(0)
+        """),
     "raises the completion event from every frame": textwrap.dedent("""\
         import os, sys
         frame = sys._getframe()
@@ -199,6 +207,14 @@ FORGERIES = {
                 sys.audit(event, frame)
             frame = frame.f_back
         os._exit(0)
+        """),
+    "arms its own frame at the completion line": textwrap.dedent("""\
+        import sys
+        runner = sys.modules["__main__"]
+        line = max(n for _, _, n in runner._run_tests.__code__.co_lines() if n)
+        forged = "\\n" * (line - 1) + ("import os, sys; frame = sys._getframe(); sys.audit(runner.ARM_EVENT, frame); "
+                                      "sys.audit(runner.DONE_EVENT, frame); os._exit(0)\\n")
+        exec(compile(forged, "forged", "exec"), {"runner": runner})
         """),
     "raises the completion event from a finalizer": textwrap.dedent("""\
         import functools, gc, sys
@@ -228,6 +244,13 @@ def test_verdicts_cannot_be_forged(attack):
     result = run_python(ADD + "    return a - b\n" + FORGERIES[attack], WRONG_TESTS, LIMITS)
     assert result.status != "passed", result.output
     assert result.status in ("failed", "timeout", "output_limit"), (result.status, result.output)
+
+
+def test_tests_run_with_the_builtins_from_before_the_program():
+    """A program that rigs a builtin its tests call (abs) does not change what they compute."""
+    rigged = ADD + "    return a - b\nimport builtins\nbuiltins.abs = lambda x: 0\n"
+    assert run_python(rigged, "assert abs(add(2, 2) - 5) == 0\n", LIMITS).status == "failed"
+    assert run_python(ADD + "    return a + b\n", "assert abs(add(2, 2) - 5) == 1\n", LIMITS).passed
 
 
 def test_a_native_module_from_the_sample_folder_is_refused():
@@ -552,9 +575,16 @@ def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
 
 
+RUN_ONE = """
+    import json
+    from megatron_code.evaluation.sandbox import run_python
+    print(json.dumps({"status": run_python("print(1)", "").status}))
+    """
+
+
 def test_no_folder_outlives_a_killed_evaluator(tmp_path):
-    """kill -9 of the evaluator mid-sample: its sample process dies with it, and the next
-    evaluation removes what it left."""
+    """Another evaluation leaves a live evaluator's folder alone; kill -9 of the evaluator
+    mid-sample kills its sample too, and the next evaluation removes what it left."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     sleeper = "import os, time\nopen('started', 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
@@ -568,21 +598,18 @@ def test_no_folder_outlives_a_killed_evaluator(tmp_path):
             time.sleep(0.05)
         assert marker, "the sample never started"
         sample_pid = int(marker[0].read_text())
+        assert evaluate_in_child(RUN_ONE, tmp)["status"] == "passed"
+        assert marker[0].is_file(), "a second evaluation removed the folder of a live one"
     finally:
         evaluator.kill()
         evaluator.wait()
     time.sleep(0.5)
-    alive = Path(f"/proc/{sample_pid}").exists() and "python" in Path(f"/proc/{sample_pid}/cmdline").read_text()
+    alive = Path(f"/proc/{sample_pid}").exists() and "sandbox" in Path(f"/proc/{sample_pid}/cmdline").read_text()
     if alive:
         os.kill(sample_pid, signal.SIGKILL)
     assert not alive, "the sample outlived its evaluator"
     assert files_under(tmp), "the killed evaluator's folder should still be there before the next run"
-    report = evaluate_in_child("""
-        import json
-        from megatron_code.evaluation.sandbox import run_python
-        print(json.dumps({"status": run_python("print(1)", "").status}))
-        """, tmp)
-    assert report["status"] == "passed"
+    assert evaluate_in_child(RUN_ONE, tmp)["status"] == "passed"
     assert files_under(tmp) == [], files_under(tmp)
 
 
@@ -604,11 +631,7 @@ def test_no_folder_outlives_an_evaluator_out_of_file_descriptors(tmp_path):
         print(json.dumps({"status": result.status}))
         """, tmp)
     assert report["status"] == "sandbox_error", report
-    evaluate_in_child("""
-        import json
-        from megatron_code.evaluation.sandbox import run_python
-        print(json.dumps({"status": run_python("print(1)", "").status}))
-        """, tmp)
+    assert evaluate_in_child(RUN_ONE, tmp)["status"] == "passed"
     assert files_under(tmp) == [], files_under(tmp)
 
 
@@ -631,3 +654,16 @@ def test_pass_at_1_refuses_to_count_programs_the_sandbox_could_not_run():
     assert score_code(task, model, LIMITS).metrics["pass@1"] == 1.0
     with pytest.raises(SandboxUnavailable, match="could not run 1 of 1 programs; the first: sandbox: the contained"):
         score_code(task, model, replace(LIMITS, memory_mb=8))
+
+
+def test_a_kernel_without_landlock_is_said_once_per_run(monkeypatch, capsys):
+    monkeypatch.setattr(sandbox, "landlock_abi", lambda: 0)
+    monkeypatch.setattr(sandbox, "_run", None)
+    try:
+        features = sandbox.sandbox_features()
+        sandbox.sandbox_features()
+        assert run_python("print(1)", "", LIMITS).passed
+        assert capsys.readouterr().err.count("no Landlock") == 1
+        assert features["landlock"].startswith("none")
+    finally:
+        sandbox._run.close()

@@ -193,9 +193,11 @@ class _EvaluationRun:
                                      f"{check.output.strip()[-500:]}")
 
     def close(self) -> None:
-        if os.getpid() == self.pid:
+        """Remove this run's folder (at exit; a forked child leaves it to its parent)."""
+        if os.getpid() == self.pid and self._lock is not None:
             _remove(self.folder)
             os.close(self._lock)
+            self._lock = None
 
     def execute(self, source: str, tests: str, limits: Limits) -> ExecResult:
         started = time.perf_counter()
