@@ -7,7 +7,7 @@ runs as the evaluator's user (root included) on a machine shared with other work
 
 What a program cannot do. Before its first line runs, the child (sandbox_runner.py, started as
 `python -S -s -B -P`, standard library only, in a new session) applies to itself what the kernel
-enforces from then on:
+enforces from then on, then executes a fresh interpreter that never loads ctypes to run it:
 - seccomp, deny by default: an allow-list of the system calls CPython needs to run a program
   (measured with strace; README), everything else failing with EPERM, so a program fails
   cleanly. So no processes or threads, no sockets of any family, no signal except to itself
@@ -267,7 +267,7 @@ def _run_sample(workdir: str, source: str, tests: str, limits: Limits) -> tuple[
     oom_kills = _oom_kills()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-S", "-s", "-B", "-P", runner.__file__, runner.CONTAIN, str(os.getpid()),
+            [sys.executable, *runner.INTERPRETER_FLAGS, runner.__file__, runner.CONTAIN, str(os.getpid()),
              repr(limits.seconds), str(limits.memory_mb), str(limits.file_bytes)],
             cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True)

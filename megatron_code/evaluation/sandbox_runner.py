@@ -30,6 +30,9 @@ READY = b"megatron_code sandbox: contained\n"
 output without it means the sandbox itself failed."""
 FAILED_EXIT, MEMORY_EXIT, SETUP_EXIT = 1, 3, 2
 """Exit codes: the program or its tests raised; they ran out of memory; containment failed."""
+INTERPRETER_FLAGS = ("-S", "-s", "-B") + (("-P",) if sys.version_info >= (3, 11) else ())
+"""No site packages or user site, no bytecode files, no script folder on sys.path (-P; `run`
+removes it itself before 3.11)."""
 CONTAIN, RUN, RUN_GUARD_WRITES = "contain", "run", "run-guard-writes"
 """The stage argument: contain; run after Landlock; run where the kernel has no Landlock."""
 ARM_EVENT, DONE_EVENT = "megatron_code.sandbox.arm", "megatron_code.sandbox.done"
@@ -269,8 +272,11 @@ def contain(workdir: str, seconds: float, memory_mb: int, file_bytes: int, paren
     _check(libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0), "pdeathsig")
     if os.getppid() != parent:  # the evaluator died before the line above
         os._exit(SETUP_EXIT)
-    with open("/proc/self/oom_score_adj", "w") as f:  # the OOM killer takes this process first
-        f.write("1000")
+    try:  # the OOM killer takes this process first (best effort: /proc may be read-only)
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
     abi = apply_landlock(workdir)
     header = struct.pack("=Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
     capset = _SYSCALLS["capset"][arch() != "x86_64"]
@@ -311,6 +317,7 @@ def _verdict_hook(nonce: bytes, done_line: int):
 
 _DENIED_EVENTS = frozenset({
     "sys.settrace", "sys.setprofile",  # a trace function can jump over failing asserts
+    "sys.monitoring.register_callback",  # (3.12+) code of the program run at every line of the runner
     "sys.addaudithook",  # another hook would run with the runner's frames below it
     "gc.get_objects", "gc.get_referrers", "gc.get_referents",  # they reach the verdict hook
     "code.__new__",  # hand-made bytecode reads and writes memory
@@ -406,6 +413,8 @@ def _read_job() -> tuple:
 
 def run(guard_writes: bool) -> None:
     """The `run` stage; never returns."""
+    if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):  # Python < 3.11: no -P
+        del sys.path[0]
     hook, solution, tests = _read_job()
     sys.addaudithook(hook)
     sys.addaudithook(_guard(os.path.dirname(os.__file__), os.getcwd() if guard_writes else None))
@@ -451,7 +460,7 @@ def main(argv: list[str]) -> None:
     try:
         landlock = contain(os.getcwd(), float(seconds), int(memory_mb), int(file_bytes), int(parent))
         executable = os.path.realpath(sys.executable)
-        os.execv(executable, [executable, "-S", "-s", "-B", "-P", os.path.abspath(__file__),
+        os.execv(executable, [executable, *INTERPRETER_FLAGS, os.path.abspath(__file__),
                               RUN if landlock else RUN_GUARD_WRITES])
     except OSError as e:
         os.write(2, f"sandbox: {e}\n".encode())
