@@ -173,8 +173,9 @@ class _EvaluationRun:
         _remove_stale_runs(base, self.folder)
         abi = landlock_abi()
         self.features = {
-            "seccomp": f"allow-list of {len(runner.ALLOWED)} system calls, EPERM otherwise: no processes, threads "
-                       "or sockets; signals and limits only for the program itself",
+            "seccomp": f"allow-list of {len(runner.ALLOWED)} system calls and {len(runner._checked_calls(0))} checked "
+                       "by argument, EPERM otherwise: no processes, threads or sockets; signals and limits only for "
+                       "the program itself",
             "landlock": (f"ABI {abi}: writes only in the sample's folder, reads only there, in the Python "
                          "installation and system libraries"
                          + (", no TCP" if abi >= 4 else "")

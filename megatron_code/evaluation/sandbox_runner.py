@@ -71,7 +71,7 @@ _SYSCALLS = {  # name: (x86_64, aarch64) from the kernel's unistd headers; None:
     "fcntl": (72, 25), "ioctl": (16, 29), "capset": (126, 91), "execve": (59, 221), "arch_prctl": (158, None),
     "set_tid_address": (218, 96), "set_robust_list": (273, 99), "rseq": (334, 293), "sysinfo": (99, 179),
 }
-ALLOWED = (  # measured: see the README's sandbox section; the most frequent first
+ALLOWED = (  # what strace saw CPython make, and the same operations' other calls (README); frequent first
     "read", "write", "newfstatat", "brk", "exit_group", "openat", "lseek", "close", "mmap", "munmap", "mremap",
     "madvise", "mprotect", "futex", "fstat", "statx", "stat", "lstat", "open", "getdents64", "readlink", "readlinkat",
     "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2", "access", "faccessat",
@@ -82,22 +82,32 @@ ALLOWED = (  # measured: see the README's sandbox section; the most frequent fir
     "lgetxattr", "fgetxattr", "listxattr", "llistxattr", "flistxattr", "clock_gettime", "clock_getres",
     "clock_nanosleep", "nanosleep", "gettimeofday", "time", "getrandom", "sched_yield", "getpid", "gettid",
     "getppid", "getuid", "geteuid", "getgid", "getegid", "getgroups", "getresuid", "getresgid", "getpgrp",
-    "uname", "getrusage", "times", "sysinfo", "exit", "rt_sigprocmask", "rt_sigreturn", "restart_syscall",
+    "uname", "getrusage", "times", "sysinfo", "rt_sigprocmask", "rt_sigreturn", "restart_syscall",
     "poll", "ppoll", "select", "pselect6", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait",
-    "eventfd2", "getcpu", "getrlimit", "setrlimit",
+    "eventfd2", "getrlimit", "setrlimit",
     "execve", "set_tid_address", "set_robust_list", "rseq",  # the `run` stage's start-up
 )
 """System calls allowed whatever their arguments. Everything not listed here or in
-`_seccomp_program`'s checked calls fails with EPERM: rt_sigaction among them, so the program
-can install no signal handler (the interpreter starts without its SIGINT handler and keeps the
-contain stage's SIGPIPE and SIGXFSZ ignored). execve is allowed for the `run` stage; the program
+`_checked_calls` fails with EPERM: rt_sigaction among them, so the program can install no
+signal handler (the interpreter starts without its SIGINT handler and keeps the contain stage's
+SIGPIPE and SIGXFSZ ignored). execve is allowed for the `run` stage; the program
 cannot reach it (os.exec* is refused by `_guard` and there is no native code), and an image it
 could start would hold no nonce and stay contained."""
 _FCNTL_COMMANDS = (0, 1, 2, 3, 4, 1030)
 """F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC: not F_SETOWN or F_SETSIG (SIGIO
 to another process), leases or notifications."""
-_IOCTL_COMMANDS = (0x5401, 0x5413, 0x5450, 0x5451)
-"""TCGETS (isatty), TIOCGWINSZ, FIONCLEX, FIOCLEX: not FIOSETOWN or anything that drives a device."""
+_IOCTL_COMMANDS = (0x5401, 0x5413, 0x5421, 0x5450, 0x5451)
+"""TCGETS (isatty), TIOCGWINSZ, FIONBIO (os.set_blocking), FIONCLEX, FIOCLEX: not FIOSETOWN,
+FIOASYNC or anything that drives a device."""
+
+
+def _checked_calls(pid: int) -> list[tuple[str, list[tuple[int, tuple[int, ...]]]]]:
+    """(call, [(argument index, allowed values), ...]): allowed when every listed argument takes
+    one of its values (its low 32 bits: each is an int to the kernel)."""
+    return [("arch_prctl", [(0, (0x1002,))]),  # ARCH_SET_FS (thread-local storage at start-up)
+            ("kill", [(0, (pid,))]), ("tkill", [(0, (pid,))]), ("tgkill", [(0, (pid,)), (1, (pid,))]),
+            ("prlimit64", [(0, (0,))]), ("sched_getaffinity", [(0, (0,))]),
+            ("fcntl", [(1, _FCNTL_COMMANDS)]), ("ioctl", [(1, _IOCTL_COMMANDS)])]
 
 
 def arch() -> str:
@@ -130,12 +140,7 @@ def _seccomp_program(arch: str, pid: int) -> bytes:
     for name in ALLOWED:
         if nr(name) is not None:
             prog += [(jeq, 0, 1, nr(name)), (ret, 0, 0, allow)]
-    # (call, [(argument, allowed values), ...]): every listed argument must take one of its values
-    checked = [("arch_prctl", [(0, (0x1002,))]),  # ARCH_SET_FS (thread-local storage at start-up)
-               ("kill", [(0, (pid,))]), ("tkill", [(0, (pid,))]), ("tgkill", [(0, (pid,)), (1, (pid,))]),
-               ("prlimit64", [(0, (0,))]), ("sched_getaffinity", [(0, (0,))]),
-               ("fcntl", [(1, _FCNTL_COMMANDS)]), ("ioctl", [(1, _IOCTL_COMMANDS)])]
-    for name, conditions in checked:
+    for name, conditions in _checked_calls(pid):
         if nr(name) is None:
             continue
         block = []
