@@ -32,20 +32,21 @@ runner keeps it only inside an audit hook and writes it to stdout when, and only
 runner's own frame reaches the line after the tests ran to their end; "passed" needs that nonce
 and exit status 0. The tests run with the builtins as they were before the program ran, so
 replacing `builtins.compile` or `exec` changes nothing; tracing (which can jump over asserts),
-gc introspection, ctypes, extra audit hooks, hand-built code objects and native code from
-outside the standard library are refused, so the program cannot read the nonce or skip its
+gc introspection, ctypes, extra audit hooks, hand-built code objects, os.exec* and native
+code from outside the standard library are refused, so the program cannot read the nonce or skip its
 tests. Output is read up to a bound; the evaluator's memory stays flat whatever a program writes.
 
 What a program can still do: read what Landlock leaves readable (the standard library, system
-libraries), burn its own CPU time, memory and output up to the limits, and print anything
-(results files keep the end of its output). Its tests run in its own interpreter, so it can
+libraries), burn its own CPU time, memory and output up to the limits, fill its folder with
+files of up to the file-size limit each for as long as it runs (the folder goes after the
+sample), and print anything (results files keep the end of its output). Its tests run in its own interpreter, so it can
 make its asserts hold by rigging what they compare (an object equal to everything, a patched
 module a test calls, changing the test's namespace while it runs): such a program is visibly
 wrong in its source. Its interpreter's memory safety is CPython's: hand-made bytecode fed to
 `marshal.loads` (which the import system needs) or a memory-safety bug in CPython could reach
 the nonce. It is not a boundary against a kernel exploit. Linux on x86-64 or arm64 only (the
 allow-list was measured on x86-64; arm64 uses the same calls' numbers, and every evaluation run
-first checks that a known-good program passes).
+first checks that a known-good program passes). Python 3.10 to 3.13.
 
 Statuses (`ExecResult.status`): passed; failed (an assert or error, or the program exited
 before its tests ended); timeout (wall clock or CPU); memory (MemoryError, or killed by the OOM

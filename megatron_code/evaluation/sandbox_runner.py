@@ -44,7 +44,7 @@ _SYSCALLS = {  # name: (x86_64, aarch64) from the kernel's unistd headers; None:
     "read": (0, 63), "write": (1, 64), "readv": (19, 65), "writev": (20, 66), "pread64": (17, 67),
     "pwrite64": (18, 68), "preadv": (295, 69), "pwritev": (296, 70), "preadv2": (327, 286),
     "pwritev2": (328, 287), "lseek": (8, 62), "open": (2, None), "openat": (257, 56), "close": (3, 57),
-    "close_range": (436, 436), "fstat": (5, 80), "stat": (4, None), "lstat": (6, None), "newfstatat": (262, 79),
+    "fstat": (5, 80), "stat": (4, None), "lstat": (6, None), "newfstatat": (262, 79),
     "statx": (332, 291), "access": (21, None), "faccessat": (269, 48), "faccessat2": (439, 439),
     "getdents64": (217, 61), "getcwd": (79, 17), "chdir": (80, 49), "fchdir": (81, 50), "mkdir": (83, None),
     "mkdirat": (258, 34), "rmdir": (84, None), "unlink": (87, None), "unlinkat": (263, 35), "rename": (82, None),
@@ -62,11 +62,11 @@ _SYSCALLS = {  # name: (x86_64, aarch64) from the kernel's unistd headers; None:
     "futex": (202, 98), "sched_yield": (24, 124), "getpid": (39, 172), "gettid": (186, 178), "getppid": (110, 173),
     "getuid": (102, 174), "geteuid": (107, 175), "getgid": (104, 176), "getegid": (108, 177),
     "getgroups": (115, 158), "getresuid": (118, 148), "getresgid": (120, 150), "getpgrp": (111, None),
-    "uname": (63, 160), "getrusage": (98, 165), "times": (100, 153), "exit": (60, 93), "exit_group": (231, 94),
+    "uname": (63, 160), "getrusage": (98, 165), "times": (100, 153), "exit_group": (231, 94),
     "rt_sigprocmask": (14, 135), "rt_sigreturn": (15, 139), "restart_syscall": (219, 128), "poll": (7, None),
     "ppoll": (271, 73), "select": (23, None), "pselect6": (270, 72), "epoll_create1": (291, 20),
     "epoll_ctl": (233, 21), "epoll_wait": (232, None), "epoll_pwait": (281, 22), "eventfd2": (290, 19),
-    "getcpu": (309, 168), "getrlimit": (97, 163), "setrlimit": (160, 164), "prlimit64": (302, 261),
+    "getrlimit": (97, 163), "setrlimit": (160, 164), "prlimit64": (302, 261),
     "sched_getaffinity": (204, 123), "kill": (62, 129), "tkill": (200, 130), "tgkill": (234, 131),
     "fcntl": (72, 25), "ioctl": (16, 29), "capset": (126, 91), "execve": (59, 221), "arch_prctl": (158, None),
     "set_tid_address": (218, 96), "set_robust_list": (273, 99), "rseq": (334, 293), "sysinfo": (99, 179),
@@ -120,13 +120,15 @@ def arch() -> str:
     return machine
 
 
-def _seccomp_program(arch: str, pid: int) -> bytes:
+def _seccomp_program(machine: str, pid: int) -> bytes:
     """Classic BPF over struct seccomp_data: this architecture only, then the allow-list; a few
     calls allowed only with given arguments (signals to this process, limits of this process,
     harmless fcntl and ioctl commands, this process's CPU affinity); every other call EPERM."""
+    import struct
+
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
     allow, eperm = 0x7FFF0000, 0x00050000 | 1
-    column = 0 if arch == "x86_64" else 1
+    column = 0 if machine == "x86_64" else 1
 
     def nr(name: str) -> int | None:
         return _SYSCALLS[name][column]
@@ -134,8 +136,8 @@ def _seccomp_program(arch: str, pid: int) -> bytes:
     def arg(i: int) -> int:  # offset of the low 32 bits of args[i] (little endian)
         return 16 + 8 * i
 
-    prog = [(ld, 0, 0, 4), (jeq, 1, 0, _AUDIT_ARCH[arch]), (ret, 0, 0, eperm), (ld, 0, 0, 0)]
-    if arch == "x86_64":
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, _AUDIT_ARCH[machine]), (ret, 0, 0, eperm), (ld, 0, 0, 0)]
+    if machine == "x86_64":
         prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, eperm)]  # x32 numbers
     for name in ALLOWED:
         if nr(name) is not None:
@@ -152,8 +154,6 @@ def _seccomp_program(arch: str, pid: int) -> bytes:
         block.append((ret, 0, 0, allow))
         prog += [(jeq, 0, len(block), nr(name))] + block
     prog.append((ret, 0, 0, eperm))
-    import struct
-
     return b"".join(struct.pack("=HBBI", *instruction) for instruction in prog)
 
 
@@ -214,8 +214,9 @@ def landlock_abi() -> int:
 def apply_landlock(workdir: str) -> int:
     """Restrict this process (irreversibly): files written, made or removed only beneath
     `workdir`, /dev/null written; files read only there, in the Python installation, this file
-    and READABLE (so not /proc: no process's memory or environment, not /tmp or home folders); with
-    ABI >= 4 no TCP, with ABI >= 6 signals and abstract unix sockets only within this process.
+    and READABLE (so not /proc: no process's memory or environment, not /tmp or home folders);
+    with ABI >= 4 no TCP, with ABI >= 6 signals and abstract unix sockets only within this
+    process.
     Returns the ABI applied, 0 when the kernel has no Landlock (nothing applied)."""
     import ctypes
     import struct
@@ -284,8 +285,8 @@ def contain(workdir: str, seconds: float, memory_mb: int, file_bytes: int, paren
         pass
     abi = apply_landlock(workdir)
     header = struct.pack("=Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
-    capset = _SYSCALLS["capset"][arch() != "x86_64"]
-    _check(libc.syscall(capset, ctypes.c_char_p(header), ctypes.c_char_p(bytes(24))), "capset")
+    capset = _SYSCALLS["capset"][0 if arch() == "x86_64" else 1]
+    _check(libc.syscall(capset, ctypes.c_char_p(header), ctypes.c_char_p(bytes(24))), "capset")  # all sets empty
     os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     apply_seccomp()
     return abi
@@ -444,8 +445,11 @@ def run(guard_writes: bool) -> None:
         status = MEMORY_EXIT if isinstance(error, MemoryError) else FAILED_EXIT
         try:
             for name, source in (("solution.py", solution), ("tests.py", tests)):  # the traceback quotes them
-                with open(name, "w") as f:
-                    f.write(source)
+                try:
+                    with open(name, "w") as f:
+                        f.write(source)
+                except OSError:  # the program left its folder or filled it
+                    pass
             traceback = error.__traceback__
             while traceback is not None and traceback.tb_frame.f_code.co_filename == runner_file:
                 traceback = traceback.tb_next
