@@ -148,9 +148,9 @@ def write_marker(marker: Path, inputs: dict[str, str], done: bool) -> None:
 
 def build_instructions(out: Path, size: Size, tokenizer: Path, prose: Path) -> dict[str, str]:
     """text and code instruction JSONL and their indexed files (reused when current)."""
+    from megatron_code.data.corpus import write_jsonl
     from megatron_code.data.instructions import make_instructions
     from megatron_code.data.sft import preprocess_sft
-    from megatron_code.evaluation.tasks import write_jsonl
     from megatron_code.data.preprocess import dataset_is_current
 
     folder = out / "instructions"
@@ -172,8 +172,8 @@ def build_instructions(out: Path, size: Size, tokenizer: Path, prose: Path) -> d
 
 def build_eval_tasks(out: Path, size: Size) -> list[Path]:
     """The first `size.eval_items` items of each built-in evaluation task."""
-    from megatron_code.evaluation.synthetic import EVAL_SEED, generate
-    from megatron_code.evaluation.tasks import write_jsonl
+    from megatron_code.data.corpus import write_jsonl
+    from megatron_code.data.synthetic import EVAL_SEED, generate
 
     folder = out / "eval" / "tasks"
     return [path if (path := folder / f"{task}.jsonl").is_file() else

@@ -1,12 +1,9 @@
-"""Evaluation: the sandbox and pass@1, the synthetic tasks, BLEU against sacrebleu, the bootstrap
-against scipy, our multiple-choice scorer against lm-evaluation-harness on the exported model,
-chat-template prompts against the ids tools/preprocess_sft.py writes, in-training task scores,
+"""Evaluation: pass@1 of reference solutions (the sandbox itself: tests/test_sandbox.py), the
+synthetic tasks, BLEU against sacrebleu, the bootstrap against scipy, our multiple-choice scorer
+against lm-evaluation-harness on the exported model, chat-template prompts against the ids tools/preprocess_sft.py writes, in-training task scores,
 and tools/evaluate.py end to end."""
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,37 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_code.evaluation import sandbox
 from megatron_code.evaluation.code import code_tokens, reply_code, sentence_bleu, truncate_completion
 from megatron_code.evaluation.lm import load_language_model
 from megatron_code.evaluation.multiple_choice import score_multiple_choice
 from megatron_code.evaluation.results import bootstrap_difference
 from megatron_code.evaluation.sandbox import Limits, run_python
 from megatron_code.evaluation.score import score_tasks
-from megatron_code.evaluation.synthetic import EVAL_SIZES, GENERATORS, generate, split_of
+from megatron_code.data.synthetic import EVAL_SIZES, GENERATORS, generate, split_of
 from megatron_code.evaluation.tasks import TaskError, load_task
 
-ADD = 'def add(a, b):\n    """Return a + b."""\n'
 TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n"
 LIMITS = Limits(seconds=1.5, memory_mb=256, output_bytes=4096, file_bytes=1 << 16)
-
-SOLUTIONS = {
-    "correct": ("    return a + b\n", "passed"),
-    "wrong": ("    return a - b\n", "failed"),
-    "crashing": ("    return a / 0\n", "failed"),
-    "syntax error": ("    return a +\n", "failed"),
-    "infinite loop": ("    while True:\n        pass\n", "timeout"),
-    "sleeps": ("    import time\n    time.sleep(60)\n", "timeout"),
-    "exits before the tests": ("    return a + b\nimport sys\nsys.exit(0)\n", "exited"),
-    "os._exit before the tests": ("    return a + b\nimport os\nos._exit(0)\n", "exited"),
-    "huge output": ("    return a + b\nwhile True:\n    print('x' * 10000)\n", "output_limit"),
-    "huge memory": ("    return a + b\nblob = bytearray(1 << 30)\n", "failed"),
-    "huge file": ("    return a + b\nopen('big', 'wb').write(b'x' * (1 << 20))\n", "failed"),
-    "network": ("    return a + b\nimport socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n", "failed"),
-    "threads": ("    return a + b\nimport threading\nthreading.Thread(target=print).start()\n", "failed"),
-    "subprocess": ("    return a + b\nimport subprocess\nsubprocess.run(['true'])\n", "failed"),
-    "signals the evaluator": ("    return a + b\nimport os, signal\nos.kill(os.getppid(), signal.SIGTERM)\n", "failed"),
-}
 
 
 def subset(path: Path, n: int, folder: Path) -> Path:
@@ -52,65 +29,6 @@ def subset(path: Path, n: int, folder: Path) -> Path:
     out = folder / path.name
     out.write_text("".join(path.read_text().splitlines(True)[:n]))
     return out
-
-
-@pytest.mark.parametrize("kind", SOLUTIONS)
-def test_pass_at_1_scores_each_kind_of_solution(kind):
-    body, expected = SOLUTIONS[kind]
-    result = run_python(ADD + body, TESTS, LIMITS)
-    assert result.status == expected, result.output
-    assert len(result.output.encode()) <= LIMITS.output_bytes
-    assert result.seconds < LIMITS.seconds + 10  # the limit plus interpreter start-up on a busy machine
-
-
-def test_hostile_samples_are_contained(tmp_path):
-    outside = tmp_path / "outside.txt"
-    forks = textwrap.dedent(f"""\
-        import os
-        made = 0
-        for _ in range(30):  # bounded: if the limit ever failed, this cannot grow without end
-            try:
-                pid = os.fork()
-            except OSError:
-                continue
-            if pid == 0:
-                os._exit(0)
-            made += 1
-        open({str(outside)!r}, "w").write("escaped")
-        """)
-    result = run_python(forks, "", LIMITS)
-    assert result.status == "failed" and "PermissionError" in result.output
-    assert not outside.exists()
-    counted = run_python("import os\nn = 0\nfor _ in range(30):\n    try:\n        os.fork()\n        n += 1\n"
-                         "    except OSError:\n        pass\nprint('forks', n)\n", "", LIMITS)
-    assert "forks 0" in counted.output
-    inside = run_python("open('mine.txt', 'w').write('ok')\nassert open('mine.txt').read() == 'ok'\n", "", LIMITS)
-    assert inside.passed
-
-
-def test_write_guard_without_landlock(tmp_path):
-    """The audit-hook fallback, for kernels without Landlock, run in a child of its own."""
-    work, outside = tmp_path / "work", tmp_path / "outside.txt"
-    work.mkdir()
-    script = textwrap.dedent(f"""\
-        import os, sys
-        sys.path.insert(0, {str(Path(sandbox.__file__).parent)!r})
-        from sandbox import _audit_writes
-        sys.addaudithook(_audit_writes({str(work)!r}))
-        os.chdir({str(work)!r})
-        open("inside.txt", "w").write("ok")
-        for attempt in (lambda: open({str(outside)!r}, "w"), lambda: os.remove({str(outside)!r}),
-                        lambda: os.mkdir({str(tmp_path / "d")!r})):
-            try:
-                attempt()
-                print("allowed")
-            except PermissionError:
-                print("refused")
-        """)
-    outside.write_text("keep")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60).stdout
-    assert out.split() == ["refused"] * 3
-    assert outside.read_text() == "keep" and (work / "inside.txt").is_file()
 
 
 def test_generators_are_deterministic_and_keep_eval_out_of_train():
@@ -126,6 +44,22 @@ def test_generators_are_deterministic_and_keep_eval_out_of_train():
             assert not eval_texts & {getattr(i, "question", None) or i.prompt for i in train}
     with pytest.raises(ValueError, match="fewer than"):
         generate("python_functions", 500, 0, "eval")
+
+
+def test_data_never_imports_evaluation():
+    """The item types and their generators live in data/synthetic.py, which evaluation imports
+    downward: no module under megatron_code/data imports megatron_code.evaluation."""
+    import ast
+
+    import megatron_code.data
+
+    upward = []
+    for path in sorted(Path(megatron_code.data.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            upward += [f"{path.name} imports {name}" for name in names if name.startswith("megatron_code.evaluation")]
+    assert not upward, upward
 
 
 def test_reference_solutions_pass_and_options_are_sound(eval_task_dir):

@@ -428,7 +428,8 @@ def test_the_evaluators_prompt_a_tuned_model_through_its_chat_template(tuned_on_
     from megatron_code.evaluation.code import complete
     from megatron_code.evaluation.lm import load_language_model
     from megatron_code.evaluation.score import chat_template_for, score_tasks
-    from megatron_code.evaluation.tasks import load_task, write_jsonl
+    from megatron_code.data.corpus import write_jsonl
+    from megatron_code.evaluation.tasks import load_task
 
     rng = random.Random(0)
     items = []

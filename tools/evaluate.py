@@ -32,7 +32,7 @@ DEFAULT_TASK_DIR = Path("runs/eval_tasks")
 
 def _list() -> None:
     from megatron_code.evaluation.harness import HarnessUnavailable, registered_tasks
-    from megatron_code.evaluation.synthetic import EVAL_SIZES
+    from megatron_code.data.synthetic import EVAL_SIZES
 
     print("built-in tasks (offline; `make-tasks` writes them):")
     for name, size in EVAL_SIZES.items():

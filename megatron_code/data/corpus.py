@@ -194,6 +194,18 @@ def iter_jsonl(path: Path, key: str = "text") -> Iterator[tuple[int, str]]:
                 yield line_no, get_text(parse_json_line(line, path, line_no), key, path, line_no)
 
 
+def write_jsonl(path: str | Path, records) -> Path:
+    """Write records as JSONL under a temporary name, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 # ------------------------------------------------------------------------------------- sources
 
 Document = dict[str, Any]

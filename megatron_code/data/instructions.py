@@ -19,7 +19,7 @@ Code families:
                     function <signature> that <its docstring's first paragraph>", answered by its
                     real source.
 
-arithmetic, logic and python_functions come from `megatron_code.evaluation.synthetic` with
+arithmetic, logic and python_functions come from `megatron_code.data.synthetic` with
 `split="train"`: that module sends every problem (keyed by what it asks, not its wording) to
 exactly one of its splits, so no instruction asks an evaluation item, whatever the seeds.
 
@@ -39,8 +39,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from megatron_code.cli import user_errors
-from megatron_code.data.corpus import iter_jsonl
+from megatron_code.data.corpus import iter_jsonl, write_jsonl
 from megatron_code.data.errors import DataError
+from megatron_code.data.synthetic import generate
 
 TEXT_FAMILIES = ("prose_qa", "arithmetic", "logic", "digit_sums")
 CODE_FAMILIES = ("python_functions", "stdlib_functions")
@@ -62,8 +63,6 @@ def _choice_answer(item) -> tuple[str, str]:
 
 
 def _synthetic(task: str, n: int, seed: int) -> list:
-    from megatron_code.evaluation.synthetic import generate
-
     return generate(task, n, seed, split="train")
 
 
@@ -177,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--prose", type=Path, help="prose corpus JSONL (for prose_qa)")
     args = parser.parse_args(argv)
-    from megatron_code.evaluation.tasks import write_jsonl
-
     try:
         counts = {family: int(n) for family, _, n in (c.partition("=") for c in args.count)}
         records = make_instructions(counts, args.seed, args.prose)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from megatron_code.data.chat import ChatTemplate
 from megatron_code.evaluation.lm import LanguageModel
 from megatron_code.evaluation.results import TaskScores, prompt_format
-from megatron_code.evaluation.sandbox import Limits, run_python, sandbox_features
+from megatron_code.evaluation.sandbox import Limits, SandboxUnavailable, run_python, sandbox_features
 from megatron_code.evaluation.tasks import CODE, Task
 
 METRICS = ("pass@1", "bleu")
@@ -113,6 +113,10 @@ def score_code(task: Task, model: LanguageModel, limits: Limits = Limits(), max_
     with ThreadPoolExecutor(max_workers=workers) as pool:
         runs = list(pool.map(lambda pair: run_python(pair[0].prompt + pair[1], "\n".join(pair[0].tests), limits),
                              zip(task.items, completions)))
+    unrun = [r for r in runs if r.status == "sandbox_error"]
+    if unrun:  # counted as failures they would lower pass@1 without a word
+        raise SandboxUnavailable(f"{task.name}: the sandbox could not run {len(unrun)} of {len(runs)} programs; "
+                                 f"the first: {unrun[0].output.strip()}")
     bleu = [sentence_bleu(code_tokens(c), code_tokens(item.reference)) if item.reference else math.nan
             for item, c in zip(task.items, completions)]
     per_item = {"pass@1": [float(r.passed) for r in runs]}

@@ -1,66 +1,112 @@
 """Run generated Python (a solution plus its test asserts) in a contained child process.
 
-The parent starts `python -I -S -B sandbox.py` (isolated, standard library only, no bytecode
-files) in a fresh temporary directory and a new session, reads at most `Limits.output_bytes` of
-its output, and kills the process group at the wall-clock limit. Before the sample's code runs,
-the child (this file run as a script) applies, to itself, limits the kernel enforces:
+Threat model. A study scores thousands of programs written by a model trained on arbitrary
+code, so every program is treated as hostile: it may try to leave its sandbox, harm the
+evaluator or other processes on the machine, or be counted as passing when its tests fail. It
+runs as the evaluator's user (root included) on a machine shared with other work.
 
-- resources: address space (`memory_mb`), CPU seconds, largest file written, no core dumps;
-- no new processes or threads: a seccomp filter fails fork/vfork/clone/clone3;
-- no network: the same filter fails socket() for every family but AF_UNIX, and io_uring;
-- no signals, ptrace or memory access aimed at other processes;
-- writes only beneath its working directory (Landlock), and no capabilities when run as root.
+What a program cannot do. Before its first line runs, the child (sandbox_runner.py, started as
+`python -S -s -B -P`, standard library only, in a new session) applies to itself what the kernel
+enforces from then on, then executes a fresh interpreter that never loads ctypes to run it:
+- seccomp, deny by default: an allow-list of the system calls CPython needs to run a program
+  (measured with strace; README), everything else failing with EPERM, so a program fails
+  cleanly. So no processes or threads, no sockets of any family, no signal except to itself
+  (kill, tkill and tgkill checked; rt_sigqueueinfo, rt_tgsigqueueinfo and pidfd_* refused), no
+  signal handlers, prlimit64 only with pid 0, nothing that traces, reads or re-limits another
+  process (ptrace, process_vm_*, kcmp, setpriority, ...), fcntl and ioctl only with the
+  commands CPython uses (not F_SETOWN, which sends SIGIO to a chosen process);
+- Landlock, where the kernel has it: files written, made or removed only beneath the sample's
+  own folder; files read only there, in the Python installation and system libraries (not
+  /proc, so no process's memory or environment, not /tmp or home folders); with ABI >= 4 no
+  TCP; with ABI >= 6 signals and abstract unix sockets scoped to the process. Without Landlock
+  a Python audit hook refuses writes outside the folder and reads of /proc (native code could
+  bypass it, but the guard below refuses native code); the evaluator says so once per run;
+- rlimits on CPU time, address space (MemoryError, status "memory"), file size and core
+  dumps; no capabilities; no_new_privs; death with the evaluator (PR_SET_PDEATHSIG); first
+  pick of the OOM killer (oom_score_adj 1000);
+- inherited from the evaluator: stdin, stdout and stderr only (stdin reads /dev/null), no
+  number in argv, an environment of PATH, HOME, TMPDIR (its folder), LANG and PYTHONHASHSEED=0.
 
-Where Landlock is missing (older kernels, or one that does not enable it) the write rule falls
-back to a Python audit hook, which native code could bypass; `sandbox_features()` says which
-applies. Linux on x86-64 or arm64 only: elsewhere code execution refuses to run. This contains
-the mistakes a language model makes (endless loops, fork bombs, huge outputs, stray file
-writes); it is not a security boundary against a determined attacker with a kernel exploit.
+What a program cannot forge. The evaluator sends each sample a fresh random nonce on stdin. The
+runner keeps it only inside an audit hook and writes it to stdout when, and only when, the
+runner's own frame reaches the line after the tests ran to their end; "passed" needs that nonce
+and exit status 0. The tests run with the builtins as they were before the program ran, so
+replacing `builtins.compile` or `exec` changes nothing; tracing (which can jump over asserts),
+gc introspection, ctypes, extra audit hooks, hand-built code objects, os.exec* and native
+code from outside the standard library are refused, so the program cannot read the nonce or skip its
+tests. Output is read up to a bound; the evaluator's memory stays flat whatever a program writes.
 
-A sample passes when its tests ran to the end: the child reports completion on a private pipe
-after the last assert, so `sys.exit(0)` or `os._exit(0)` inside a solution is a failure.
+What a program can still do: read what Landlock leaves readable (the standard library, system
+libraries), burn its own CPU time, memory and output up to the limits, fill its folder with
+files of up to the file-size limit each for as long as it runs (the folder goes after the
+sample), and print anything (results files keep the end of its output). Its tests run in its own interpreter, so it can
+make its asserts hold by rigging what they compare (an object equal to everything, a patched
+module a test calls, changing the test's namespace while it runs): such a program is visibly
+wrong in its source. Its interpreter's memory safety is CPython's: hand-made bytecode fed to
+`marshal.loads` (which the import system needs) or a memory-safety bug in CPython could reach
+the nonce. It is not a boundary against a kernel exploit. Linux on x86-64 or arm64 only (the
+allow-list was measured on x86-64; arm64 uses the same calls' numbers, and every evaluation run
+first checks that a known-good program passes). Python 3.10 to 3.13.
+
+Statuses (`ExecResult.status`): passed; failed (an assert or error, or the program exited
+before its tests ended); timeout (wall clock or CPU); memory (MemoryError, or killed by the OOM
+killer); output_limit; killed(SIGNAL) (any other death by signal, e.g. a segfault or its own
+SIGKILL); sandbox_error (the sandbox could not run it: the evaluator is out of file descriptors,
+containment failed, ...).
+
+Temporary folders: one folder per evaluation run (process), <tmp>/megatron_code_sandbox-<uid>/
+run-*, locked while its process lives and removed at its exit; every run first removes the
+folders of runs whose process is gone, even one killed with SIGKILL. Each sample's folder is
+removed after the sample.
 """
 from __future__ import annotations
 
-import ctypes
-import json
+import atexit
+import fcntl
 import os
-import platform
-import resource
+import secrets
 import selectors
+import shutil
 import signal
-import struct
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_code.evaluation import sandbox_runner as runner
+from megatron_code.evaluation.sandbox_runner import landlock_abi
+
+__all__ = ["ExecResult", "Limits", "SandboxUnavailable", "landlock_abi", "run_python", "sandbox_features"]
 
 
 class SandboxUnavailable(RuntimeError):
-    """Code cannot be executed safely on this platform; the message says why."""
+    """Code cannot be executed safely here; the message says why."""
 
 
 @dataclass(frozen=True)
 class Limits:
     seconds: float = 5.0
     """Wall-clock limit on running the sample (interpreter start-up excluded); CPU time is
-    limited to the same (rounded up)."""
+    limited to the same, rounded up, plus one second."""
     memory_mb: int = 512
     """Address-space limit of the child (Python itself needs about 30 MB)."""
     output_bytes: int = 16_384
-    """Output kept; a sample that prints more is stopped and fails."""
+    """Output kept; a sample that prints more is stopped (status output_limit)."""
     file_bytes: int = 1 << 20
-    """Largest file the sample may write in its directory."""
+    """Largest file the sample may write in its folder."""
 
 
 @dataclass(frozen=True)
 class ExecResult:
     status: str
-    """passed | failed (an assert or error) | exited (left before its tests ended) | timeout |
-    output_limit."""
+    """passed | failed | timeout | memory | output_limit | killed(SIGNAL) | sandbox_error (the
+    module docstring says when)."""
     output: str
-    """stdout and stderr, interleaved, cut at the output limit."""
+    """stdout and stderr, interleaved, cut at the output limit; for sandbox_error, why."""
     seconds: float
 
     @property
@@ -68,250 +114,265 @@ class ExecResult:
         return self.status == "passed"
 
 
-_STARTED, _DONE = b"contained\n", b"tests completed\n"
-"""What the child reports on its private pipe: limits in place (the clock starts), tests done."""
 _STARTUP_SECONDS = 60.0
 """Allowance for starting the interpreter, which does not count against the sample's limit."""
-_EXITED = 3
-"""The child's exit code when the solution raised SystemExit before its tests ran."""
-
-# Per architecture: the audit arch id and the syscall numbers the filter needs.
-_ARCHES = {
-    "x86_64": dict(audit=0xC000003E, fork=57, vfork=58, clone=56, clone3=435, socket=41, kill=62, tkill=200,
-                   tgkill=234, ptrace=101, process_vm_readv=310, process_vm_writev=311, pidfd_open=434,
-                   pidfd_send_signal=424, pidfd_getfd=438, io_uring_setup=425, capset=126),
-    "aarch64": dict(audit=0xC00000B7, clone=220, clone3=435, socket=198, kill=129, tkill=130, tgkill=131,
-                    ptrace=117, process_vm_readv=270, process_vm_writev=271, pidfd_open=434,
-                    pidfd_send_signal=424, pidfd_getfd=438, io_uring_setup=425, capset=91),
-}
-_LANDLOCK_CREATE_RULESET, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT_SELF = 444, 445, 446  # same on both
-
-
-def _arch() -> dict:
-    machine = platform.machine()
-    arch = _ARCHES.get({"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine))
-    if sys.platform != "linux" or arch is None:
-        raise SandboxUnavailable(f"running generated code needs Linux on x86_64 or aarch64 (seccomp); "
-                                 f"this is {sys.platform} {machine}")
-    return arch
-
-
-def _libc():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    return libc
-
-
-def _check(result: int, what: str) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return result
-
-
-def landlock_abi() -> int:
-    """The kernel's Landlock ABI version, 0 when it has none."""
-    if sys.platform != "linux":
-        return 0
-    return max(0, _libc().syscall(_LANDLOCK_CREATE_RULESET, None, 0, 1))  # flag 1: ask the version
+_NONCE_BYTES = 16
+_SELF_TEST = ("import bisect, collections, datetime, decimal, fractions, functools, heapq, itertools, json, math\n"
+              "import random, re, string, typing, dataclasses\n"
+              "def f(xs):\n    return sorted(collections.Counter(xs).elements())\n",
+              "assert f([2, 1, 2]) == [1, 2, 2] and math.gcd(12, 18) == 6\n")
+"""A known-good program each evaluation run checks first: a missing system call in the allow-list
+(another kernel, libc or architecture) would otherwise fail every sample silently."""
 
 
 def sandbox_features() -> dict:
-    """What contains a sample on this machine (recorded with code-execution results)."""
-    _arch()
-    return {"seccomp": "no processes, threads or network sockets",
-            "writes": "landlock" if landlock_abi() else "python audit hook (no Landlock in this kernel)"}
-
-
-# ------------------------------------------------------------------------------------ parent side
+    """What contains a sample on this machine (recorded with code-execution results). The first
+    call in a process prepares its evaluation run: raises SandboxUnavailable where code cannot
+    run contained, says once when Landlock is missing or old, and checks that a known-good
+    program passes."""
+    return _evaluation_run().features
 
 
 def run_python(source: str, tests: str, limits: Limits = Limits()) -> ExecResult:
-    """Run `source`, then `tests`, in a contained child (see the module docstring)."""
-    _arch()
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="megatron_code_exec_", ignore_cleanup_errors=True) as workdir:
-        with open(os.path.join(workdir, "solution.py"), "w") as f:
-            f.write(source)
-        with open(os.path.join(workdir, "tests.py"), "w") as f:
-            f.write(tests)
-        done_read, done_write = os.pipe()
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), workdir, json.dumps(asdict(limits)),
-                 str(done_write)],
-                cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True, pass_fds=(done_write,))
-        finally:
-            os.close(done_write)
-        try:
-            output, status = _collect(proc, done_read, limits)
-        finally:
-            _kill_group(proc)
-            proc.stdout.close()
-            os.close(done_read)
-    return ExecResult(status, output.decode("utf-8", "replace"), time.perf_counter() - started)
+    """Run `source` as the module `solution`, then `tests` in its namespace, in a contained child
+    (see the module docstring)."""
+    return _evaluation_run().execute(source, tests, limits)
 
 
-def _collect(proc: subprocess.Popen, done_fd: int, limits: Limits) -> tuple[bytes, str]:
-    """Read output and the completion pipe until the child exits or breaks a limit."""
+# ---------------------------------------------------------------------------- the evaluation run
+
+_run: _EvaluationRun | None = None
+_run_lock = threading.Lock()
+
+
+def _evaluation_run() -> _EvaluationRun:
+    global _run
+    with _run_lock:
+        if _run is None or _run.pid != os.getpid():  # a forked child makes its own
+            _run = _EvaluationRun()
+        return _run
+
+
+class _EvaluationRun:
+    """This process's folder for samples, locked while it lives; what contains a sample here."""
+
+    def __init__(self):
+        try:
+            runner.arch()
+        except OSError as e:
+            raise SandboxUnavailable(str(e)) from None
+        self.pid = os.getpid()
+        base = Path(tempfile.gettempdir()) / f"megatron_code_sandbox-{os.getuid()}"
+        base.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(base)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise SandboxUnavailable(f"{base} is not a folder of this user's; remove it")
+        self.folder = Path(tempfile.mkdtemp(prefix="run-", dir=base))
+        self._lock = os.open(self.folder / "lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        atexit.register(self.close)
+        _remove_stale_runs(base, self.folder)
+        abi = landlock_abi()
+        self.features = {
+            "seccomp": f"allow-list of {len(runner.ALLOWED)} system calls and {len(runner._checked_calls(0))} checked "
+                       "by argument, EPERM otherwise: no processes, threads or sockets; signals and limits only for "
+                       "the program itself",
+            "landlock": (f"ABI {abi}: writes only in the sample's folder, reads only there, in the Python "
+                         "installation and system libraries"
+                         + (", no TCP" if abi >= 4 else "")
+                         + ("; signals and abstract unix sockets scoped" if abi >= 6 else "")) if abi
+            else "none: writes and /proc reads guarded by a Python audit hook",
+            "verdict": "a per-sample nonce the runner writes after the last assert",
+        }
+        if abi < 6:
+            print("sandbox: " + ("this kernel has no Landlock: a Python audit hook alone keeps writes in a sample's "
+                                 "folder and /proc unread" if abi == 0 else
+                                 f"Landlock ABI {abi} < 6: signals and abstract unix sockets are refused by "
+                                 "seccomp alone"), file=sys.stderr)
+        check = self.execute(*_SELF_TEST, Limits(seconds=30.0))
+        if not check.passed:
+            raise SandboxUnavailable(f"the sandbox's self-test program did not pass here ({check.status}): "
+                                     f"{check.output.strip()[-500:]}")
+
+    def close(self) -> None:
+        """Remove this run's folder (at exit; a forked child leaves it to its parent)."""
+        if os.getpid() == self.pid and self._lock is not None:
+            _remove(self.folder)
+            os.close(self._lock)
+            self._lock = None
+
+    def execute(self, source: str, tests: str, limits: Limits) -> ExecResult:
+        started = time.perf_counter()
+        try:
+            workdir = tempfile.mkdtemp(prefix="sample-", dir=self.folder)
+        except OSError as e:
+            return ExecResult("sandbox_error", f"sandbox: cannot make the sample's folder: {e}",
+                              time.perf_counter() - started)
+        try:
+            status, output = _run_sample(workdir, source, tests, limits)
+        finally:
+            _remove(workdir)
+        return ExecResult(status, output, time.perf_counter() - started)
+
+
+def _remove_stale_runs(base: Path, keep: Path) -> None:
+    """Remove the run folders under `base` whose process is gone (its lock is free)."""
+    for entry in base.iterdir():
+        if entry == keep:
+            continue
+        try:
+            fd = os.open(entry / "lock", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:  # its process died before locking it, or is about to lock it
+            if time.time() - entry.lstat().st_mtime > 60:
+                _remove(entry)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its evaluator is alive
+        finally:
+            os.close(fd)
+        _remove(entry)
+
+
+def _remove(path: str | Path) -> None:
+    """Remove a folder a sample may have filled with anything, read-only folders included."""
+    def unlock(folder: str) -> None:
+        os.chmod(folder, 0o700)
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    unlock(entry.path)
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        try:
+            unlock(str(path))
+        except OSError:
+            pass
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ one sample
+
+
+def _run_sample(workdir: str, source: str, tests: str, limits: Limits) -> tuple[str, str]:
+    """(status, output) of one program in `workdir`."""
+    nonce = secrets.token_hex(_NONCE_BYTES).encode() + b"\n"
+    solution = source.encode()
+    job = nonce + f"{len(solution)}\n".encode() + solution + tests.encode()
+    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
+    oom_kills = _oom_kills()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, *runner.INTERPRETER_FLAGS, runner.__file__, runner.CONTAIN, str(os.getpid()),
+             repr(limits.seconds), str(limits.memory_mb), str(limits.file_bytes)],
+            cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    except OSError as e:
+        return "sandbox_error", f"sandbox: cannot start the interpreter: {e}"
+    try:
+        output, stopped = _collect(proc, job, len(runner.READY) + limits.output_bytes + len(nonce), limits.seconds)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the child leads its own session and cannot fork
+        except ProcessLookupError:
+            pass
+        _, wait_status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(wait_status)  # reaped here, for its resource usage
+        proc.stdin.close()
+        proc.stdout.close()
+    if not output.startswith(runner.READY):
+        why = "did not start within the start-up allowance" if stopped else f"exited with {proc.returncode}"
+        return "sandbox_error", f"sandbox: the contained interpreter {why}: {output.decode('utf-8', 'replace')}"
+    output = output[len(runner.READY):]
+    finished = nonce in output
+    output = output.replace(nonce, b"", 1)
+    if stopped:
+        status = stopped
+    elif len(output) > limits.output_bytes:
+        status = "output_limit"
+    elif os.WIFSIGNALED(wait_status):
+        sig = os.WTERMSIG(wait_status)
+        cpu = usage.ru_utime + usage.ru_stime
+        if sig == signal.SIGXCPU or sig == signal.SIGKILL and cpu >= int(limits.seconds) + 1:
+            status = "timeout"
+        elif sig == signal.SIGKILL and oom_kills is not None and (_oom_kills() or 0) > oom_kills:
+            status = "memory"
+        else:
+            status = f"killed({signal.Signals(sig).name})"
+    elif proc.returncode == 0 and finished:
+        status = "passed"
+    else:
+        status = "memory" if proc.returncode == runner.MEMORY_EXIT else "failed"
+    return status, output[: limits.output_bytes].decode("utf-8", "replace")
+
+
+def _collect(proc: subprocess.Popen, job: bytes, budget: int, seconds: float) -> tuple[bytes, str | None]:
+    """Write the job, read at most `budget` bytes of output until the child has exited (it is not
+    reaped), or stop it: (output, None | "timeout" | "output_limit"). The sample's clock starts
+    when the runner says it is contained."""
+    output, pending, stopped = bytearray(), memoryview(job), None
     deadline = time.monotonic() + _STARTUP_SECONDS
-    output, done, status = bytearray(), bytearray(), None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ, "out")
-        sel.register(done_fd, selectors.EVENT_READ, "done")
-        while sel.get_map() and status is None:
+    started = eof = exited = False
+    os.set_blocking(proc.stdin.fileno(), False)
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # Linux < 5.3: poll for the exit
+        pidfd = None
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ, "output")
+        selector.register(proc.stdin, selectors.EVENT_WRITE, "job")
+        if pidfd is not None:
+            selector.register(pidfd, selectors.EVENT_READ, "exit")
+        while not (eof and exited) and stopped is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                status = "timeout"
+                stopped = "timeout"
                 break
-            for key, _ in sel.select(timeout=remaining):
-                chunk = os.read(key.fd, 65536)
-                if not chunk:
-                    sel.unregister(key.fileobj)
-                elif key.data == "done":
-                    if not done:  # the sample starts now
-                        deadline = time.monotonic() + limits.seconds
-                    done += chunk
+            if pidfd is None and eof:
+                exited = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+                remaining = min(remaining, 0.01)
+            for key, _ in selector.select(timeout=remaining):
+                if key.data == "exit":
+                    exited = True
+                    selector.unregister(key.fileobj)
+                elif key.data == "job":
+                    try:
+                        pending = pending[os.write(proc.stdin.fileno(), pending[:1 << 16]):]
+                    except BrokenPipeError:
+                        pending = pending[:0]
+                    if not pending:
+                        selector.unregister(proc.stdin)
+                        proc.stdin.close()
                 else:
+                    chunk = os.read(proc.stdout.fileno(), 1 << 16)
+                    if not chunk:
+                        eof = True
+                        selector.unregister(proc.stdout)
+                        continue
                     output += chunk
-                    if len(output) > limits.output_bytes:
-                        status = "output_limit"
-    if status is None:
-        try:
-            code = proc.wait(timeout=max(0.0, deadline - time.monotonic()) + 0.5)
-        except subprocess.TimeoutExpired:
-            status = "timeout"
-        else:
-            cpu_killed = code in (-signal.SIGXCPU, -signal.SIGKILL)
-            finished = bytes(done) == _STARTED + _DONE
-            status = ("passed" if code == 0 and finished else "timeout" if cpu_killed
-                      else "exited" if code in (0, _EXITED) and not finished else "failed")
-    return bytes(output[: limits.output_bytes]), status
+                    if not started and output.startswith(runner.READY):
+                        started = True
+                        deadline = time.monotonic() + seconds
+                    if len(output) > budget:
+                        stopped = "output_limit"
+    if pidfd is not None:
+        os.close(pidfd)
+    return bytes(output[:budget + 1]), stopped
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _oom_kills() -> int | None:
+    """The kernel's count of OOM kills so far (/proc/vmstat), None where it cannot be read."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the child leads its own session and cannot fork
-    except ProcessLookupError:
+        with open("/proc/vmstat", "rb") as f:
+            for line in f:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except OSError:
         pass
-    proc.wait()
-
-
-# ------------------------------------------------------------------------------------- child side
-
-
-def _set_rlimits(limits: Limits) -> None:
-    cpu = int(limits.seconds) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-    memory = limits.memory_mb << 20
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))  # not enforced for root; the filter is
-
-
-def _restrict_writes(libc, workdir: str) -> bool:
-    """Landlock: file-system changes only beneath `workdir` (and writes to /dev/null)."""
-    abi = landlock_abi()
-    if abi == 0:
-        return False
-    write_file, truncate = 1 << 1, 1 << 14
-    handled = write_file | sum(1 << b for b in range(4, 13))  # remove and make files, dirs, links, ...
-    handled |= (1 << 13 if abi >= 2 else 0) | (truncate if abi >= 3 else 0)  # refer, truncate
-    ruleset = _check(libc.syscall(_LANDLOCK_CREATE_RULESET, ctypes.byref(ctypes.c_uint64(handled)), 8, 0),
-                     "landlock_create_ruleset")
-    for path, allowed in ((workdir, handled), (os.devnull, handled & (write_file | truncate))):
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-        rule = struct.pack("=Qi", allowed, fd)  # landlock_path_beneath_attr (packed)
-        _check(libc.syscall(_LANDLOCK_ADD_RULE, ruleset, 1, ctypes.c_char_p(rule), 0), f"landlock_add_rule {path}")
-        os.close(fd)
-    _check(libc.syscall(_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
-    os.close(ruleset)
-    return True
-
-
-def _audit_writes(workdir: str):
-    """Fallback without Landlock: refuse Python-level writes outside `workdir`."""
-    root = os.path.realpath(workdir) + os.sep
-    changes = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.symlink", "os.link", "os.chmod",
-               "os.truncate", "shutil.rmtree", "os.utime", "os.chown"}
-
-    def inside(path) -> bool:
-        return isinstance(path, (str, bytes)) and os.path.realpath(os.fsdecode(path)).startswith(root)
-
-    def hook(event, args):
-        writes = event == "open" and (args[1] is None or any(c in str(args[1]) for c in "wax+")
-                                      or isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR))
-        if (writes or event in changes) and args and not isinstance(args[0], int) and not inside(args[0]) \
-                and os.fsdecode(args[0]) != os.devnull:
-            raise PermissionError(f"sandbox: {event} outside the working directory: {args[0]!r}")
-    return hook
-
-
-def _drop_capabilities(libc, arch: dict) -> None:
-    header = struct.pack("=Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
-    _check(libc.syscall(arch["capset"], ctypes.c_char_p(header), ctypes.c_char_p(bytes(24))), "capset")
-
-
-def _seccomp_filter(arch: dict, pid: int) -> bytes:
-    """A classic-BPF program over seccomp_data: fail process creation, non-unix sockets and
-    anything aimed at another process; allow the rest."""
-    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
-    allow, kill = 0x7FFF0000, 0x80000000
-
-    def errno(e: int) -> int:
-        return 0x00050000 | e
-
-    prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch["audit"]), (ret, 0, 0, kill), (ld, 0, 0, 0)]
-    if arch["audit"] == _ARCHES["x86_64"]["audit"]:
-        prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, errno(38))]  # x32 calls: ENOSYS
-    fails = {"fork": 11, "vfork": 11, "clone": 11, "clone3": 38, "ptrace": 1, "process_vm_readv": 1,
-             "process_vm_writev": 1, "pidfd_open": 1, "pidfd_send_signal": 1, "pidfd_getfd": 1,
-             "io_uring_setup": 1}  # EAGAIN, or ENOSYS so libc falls back to clone, or EPERM
-    for name, err in fails.items():
-        if name in arch:
-            prog += [(jeq, 0, 1, arch[name]), (ret, 0, 0, errno(err))]
-    for name, allowed_arg, err in (("socket", 1, 97), ("kill", pid, 1), ("tkill", pid, 1), ("tgkill", pid, 1)):
-        # first argument (low 32 bits): AF_UNIX for socket (else EAFNOSUPPORT), this process for signals
-        prog += [(jeq, 0, 4, arch[name]), (ld, 0, 0, 16), (jeq, 0, 1, allowed_arg), (ret, 0, 0, allow),
-                 (ret, 0, 0, errno(err))]
-    prog.append((ret, 0, 0, allow))
-    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
-
-
-def _install_seccomp(libc, arch: dict) -> None:
-    code = _seccomp_filter(arch, os.getpid())
-    buffer = ctypes.create_string_buffer(code, len(code))
-    fprog = struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(buffer))  # struct sock_fprog
-    pr_set_seccomp, seccomp_mode_filter = 22, 2
-    fprog_buffer = ctypes.create_string_buffer(fprog, len(fprog))
-    _check(libc.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.addressof(fprog_buffer), 0, 0), "seccomp")
-
-
-def _child_main(workdir: str, limits: Limits, done_fd: int) -> None:
-    arch, libc = _arch(), _libc()
-    os.chdir(workdir)
-    sources = [(name, open(name).read()) for name in ("solution.py", "tests.py")]
-    _set_rlimits(limits)
-    pr_set_no_new_privs = 38
-    _check(libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0), "no_new_privs")
-    if not _restrict_writes(libc, workdir):
-        sys.addaudithook(_audit_writes(workdir))
-    _drop_capabilities(libc, arch)
-    _install_seccomp(libc, arch)
-    del libc
-    os.write(done_fd, _STARTED)
-    namespace = {"__name__": "__main__"}
-    for name, source in sources:
-        try:
-            exec(compile(source, name, "exec"), namespace)
-        except SystemExit:  # a solution that exits has not run its tests
-            os._exit(_EXITED)
-    os.write(done_fd, _DONE)
-
-
-if __name__ == "__main__":
-    _child_main(sys.argv[1], Limits(**json.loads(sys.argv[2])), int(sys.argv[3]))
+    return None

@@ -16,48 +16,23 @@ Code generation (greedy completion of the prompt, scored by pass@1 and BLEU):
   is what BLEU compares the completion with.
 
 Any item may carry an "id" (default: its line number) and a "family"; other fields are ignored.
-`write_builtin_tasks` writes the project's own tasks (synthetic.py); `convert_mbpp` turns a
+`write_builtin_tasks` writes the project's own tasks (data/synthetic.py); `convert_mbpp` turns a
 local MBPP file (fields text, code, test_list) into a code task.
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from megatron_code.data.corpus import write_jsonl
+from megatron_code.data.synthetic import EVAL_SEED, EVAL_SIZES, ChoiceItem, CodeItem, generate
 
 MULTIPLE_CHOICE, CODE = "multiple_choice", "code"
 
 
 class TaskError(ValueError):
     """A task file that cannot be used; the message names the file, line and field."""
-
-
-@dataclass(frozen=True)
-class ChoiceItem:
-    id: str
-    question: str
-    options: tuple[str, ...]
-    answer: int
-    family: str = ""
-    """The generator form that made it (synthetic.py), if any."""
-
-    def to_json(self) -> dict:
-        return {"id": self.id, "question": self.question, "options": list(self.options), "answer": self.answer,
-                **({"family": self.family} if self.family else {})}
-
-
-@dataclass(frozen=True)
-class CodeItem:
-    id: str
-    prompt: str
-    tests: tuple[str, ...]
-    reference: str
-    family: str = ""
-
-    def to_json(self) -> dict:
-        return {"id": self.id, "prompt": self.prompt, "tests": list(self.tests), "reference": self.reference,
-                **({"family": self.family} if self.family else {})}
 
 
 @dataclass(frozen=True)
@@ -139,23 +114,9 @@ def load_eval_tasks(paths: list[str]) -> list[Task]:
     return tasks
 
 
-def write_jsonl(path: str | Path, records) -> Path:
-    """Write records as JSONL under a temporary name, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def write_builtin_tasks(out_dir: str | Path, scale: int = 1) -> list[Path]:
     """The project's own tasks (arithmetic, logic, python_functions) from the eval split,
     `scale` times the default sizes; the same files for the same arguments."""
-    from megatron_code.evaluation.synthetic import EVAL_SEED, EVAL_SIZES, generate
-
     return [write_jsonl(Path(out_dir) / f"{name}.jsonl",
                         (item.to_json() for item in generate(name, size * scale, EVAL_SEED, "eval")))
             for name, size in EVAL_SIZES.items()]

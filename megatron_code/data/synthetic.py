@@ -1,7 +1,9 @@
 """Reasoning items the project writes itself: arithmetic and logic multiple choice, and tiny
-Python functions with asserts, as task items (tasks.py). Deterministic, offline, and made for
-two users: the evaluation task files (`tasks.write_builtin_tasks`) and instruction-tuning data,
-which must never contain an evaluation item.
+Python functions with asserts; and the two item types every task file holds (ChoiceItem,
+CodeItem; evaluation/tasks.py reads and writes them). Deterministic, offline, and made for two
+users: the evaluation task files (`evaluation.tasks.write_builtin_tasks`) and instruction-tuning
+data (data/instructions.py), which must never contain an evaluation item. Both import this
+module; it imports neither.
 
 How disjointness is kept: every item's id is a key naming what it asks, independent of wording
 details that do not change the problem (the expression with commutative operands sorted; the
@@ -10,7 +12,7 @@ eight to "eval" and the rest to "train" by a hash, and every generator keeps onl
 the split it is asked for. So the two sets are disjoint for any seeds either side uses; seeds
 only choose which items of a split are drawn.
 
-    from megatron_code.evaluation.synthetic import generate
+    from megatron_code.data.synthetic import generate
     items = generate("arithmetic", n=1000, seed=7, split="train")   # for instruction data
 """
 from __future__ import annotations
@@ -18,8 +20,35 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
-from megatron_code.evaluation.tasks import ChoiceItem, CodeItem
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    id: str
+    question: str
+    options: tuple[str, ...]
+    answer: int
+    family: str = ""
+    """The generator form that made it, if any."""
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "question": self.question, "options": list(self.options), "answer": self.answer,
+                **({"family": self.family} if self.family else {})}
+
+
+@dataclass(frozen=True)
+class CodeItem:
+    id: str
+    prompt: str
+    tests: tuple[str, ...]
+    reference: str
+    family: str = ""
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "prompt": self.prompt, "tests": list(self.tests), "reference": self.reference,
+                **({"family": self.family} if self.family else {})}
+
 
 SPLITS = ("eval", "train")
 EVAL_SHARE = 8
