@@ -79,27 +79,40 @@ def test_weights_changed_on_resume_apply_from_the_change(tiny_corpus, tiny_index
     assert [p["start"] for p in state["schedule"]] == [0, 10]
 
 
-def test_schedule_file_edits_apply_live_and_past_edits_are_rejected(tiny_corpus, tiny_indexed, tmp_path):
+def test_schedule_file_edits_apply_from_the_next_step_and_a_rejection_is_logged_once(tiny_corpus, tiny_indexed,
+                                                                                       tmp_path):
+    """The file is checked before every step: a phase added for the very next step applies there
+    (the loader's batches drawn ahead are replaced); an edit of trained steps is rejected once,
+    naming the trained steps it would change and the step the run is at, and both verdicts come
+    as events of the step they apply from."""
     schedule = tmp_path / "schedule.yaml"
     schedule.write_text("- {start: 0, weights: {text: 1, code: 1}}\n")
     logs = []
-    args = (f"--data.schedule_file={schedule}", "--data.schedule_reload_interval=4", "--data.prefetch=2")
-    live = make(tiny_corpus, tiny_indexed, tmp_path, *args, log=logs.append)
+    live = make(tiny_corpus, tiny_indexed, tmp_path, f"--data.schedule_file={schedule}", "--data.prefetch=2",
+                log=logs.append)
     head = draw(live, 5)  # the loader has built batches ahead: the edit must replace them
-    schedule.write_text("- {start: 0, weights: {text: 1, code: 1}}\n- {start: 6, weights: {code: 1}}\n")
-    middle = draw(live, 5)  # re-read at step 8: too late for a phase starting at 6
-    assert any("step 8: schedule edit rejected" in line and "rewrites steps 6..7" in line for line in logs)
-    schedule.write_text("- {start: 0, weights: {text: 1, code: 1}}\n- {start: 12, weights: {code: 1}}\n")
-    tail = draw(live, 6)  # steps 10..15: re-read at step 12, applies from step 12
-    assert [sorted({s for s, _ in step}) for step in tail] == [[0, 1]] * 2 + [[1]] * 4
+    schedule.write_text("- {start: 0, weights: {text: 1, code: 1}}\n- {start: 5, weights: {code: 1}}\n")
+    batch = live.next_step()
+    assert {int(s) for b in batch.micro_batches for s in b["source"]} == {1}
+    assert [(e["step"], e["verdict"]) for e in batch.events] == [(5, "accepted")]
+    assert "+phase 1: from step 5: code 1.000" in batch.events[0]["diff"]
+    middle = [[(int(s), tuple(t.tolist())) for b in batch.micro_batches for s, t in zip(b["source"], b["tokens"])]]
+    middle += draw(live, 2)
+    schedule.write_text("- {start: 0, weights: {text: 1, code: 3}}\n- {start: 5, weights: {code: 1}}\n")
+    batches = [live.next_step() for _ in range(6)]
+    rejected = [line for line in logs if "rejected" in line]
+    assert len(rejected) == 1 and rejected[0].startswith("step 8: edit of data.schedule_file=")
+    assert "it would rewrite trained steps 0..4: steps 0..4 were trained as [from step 0: text 0.500, code 0.500]" \
+        in rejected[0] and "Phases may change only from the step the run is at when the file is saved" in rejected[0]
+    assert [[(e["step"], e["verdict"]) for e in b.events] for b in batches] == [[(8, "rejected")]] + [[]] * 5
+    assert all({int(s) for b in batch.micro_batches for s in b["source"]} == {1} for batch in batches)
     live.close()
-    # the same as a run that had the final schedule from the start, since only the future changed
+    # the same as a run that had the accepted schedule from the start, since only the future changed
     planned = tmp_path / "planned.yaml"
-    planned.write_text(schedule.read_text())
-    assert head + middle + tail == draw(make(tiny_corpus, tiny_indexed, tmp_path, f"--data.schedule_file={planned}",
-                                             "--data.prefetch=0"), 16)
-    history = live.state_dict()["changes"]
-    assert [c["step"] for c in history] == [12]
+    planned.write_text("- {start: 0, weights: {text: 1, code: 1}}\n- {start: 5, weights: {code: 1}}\n")
+    assert head + middle == draw(make(tiny_corpus, tiny_indexed, tmp_path, f"--data.schedule_file={planned}",
+                                      "--data.prefetch=0"), 8)
+    assert [c["step"] for c in live.state_dict()["changes"]] == [5]
 
 
 def test_epochs_reshuffle_and_serve_every_sample_once(tiny_corpus, tiny_indexed, tmp_path):
@@ -237,9 +250,10 @@ def test_a_source_of_several_files_draws_each_by_weight_in_its_own_order(tiny_co
     assert any(f"note: data source 'code' file {code_shards['small']} will be read about" in line for line in logs)
     state = pipeline.state_dict()  # reports and positions stay keyed by the source
     assert state["sampler"]["positions"] == {"text": 64, "code": 256} and set(state["tokens"]) == {"text", "code"}
-    assert state["files"] == {"code": {"positions": {code_shards["large"]: 192, code_shards["small"]: 64}, "phase": 0,
-                                       "phase_samples": 256,
-                                       "counts": {code_shards["large"]: 192, code_shards["small"]: 64}}}
+    files = {k: v for k, v in state["files"]["code"].items() if k in ("positions", "phase", "phase_samples", "counts")}
+    assert set(state["files"]) == {"code"} and files == {
+        "positions": {code_shards["large"]: 192, code_shards["small"]: 64}, "phase": 0, "phase_samples": 256,
+        "counts": {code_shards["large"]: 192, code_shards["small"]: 64}}
     with pytest.raises(DataError, match=rf"data source 'code' file {code_shards['small']}: the schedule asks for up to"):
         make(tiny_corpus, shards(tiny_indexed, code_shards), tmp_path, SHARDS_SCHEDULE, "--data.allow_repeat=false",
              weights=(1, 1))
@@ -307,8 +321,7 @@ def _draw_on_rank(rank, world_size, tokenizer, prefixes, out_dir, schedule_file)
     sources = ", ".join(f"{{name: {n}, prefix: '{p}'}}" for n, p in prefixes.items())
     config = load_config(None, [f"--data.sources=[{sources}]", f"--data.tokenizer={tokenizer}", "--data.seq_length=32",
                                 "--data.split=80,20,0", "--train.micro_batch_size=2", "--train.global_batch_size=8",
-                                "--train.steps=40", f"--train.output_dir={out_dir}", f"--data.schedule_file={mine}",
-                                "--data.schedule_reload_interval=4"])
+                                "--train.steps=40", f"--train.output_dir={out_dir}", f"--data.schedule_file={mine}"])
     pipeline = DataPipeline(config, load_tokenizer(tokenizer), dp_rank=rank, dp_size=world_size, log=lambda _: None)
     head = draw(pipeline, 6)
     if rank == 0:
