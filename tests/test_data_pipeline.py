@@ -9,7 +9,7 @@ import torch
 
 from megatron_code.config import ConfigError, load_config
 from megatron_code.data.errors import DataError
-from megatron_code.data.pipeline import DataPipeline
+from megatron_code.data.pipeline import DataPipeline, check_resumable
 from megatron_code.data.tokenizer import load_tokenizer
 
 
@@ -20,12 +20,16 @@ def source_yaml(name, prefix, weight) -> str:
     return f"{{name: {name}, prefix: {files}, weight: {weight}}}"
 
 
-def make(tiny_corpus, prefixes, tmp_path, *extra, weights=(2, 1), log=None, **kwargs):
+def pipeline_config(tiny_corpus, prefixes, tmp_path, *extra, weights=(2, 1)):
     sources = ", ".join(source_yaml(n, p, w) for (n, p), w in zip(prefixes.items(), weights))
-    config = load_config(None, [f"--data.sources=[{sources}]", f"--data.tokenizer={tiny_corpus.tokenizer}",
-                                "--data.seq_length=32", "--data.split=80,20,0", "--train.micro_batch_size=4",
-                                "--train.global_batch_size=8", "--train.steps=40", "--train.eval_batches=2",
-                                f"--train.output_dir={tmp_path}", *extra])
+    return load_config(None, [f"--data.sources=[{sources}]", f"--data.tokenizer={tiny_corpus.tokenizer}",
+                              "--data.seq_length=32", "--data.split=80,20,0", "--train.micro_batch_size=4",
+                              "--train.global_batch_size=8", "--train.steps=40", "--train.eval_batches=2",
+                              f"--train.output_dir={tmp_path}", *extra])
+
+
+def make(tiny_corpus, prefixes, tmp_path, *extra, weights=(2, 1), log=None, **kwargs):
+    config = pipeline_config(tiny_corpus, prefixes, tmp_path, *extra, weights=weights)
     return DataPipeline(config, load_tokenizer(config.data.tokenizer), log=log or (lambda _: None), **kwargs)
 
 
@@ -197,10 +201,73 @@ def test_rebuilt_dataset_gets_new_indices_and_stops_a_resume(tiny_corpus, tiny_i
      r"data.schedule\[2\].start \(step 10\) must come after data.schedule\[1\].start \(step 20\)"),
     ("--data.schedule=[{start: 0, weights: {web: 1}}]", r"data.schedule\[0\].weights.web: unknown source"),
     ("--data.schedule=cooldown(share=2)", r"cooldown has no option 'share'"),
+    ("--data.schedule=[{start: 0, weights: {text: 1}}, {start: 40, weights: {code: 1}}]",
+     r"data.schedule\[1\].start is step 40, at or after the end of the run \(train.steps=40\)"),
+    ("--data.schedule=[{start: 0, weights: {text: 1}}, {start: 30, weights: {code: 1}, ramp: 40}]",
+     r"data.schedule\[1\].ramp of 40 steps from step 30 ends at step 70, after the run ends"),
+    ("--data.mix_by=examples", r"data.mix_by=examples counts instruction examples: it needs train.stage=sft"),
 ])
 def test_bad_schedules_name_the_field(tiny_corpus, tiny_indexed, tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         make(tiny_corpus, tiny_indexed, tmp_path, extra)
+
+
+def test_a_malformed_schedule_file_stops_the_start_with_one_line(tiny_corpus, tiny_indexed, tmp_path):
+    bad = tmp_path / "schedule.yaml"
+    bad.write_text("- {start: 0, weights: {text: 1}\n")
+    with pytest.raises(ConfigError) as error:
+        make(tiny_corpus, tiny_indexed, tmp_path, f"--data.schedule_file={bad}")
+    assert f"{bad}:2:1: invalid YAML in data.schedule_file: expected ',' or '}}', but got '<stream end>'" \
+        in str(error.value) and len(str(error.value).splitlines()) == 1
+
+
+def test_a_resume_whose_schedule_rewrites_trained_steps_stops_before_any_work(tiny_corpus, tiny_indexed, tmp_path):
+    """stepwise_increase trained to step 25, resumed with stepwise_decrease: one line naming the
+    trained steps it would change and the two ways on, from the checkpoint's state alone (no
+    dataset built); data.schedule_source=checkpoint goes on with the trained schedule."""
+    first = make(tiny_corpus, tiny_indexed, tmp_path, "--data.schedule=stepwise_increase", "--data.prefetch=0")
+    draw(first, 25)
+    state = json.loads(json.dumps(first.state_dict()))
+    tail = draw(first, 15)
+    decrease = ["--data.schedule=stepwise_decrease"]
+    config = pipeline_config(tiny_corpus, tiny_indexed, tmp_path, *decrease)
+    message = (r"^data.schedule disagrees with the checkpoint \(step 25\) on trained steps 0\.\.24: steps 0\.\.24 were "
+               r"trained as \[from step 0: text 0\.700, code 0\.300\], the new schedule makes them \[from step 0: text "
+               r"0\.500, code 0\.500\] \(its phase 0\)\. Either change only phases from step 25 on, or set "
+               r"data.schedule_source=checkpoint to go on with the checkpoint's schedule$")
+    with pytest.raises(DataError, match=message):
+        check_resumable(state, config, load_tokenizer(config.data.tokenizer))
+    with pytest.raises(DataError, match=message):
+        make(tiny_corpus, tiny_indexed, tmp_path, *decrease).load_state_dict(state)
+    logs = []
+    going_on = make(tiny_corpus, tiny_indexed, tmp_path, *decrease, "--data.schedule_source=checkpoint",
+                    "--data.prefetch=0", log=logs.append)
+    going_on.load_state_dict(state)
+    assert draw(going_on, 15) == tail and any("the checkpoint's schedule goes on" in line for line in logs)
+
+
+def test_a_longer_run_keeps_the_boundaries_it_has_passed(tiny_corpus, tiny_indexed, tmp_path):
+    """stepwise_increase over 40 steps, resumed with train.steps=80: at step 15 the quarters still
+    to come move to steps 40 and 60; at step 40 every boundary has passed and stays, with a note."""
+    first = make(tiny_corpus, tiny_indexed, tmp_path, "--data.schedule=stepwise_increase", "--data.prefetch=0")
+    draw(first, 15)
+    middle = first.state_dict()
+    draw(first, 25)
+    end = first.state_dict()
+    longer = make(tiny_corpus, tiny_indexed, tmp_path, "--data.schedule=stepwise_increase", "--train.steps=80",
+                  "--data.prefetch=0")
+    longer.load_state_dict(middle)
+    code = [sum(s for s, _ in step) for step in draw(longer, 65)]  # code samples per step of 8
+    assert [p["start"] for p in longer.state_dict()["schedule"]] == [0, 10, 40, 60]
+    assert sum(code[:25]) == round(0.3 * 8 * 25) and sum(code[25:45]) == round(0.4 * 8 * 20) \
+        and sum(code[45:]) == 0.5 * 8 * 20
+    logs = []
+    finished = make(tiny_corpus, tiny_indexed, tmp_path, "--data.schedule=stepwise_increase", "--train.steps=80",
+                    log=logs.append)
+    finished.load_state_dict(end)
+    assert [p["start"] for p in finished.state_dict()["schedule"]] == [0, 10, 20, 30]
+    assert any("train.steps is 80 now: the phases that started keep their steps, fractions of the 40 steps they were "
+               "first resolved with" in line for line in logs)
 
 
 def test_missing_prefix_names_the_source(tiny_corpus, tiny_indexed, tmp_path):

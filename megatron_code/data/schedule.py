@@ -204,10 +204,10 @@ def _adaptive_options(raw, names: list[str], source_weights: dict[str, float], t
         _steps(every, total_steps, f"{where}.every")
     if options["every"] < 1:
         raise ScheduleError(f"{where}.every must be at least one step, got {every!r}")
-    for key, high in (("smoothing", 1.0), ("min_weight", None)):
+    for key in ("smoothing", "min_weight"):
         value = options[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (high and value >= high):
-            raise ScheduleError(f"{where}.{key} must be a number in [0, {high or 1}), got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ScheduleError(f"{where}.{key} must be a number in [0, 1), got {value!r}")
         options[key] = float(value)
     prior = raw.get("prior") or {n: w for n, w in source_weights.items()}
     _check_weights(prior, names, f"{where}.prior")
