@@ -86,7 +86,8 @@ def test_every_shorthand_gives_each_phase_the_largest_remainder_apportionment(sh
     bounds = [12 * s for s, _, _ in spec] + [480]
     for (lo, hi), (_, w, _) in zip(zip(bounds, bounds[1:]), spec):
         shares = np.array([w.get("text", 0), w.get("code", 0)], dtype=np.float64)
-        assert np.bincount(sources[lo:hi], minlength=2).tolist() == largest_remainder(hi - lo, shares / shares.sum()).tolist()
+        expected = largest_remainder(hi - lo, shares / shares.sum())
+        assert np.bincount(sources[lo:hi], minlength=2).tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -12,8 +12,8 @@ NAMES = ["text", "code"]
 
 @pytest.mark.parametrize("start", [40, 41, 400])
 def test_a_phase_at_or_after_the_end_of_the_run_stops_naming_it(start):
-    with pytest.raises(ScheduleError, match=rf"^data.schedule\[1\].start is step {start}, at or after the end of the run "
-                                            r"\(train.steps=40\): the phase would never be drawn$"):
+    with pytest.raises(ScheduleError, match=rf"^data.schedule\[1\].start is step {start}, at or after the end of the "
+                                            r"run \(train.steps=40\): the phase would never be drawn$"):
         resolve([{"start": 0, "weights": {"text": 1}}, {"start": start, "weights": {"code": 1}}], NAMES, {}, 40)
 
 
@@ -48,8 +48,9 @@ def test_an_edit_names_exactly_the_trained_steps_it_would_change():
                       NAMES, {}, 400)
     edited = resolve([{"start": 0, "weights": {"text": 1, "code": 3}}, {"start": 120, "weights": {"text": 1}}],
                      NAMES, {}, 400)
-    with pytest.raises(ScheduleError, match=r"steps 0\.\.119 were trained as \[from step 0: text 0\.500, code 0\.500\], "
-                                            r"the new schedule makes them \[from step 0: text 0\.250, code 0\.750\]"):
+    with pytest.raises(ScheduleError, match=r"steps 0\.\.119 were trained as \[from step 0: text 0\.500, code "
+                                            r"0\.500\], the new schedule makes them \[from step 0: text 0\.250, "
+                                            r"code 0\.750\]"):
         merge(current, edited, 150)
     late = resolve([{"start": 0, "weights": {"text": 1, "code": 1}}, {"start": 120, "weights": {"text": 1}},
                     {"start": 140, "weights": {"code": 1}}], NAMES, {}, 400)

@@ -14,6 +14,6 @@ from .parallel import PIPELINE_SCHEDULES, ParallelConfig
 from .train import TrainConfig
 from .tree import Config
 
-__all__ = ["PIPELINE_SCHEDULES", "PRESETS", "AdaptiveConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "ModelConfig",
-           "OptimConfig", "ParallelConfig", "PhaseConfig", "SourceConfig", "SourceFileConfig", "TrainConfig",
-           "config_from_dict", "load_config", "parse_override"]
+__all__ = ["PIPELINE_SCHEDULES", "PRESETS", "AdaptiveConfig", "CheckpointConfig", "Config", "ConfigError",
+           "DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "PhaseConfig", "SourceConfig",
+           "SourceFileConfig", "TrainConfig", "config_from_dict", "load_config", "parse_override"]

@@ -6,19 +6,22 @@ multi-armed bandit whose reward is its training loss (a source the model still f
 worth more samples); no reference model, no extra forward pass. With K sources of nonzero prior
 weight, at the t-th update:
 
-    eps_t   = min(1/K, sqrt(ln K / (K t)))                     exploration, decaying
-    R_d    <- smoothing * R_d + (1 - smoothing) * loss_d        smoothed reward estimate
+    eps_t   = min(1/K, sqrt(ln K / (K t)))                          exploration, decaying
+    R_d    <- smoothing * R_d + (1 - smoothing) * loss_d / pi_d      smoothed importance-weighted reward
     pi_d    = (1 - K u_t) * prior_d exp(eps_{t-1} R_d) / sum_e prior_e exp(eps_{t-1} R_e) + u_t,
               u_t = max(eps_t, min_weight)
 
-ODM draws each batch from one source and sees only that source's loss, so it divides the loss by
-the source's probability (Exp3's importance weight, which makes the estimate unbiased). Here
-every global batch mixes the sources and the step reports each one's loss: every source is
-observed at every update, the full-information case, where the loss itself is the unbiased
-estimate. `loss_d` is the mean over the update's window (the `every` steps since the last
-update) of the source's per-step training loss; a source not drawn in the window keeps its
-estimate. `prior` (default: data.sources' weights) gives the weights until the first update and
-the Gibbs distribution's base measure (ODM's is uniform).
+ODM draws each batch from one source, drawn with probability pi_d, and divides its loss by pi_d
+(Exp3's importance weight). Here every global batch mixes the sources, each in proportion pi_d,
+and the step reports each one's loss, so every source gets that update at every weight update,
+with `loss_d` its mean per-step training loss over the update's window (the `every` steps since
+the last update; a source not drawn in the window keeps its estimate) and pi_d the weight it
+had in the window. The reward is then a loss per unit of sampling: a source gains weight while
+its loss is high for its share, which drives the weights toward shares that follow the losses.
+(Without the 1/pi_d the rewards differ by the losses alone, a nat or two, and with eps_t below
+0.2 after a few updates the weights hardly leave the prior.) `prior` (default: data.sources'
+weights) gives the weights until the first update and the Gibbs distribution's base measure
+(ODM's is uniform).
 
 Exactness: the losses are the step's globally reduced per-source losses (the same on every
 rank), and the weights are put on a grid of 1e-4 (integers that sum to 10,000, by largest
@@ -75,7 +78,8 @@ class OnlineDataMixing:
         self.updates += 1
         for name, (total, steps) in self.window.items():
             if steps:
-                self.estimates[name] = self.smoothing * self.estimates[name] + (1 - self.smoothing) * total / steps
+                reward = total / steps / self.weights[name]
+                self.estimates[name] = self.smoothing * self.estimates[name] + (1 - self.smoothing) * reward
         self.window = {n: [0.0, 0] for n in self.prior}
         k, rate, explore = len(self.prior), self._rate(self.updates - 1), max(self._rate(self.updates), self.min_weight)
         top = max(self.estimates.values())

@@ -31,6 +31,7 @@ import math
 
 import numpy as np
 
+from megatron_code.data.adaptive import on_grid
 from megatron_code.data.schedule import Phase, phase_index, restrict
 
 
@@ -105,8 +106,8 @@ class MixtureSampler:
     def weights_in_force(self) -> Phase:
         """The current segment as a phase: its weights (and ramp) from the segment's start."""
         phase = self.phases[self.phase]
-        if phase.adaptive:
-            return Phase(self.segment, dict(self.segment_weights or phase.weights))
+        if phase.adaptive:  # its prior until the first update, on the grid like every update's weights
+            return Phase(self.segment, dict(self.segment_weights or on_grid(phase.weights)))
         return restrict(phase, self.segment) if self.segment > phase.start else phase
 
     def _enter(self, step: int, samples_per_step: int) -> PhaseTargets:
@@ -187,6 +188,8 @@ class MixtureSampler:
         """The mean scheduled weight of each source over global batch `step` of n samples."""
         targets = self._enter(step, n)
         t = self.phase_samples
+        if t >= targets.ramp:  # constant: the weights themselves
+            return dict(zip(self.names, targets.b))
         return {name: (targets.target(d, t + n) - targets.target(d, t)) / n for d, name in enumerate(self.names)}
 
     def state_dict(self) -> dict:

@@ -148,14 +148,16 @@ def resume_schedule(state: dict, data, total_steps: int) -> tuple[list[sched.Pha
     first resolved with. data.schedule_source=checkpoint goes on with the checkpoint's schedule."""
     now, history = int(state["step"]), sched.phases_from_json(state["schedule"])
     if data.schedule_source == "checkpoint":
-        return history, "data.schedule_source=checkpoint", "data.schedule_source=checkpoint: the checkpoint's schedule " \
-            "goes on (data.schedule is not used; data.schedule_file's edits from now on are)"
+        return history, "data.schedule_source=checkpoint", ("data.schedule_source=checkpoint: the checkpoint's "
+                                                            "schedule goes on (data.schedule is not used; "
+                                                            "data.schedule_file's edits from now on are)")
     started = [p for p in history if p.start < now]
     try:
         configured, explicit = sched.configured_schedule(data, total_steps, started)
         if not explicit:  # the sources' weights: a change applies from the resume step
             weights, active = configured[0].weights, started[-1] if started else None
-            same = (active is not None and not active.adaptive and not (active.ramp and now < active.start + active.ramp)
+            ramping = active is not None and active.ramp and now < active.start + active.ramp
+            same = (active is not None and not active.adaptive and not ramping
                     and sched.same_weights(active.weights, weights))
             adopted = started if same else started + [sched.Phase(now, weights)]
         else:
@@ -223,7 +225,6 @@ def collate(samples: list[dict], sources: np.ndarray, pin: bool) -> dict[str, to
     return {k: v.pin_memory() for k, v in batch.items()} if pin else batch
 
 
-
 class DataPipeline:
     def __init__(self, config, tokenizer, dp_rank: int = 0, dp_size: int = 1,
                  device: torch.device | str = "cpu", log=None):
@@ -282,9 +283,8 @@ class DataPipeline:
         step = self.cursor.step
         if not self._announced:  # the schedule that runs: a resume may have changed the configured one
             self._announced = True
-            self.log(f"data schedule from step {step}" + (f", mixing by {self.mix_by}" if self.mix_by != "samples"
-                                                          else "") + ":\n  "
-                     + "\n  ".join(sched.describe(self.cursor.sampler.phases)))
+            unit = f", mixing by {self.mix_by}" if self.mix_by != "samples" else ""
+            self.log(f"data schedule from step {step}{unit}:\n  " + "\n  ".join(sched.describe(self.cursor.sampler.phases)))
         if self.data.schedule_file:
             self._check_schedule_file(step)
         self._update_adaptive(step)
@@ -509,8 +509,8 @@ class DataPipeline:
         return {"format": STATE_FORMAT, "step": c.step, "sampler": c.sampler.state_dict(), "tokens": dict(c.tokens),
                 "files": {n: m.state_dict() for n, m in zip(self.names, c.files) if len(m.positions) > 1},
                 "schedule": sched.phases_to_json(c.sampler.phases), "changes": list(self.changes),
-                "mix_by": self.mix_by,
-                "adaptive": {"phase_start": self._adaptive_start, **self.adaptive.state_dict()} if self.adaptive else None,
+                "mix_by": self.mix_by, "adaptive": None if self.adaptive is None else {
+                    "phase_start": self._adaptive_start, **self.adaptive.state_dict()},
                 "orders": self._orders_record(), "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
