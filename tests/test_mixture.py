@@ -42,7 +42,8 @@ def draw(phases, names, total_steps, batch, units=None):
     """Sources of every sample; with `units` (one array of sample sizes per source), mixing by units."""
     sampler, used, out = MixtureSampler(names, phases), [0] * len(names), []
     for step in range(total_steps):
-        sources, _ = sampler.take(step, batch, None if units is None else [u[p:] for u, p in zip(units, used)])
+        by_units = () if units is None else ([u[p:] for u, p in zip(units, used)],)
+        sources, _ = sampler.take(step, batch, *by_units)
         for d in sources:
             used[d] += 1
         out.append(sources)
@@ -155,7 +156,7 @@ def test_resume_mid_phase_and_mid_ramp_gives_the_same_samples(by_units):
     def run(sampler, steps, used):
         out = []
         for step in steps:
-            got = sampler.take(step, 7, None if units is None else [u[p:] for u, p in zip(units, used)])
+            got = sampler.take(step, 7, *(() if units is None else ([u[p:] for u, p in zip(units, used)],)))
             for d in got[0]:
                 used[d] += 1
             out.append(got)
