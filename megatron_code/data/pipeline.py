@@ -284,7 +284,8 @@ class DataPipeline:
         if not self._announced:  # the schedule that runs: a resume may have changed the configured one
             self._announced = True
             unit = f", mixing by {self.mix_by}" if self.mix_by != "samples" else ""
-            self.log(f"data schedule from step {step}{unit}:\n  " + "\n  ".join(sched.describe(self.cursor.sampler.phases)))
+            phases = sched.describe(self.cursor.sampler.phases)
+            self.log(f"data schedule from step {step}{unit}:\n  " + "\n  ".join(phases))
         if self.data.schedule_file:
             self._check_schedule_file(step)
         self._update_adaptive(step)

@@ -256,12 +256,16 @@ def resolve(raw, source_names: list[str], source_weights: dict[str, float], tota
                                 f"{shorthand_min_steps(raw)} to give each a step of its own; the run has "
                                 f"{total_steps} steps (phase starts floor(fraction x steps) = {starts})")
     phases: list[Phase] = []
+    labels = [f"{where}[{i}]" if shorthand is None else f"{where} ({shorthand}) phase {i}" for i in range(len(raw))]
     for i, item in enumerate(raw):
-        at = f"{where}[{i}]" if shorthand is None else f"{where} ({shorthand}) phase {i}"
-        if hasattr(item, "__dataclass_fields__"):
-            item = {k: v for k, v in asdict(item).items() if v not in (None, {}) or k == "weights"}
+        at = labels[i]
+        if hasattr(item, "__dataclass_fields__"):  # a PhaseConfig
+            item = asdict(item)
+            if item["adaptive"] is None:
+                del item["adaptive"]
         if not isinstance(item, dict):
-            raise ScheduleError(f"{at} must be a mapping {{start, weights, ramp}} or {{start, adaptive}}, got {item!r}")
+            raise ScheduleError(f"{at} must be a mapping {{start, weights, ramp}} or {{start, adaptive}}, "
+                                f"got {item!r}")
         unknown = sorted(set(item) - {"start", "weights", "ramp", "adaptive"})
         if unknown:
             raise ScheduleError(f"unknown field {at}.{unknown[0]} (known: start, weights, ramp, adaptive)")
@@ -294,20 +298,23 @@ def resolve(raw, source_names: list[str], source_weights: dict[str, float], tota
         phases.append(Phase(start, normalized, ramp, dict(phases[-1].weights) if ramp else {}, adaptive,
                             {"start": given_start, "ramp": given_ramp, "steps": steps}))
     if check_end:
-        check_fits(phases, total_steps, where if shorthand is None else f"{where} ({shorthand}) phase")
+        check_fits(phases, total_steps, labels=labels)
     return phases
 
 
-def check_fits(phases: list[Phase], total_steps: int, where: str = "data.schedule") -> None:
+def check_fits(phases: list[Phase], total_steps: int, where: str = "data.schedule",
+               labels: list[str] | None = None) -> None:
     """Every phase starts before the end of the run, and every ramp reaches its weights before
-    the next phase or the end."""
+    the next phase or the end. `labels` name the phases (default `where[i]`)."""
     for i, p in enumerate(phases):
-        at = f"{where}[{i}]" if not where.endswith(" phase") else f"{where} {i}"
+        at = labels[i] if labels else f"{where}[{i}]"
         if p.start >= total_steps:
             raise ScheduleError(f"{at}.start is step {p.start}, at or after the end of the run (train.steps="
                                 f"{total_steps}): the phase would never be drawn")
-        end, until = (phases[i + 1].start, f"the next phase starts (step {phases[i + 1].start})") \
-            if i + 1 < len(phases) else (total_steps, f"the run ends (train.steps={total_steps})")
+        if i + 1 < len(phases):
+            end, until = phases[i + 1].start, f"the next phase starts (step {phases[i + 1].start})"
+        else:
+            end, until = total_steps, f"the run ends (train.steps={total_steps})"
         if p.start + p.ramp > end:
             raise ScheduleError(f"{at}.ramp of {p.ramp} steps from step {p.start} ends at step {p.start + p.ramp}, "
                                 f"after {until}: the weights would stop {(end - p.start) / p.ramp:.0%} of the way")
@@ -412,7 +419,7 @@ def merge(current: list[Phase], edited: list[Phase], now: int) -> list[Phase]:
     trained step other weights (`conflict`)."""
     found = conflict(current, edited, now)
     if found is not None:
-        raise ScheduleConflictError(found, current, edited, now)
+        raise ScheduleConflictError(found, current, edited)
     past = [p for p in current if p.start < now]
     if not past:
         return edited
@@ -428,8 +435,8 @@ def merge(current: list[Phase], edited: list[Phase], now: int) -> list[Phase]:
 class ScheduleConflictError(ScheduleError):
     """An edit that would give trained steps other weights; `found` says where."""
 
-    def __init__(self, found: Conflict, old: list[Phase], new: list[Phase], now: int):
-        self.found, self.now = found, now
+    def __init__(self, found: Conflict, old: list[Phase], new: list[Phase]):
+        self.found = found
         super().__init__(f"the new schedule rewrites trained steps: {found.describe(old, new)}")
 
 
