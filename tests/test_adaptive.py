@@ -1,6 +1,6 @@
 """Online mixing (Online Data Mixing, Albalak et al. 2023): the update against the published rule
 computed here in float64; on CPU, `[{start: 0, adaptive: {every: 5}}]` moves the weights over 40
-steps, two data-parallel ranks get exactly the single process's weights and samples, and a
+steps, two data-parallel ranks get exactly the single process's weights, samples and losses, and a
 kill -9 plus resume is bit-identical, weights included."""
 import json
 import math
@@ -145,8 +145,9 @@ def test_two_data_parallel_ranks_get_the_single_process_weights_samples_and_loss
     assert ranks[0]["adaptive"]["weights"] == single["adaptive"]["weights"]
     for step, (a, b) in enumerate(zip(ranks[0]["trained"], ranks[1]["trained"])):
         assert a + b == single["trained"][step], step
-    assert ranks[0]["losses"] == ranks[1]["losses"]
-    torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
+    # each rank's micro batch is one of the single process's, and a sum of two gradients does not
+    # depend on its order: the losses are the single process's to the bit
+    assert ranks[0]["losses"] == ranks[1]["losses"] == single["losses"]
 
 
 def test_a_kill_9_and_resume_is_bit_identical_weights_included(single, train_args, tmp_path):
