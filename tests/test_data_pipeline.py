@@ -270,6 +270,23 @@ def test_a_longer_run_keeps_the_boundaries_it_has_passed(tiny_corpus, tiny_index
                "first resolved with" in line for line in logs)
 
 
+def test_a_resume_that_changes_what_is_counted_goes_on_from_its_positions(tiny_corpus, tiny_indexed, tmp_path):
+    """Samples, then tokens from the resume step: a note says so, every source goes on from its
+    position (nothing served twice) and the new count starts at the resume step."""
+    first = make(tiny_corpus, tiny_indexed, tmp_path, "--data.prefetch=0")
+    head = draw(first, 5)
+    logs = []
+    resumed = make(tiny_corpus, tiny_indexed, tmp_path, "--data.mix_by=tokens", "--data.prefetch=0", log=logs.append)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    tail = draw(resumed, 10)
+    assert any("data.mix_by changed on resume: samples -> tokens; the mix counts tokens from step 5 on" in line
+               for line in logs)
+    served = [t for step in head + tail for _, t in step]
+    assert len(set(served)) == len(served) == 120
+    code = sum(s for step in tail for s, _ in step)  # 2:1 over the 80 samples of equal length since the resume
+    assert abs(code - 80 / 3) < 1 and resumed.state_dict()["sampler"]["segment"] == 5
+
+
 def test_missing_prefix_names_the_source(tiny_corpus, tiny_indexed, tmp_path):
     with pytest.raises(DataError, match=r"data source 'web': /nope/web.bin does not exist"):
         make(tiny_corpus, {"web": "/nope/web"}, tmp_path, weights=(1,))
