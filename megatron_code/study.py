@@ -3,7 +3,9 @@
     python -m megatron_code.study --name code_stage [--size default|ci] [--out DIR]
 
 code_stage (Ma et al., ICLR 2024): pretrain NL (text only) and CODE (2:1 text:code) from the
-recipes ma_nl.yaml and ma_code.yaml; instruction-tune NN, NC, CC and CC with stepwise increasing
+recipes ma_nl.yaml and ma_code.yaml, and beside them ADAPTIVE (ours: CODE's sources with the
+weights set online from the run's losses by Online Data Mixing, adaptive_code.yaml);
+instruction-tune NN, NC, CC and CC with stepwise increasing
 and decreasing code from sft/ma_sft_*.yaml (CC is the uniform strategy, 5:3 all run); evaluate
 every model on the offline tasks of megatron_code.evaluation (arithmetic and logic multiple
 choice, Python functions by pass@1 and BLEU), the pretrained arms with raw prompts and the tuned
@@ -41,7 +43,7 @@ from megatron_code.cli import user_errors
 
 RECIPES = "megatron_code.recipes"
 """The package the recipes install as (from examples/recipes)."""
-PRETRAIN_ARMS = {"NL": "ma_nl", "CODE": "ma_code"}
+PRETRAIN_ARMS = {"NL": "ma_nl", "CODE": "ma_code", "ADAPTIVE": "adaptive_code"}
 TUNE_ARMS = {"NN": ("sft/ma_sft_nn", "NL"), "NC": ("sft/ma_sft_nc", "NL"), "CC": ("sft/ma_sft_cc", "CODE"),
              "CC_stepwise_increase": ("sft/ma_sft_cc_stepwise_increase", "CODE"),
              "CC_stepwise_decrease": ("sft/ma_sft_cc_stepwise_decrease", "CODE")}
@@ -398,7 +400,9 @@ def run(argv: list[str] | None = None) -> dict:
         "Tiny-scale numbers: models of about a million parameters (0.16M at the ci size) trained for minutes on "
         "CPU. They show that the papers' pipeline runs end to end from the recipes; they say nothing about what "
         "code data does at the papers' scale.", "",
-        f"Arms: NL and CODE pretrained ({size.pretrain_steps} steps); NN = NL tuned on text instructions; NC = NL "
+        f"Arms: NL, CODE and ADAPTIVE pretrained ({size.pretrain_steps} steps; ADAPTIVE, ours, starts from CODE's "
+        "2:1 and sets the weights online from the run's per-source losses by Online Data Mixing, Albalak et al. "
+        "2023); NN = NL tuned on text instructions; NC = NL "
         "and CC = CODE tuned on text + code instructions at 5:3 (Ma et al.'s uniform strategy); CC_stepwise_* "
         f"= CODE tuned with the stepwise schedules ({size.sft_steps} steps each).", "",
         "## Training", "", _arm_table(runs), "",

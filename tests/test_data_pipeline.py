@@ -9,7 +9,7 @@ import torch
 
 from megatron_code.config import ConfigError, load_config
 from megatron_code.data.errors import DataError
-from megatron_code.data.pipeline import DataPipeline
+from megatron_code.data.pipeline import DataPipeline, check_resumable
 from megatron_code.data.tokenizer import load_tokenizer
 
 
@@ -20,12 +20,16 @@ def source_yaml(name, prefix, weight) -> str:
     return f"{{name: {name}, prefix: {files}, weight: {weight}}}"
 
 
-def make(tiny_corpus, prefixes, tmp_path, *extra, weights=(2, 1), log=None, **kwargs):
+def pipeline_config(tiny_corpus, prefixes, tmp_path, *extra, weights=(2, 1)):
     sources = ", ".join(source_yaml(n, p, w) for (n, p), w in zip(prefixes.items(), weights))
-    config = load_config(None, [f"--data.sources=[{sources}]", f"--data.tokenizer={tiny_corpus.tokenizer}",
-                                "--data.seq_length=32", "--data.split=80,20,0", "--train.micro_batch_size=4",
-                                "--train.global_batch_size=8", "--train.steps=40", "--train.eval_batches=2",
-                                f"--train.output_dir={tmp_path}", *extra])
+    return load_config(None, [f"--data.sources=[{sources}]", f"--data.tokenizer={tiny_corpus.tokenizer}",
+                              "--data.seq_length=32", "--data.split=80,20,0", "--train.micro_batch_size=4",
+                              "--train.global_batch_size=8", "--train.steps=40", "--train.eval_batches=2",
+                              f"--train.output_dir={tmp_path}", *extra])
+
+
+def make(tiny_corpus, prefixes, tmp_path, *extra, weights=(2, 1), log=None, **kwargs):
+    config = pipeline_config(tiny_corpus, prefixes, tmp_path, *extra, weights=weights)
     return DataPipeline(config, load_tokenizer(config.data.tokenizer), log=log or (lambda _: None), **kwargs)
 
 
@@ -79,27 +83,40 @@ def test_weights_changed_on_resume_apply_from_the_change(tiny_corpus, tiny_index
     assert [p["start"] for p in state["schedule"]] == [0, 10]
 
 
-def test_schedule_file_edits_apply_live_and_past_edits_are_rejected(tiny_corpus, tiny_indexed, tmp_path):
+def test_schedule_file_edits_apply_from_the_next_step_and_a_rejection_is_logged_once(tiny_corpus, tiny_indexed,
+                                                                                       tmp_path):
+    """The file is checked before every step: a phase added for the very next step applies there
+    (the loader's batches drawn ahead are replaced); an edit of trained steps is rejected once,
+    naming the trained steps it would change and the step the run is at, and both verdicts come
+    as events of the step they apply from."""
     schedule = tmp_path / "schedule.yaml"
     schedule.write_text("- {start: 0, weights: {text: 1, code: 1}}\n")
     logs = []
-    args = (f"--data.schedule_file={schedule}", "--data.schedule_reload_interval=4", "--data.prefetch=2")
-    live = make(tiny_corpus, tiny_indexed, tmp_path, *args, log=logs.append)
+    live = make(tiny_corpus, tiny_indexed, tmp_path, f"--data.schedule_file={schedule}", "--data.prefetch=2",
+                log=logs.append)
     head = draw(live, 5)  # the loader has built batches ahead: the edit must replace them
-    schedule.write_text("- {start: 0, weights: {text: 1, code: 1}}\n- {start: 6, weights: {code: 1}}\n")
-    middle = draw(live, 5)  # re-read at step 8: too late for a phase starting at 6
-    assert any("step 8: schedule edit rejected" in line and "rewrites steps 6..7" in line for line in logs)
-    schedule.write_text("- {start: 0, weights: {text: 1, code: 1}}\n- {start: 12, weights: {code: 1}}\n")
-    tail = draw(live, 6)  # steps 10..15: re-read at step 12, applies from step 12
-    assert [sorted({s for s, _ in step}) for step in tail] == [[0, 1]] * 2 + [[1]] * 4
+    schedule.write_text("- {start: 0, weights: {text: 1, code: 1}}\n- {start: 5, weights: {code: 1}}\n")
+    batch = live.next_step()
+    assert {int(s) for b in batch.micro_batches for s in b["source"]} == {1}
+    assert [(e["step"], e["verdict"]) for e in batch.events] == [(5, "accepted")]
+    assert "+phase 1: from step 5: code 1.000" in batch.events[0]["diff"]
+    middle = [[(int(s), tuple(t.tolist())) for b in batch.micro_batches for s, t in zip(b["source"], b["tokens"])]]
+    middle += draw(live, 2)
+    schedule.write_text("- {start: 0, weights: {text: 1, code: 3}}\n- {start: 5, weights: {code: 1}}\n")
+    batches = [live.next_step() for _ in range(6)]
+    rejected = [line for line in logs if "rejected" in line]
+    assert len(rejected) == 1 and rejected[0].startswith("step 8: edit of data.schedule_file=")
+    assert "it would rewrite trained steps 0..4: steps 0..4 were trained as [from step 0: text 0.500, code 0.500]" \
+        in rejected[0] and "Phases may change only from the step the run is at when the file is saved" in rejected[0]
+    assert [[(e["step"], e["verdict"]) for e in b.events] for b in batches] == [[(8, "rejected")]] + [[]] * 5
+    assert all({int(s) for b in batch.micro_batches for s in b["source"]} == {1} for batch in batches)
     live.close()
-    # the same as a run that had the final schedule from the start, since only the future changed
+    # the same as a run that had the accepted schedule from the start, since only the future changed
     planned = tmp_path / "planned.yaml"
-    planned.write_text(schedule.read_text())
-    assert head + middle + tail == draw(make(tiny_corpus, tiny_indexed, tmp_path, f"--data.schedule_file={planned}",
-                                             "--data.prefetch=0"), 16)
-    history = live.state_dict()["changes"]
-    assert [c["step"] for c in history] == [12]
+    planned.write_text("- {start: 0, weights: {text: 1, code: 1}}\n- {start: 5, weights: {code: 1}}\n")
+    assert head + middle == draw(make(tiny_corpus, tiny_indexed, tmp_path, f"--data.schedule_file={planned}",
+                                      "--data.prefetch=0"), 8)
+    assert [c["step"] for c in live.state_dict()["changes"]] == [5]
 
 
 def test_epochs_reshuffle_and_serve_every_sample_once(tiny_corpus, tiny_indexed, tmp_path):
@@ -184,10 +201,90 @@ def test_rebuilt_dataset_gets_new_indices_and_stops_a_resume(tiny_corpus, tiny_i
      r"data.schedule\[2\].start \(step 10\) must come after data.schedule\[1\].start \(step 20\)"),
     ("--data.schedule=[{start: 0, weights: {web: 1}}]", r"data.schedule\[0\].weights.web: unknown source"),
     ("--data.schedule=cooldown(share=2)", r"cooldown has no option 'share'"),
+    ("--data.schedule=[{start: 0, weights: {text: 1}}, {start: 40, weights: {code: 1}}]",
+     r"data.schedule\[1\].start is step 40, at or after the end of the run \(train.steps=40\)"),
+    ("--data.schedule=[{start: 0, weights: {text: 1}}, {start: 30, weights: {code: 1}, ramp: 40}]",
+     r"data.schedule\[1\].ramp of 40 steps from step 30 ends at step 70, after the run ends"),
+    ("--data.mix_by=examples", r"data.mix_by=examples counts instruction examples: it needs train.stage=sft"),
 ])
 def test_bad_schedules_name_the_field(tiny_corpus, tiny_indexed, tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         make(tiny_corpus, tiny_indexed, tmp_path, extra)
+
+
+def test_a_malformed_schedule_file_stops_the_start_with_one_line(tiny_corpus, tiny_indexed, tmp_path):
+    bad = tmp_path / "schedule.yaml"
+    bad.write_text("- {start: 0, weights: {text: 1}\n")
+    with pytest.raises(ConfigError) as error:
+        make(tiny_corpus, tiny_indexed, tmp_path, f"--data.schedule_file={bad}")
+    assert f"{bad}:2:1: invalid YAML in data.schedule_file: expected ',' or '}}', but got '<stream end>'" \
+        in str(error.value) and len(str(error.value).splitlines()) == 1
+
+
+def test_a_resume_whose_schedule_rewrites_trained_steps_stops_before_any_work(tiny_corpus, tiny_indexed, tmp_path):
+    """stepwise_increase trained to step 25, resumed with stepwise_decrease: one line naming the
+    trained steps it would change and the two ways on, from the checkpoint's state alone (no
+    dataset built); data.schedule_source=checkpoint goes on with the trained schedule."""
+    first = make(tiny_corpus, tiny_indexed, tmp_path, "--data.schedule=stepwise_increase", "--data.prefetch=0")
+    draw(first, 25)
+    state = json.loads(json.dumps(first.state_dict()))
+    tail = draw(first, 15)
+    decrease = ["--data.schedule=stepwise_decrease"]
+    config = pipeline_config(tiny_corpus, tiny_indexed, tmp_path, *decrease)
+    message = (r"^data.schedule disagrees with the checkpoint \(step 25\) on trained steps 0\.\.24: steps 0\.\.24 were "
+               r"trained as \[from step 0: text 0\.700, code 0\.300\], the new schedule makes them \[from step 0: text "
+               r"0\.500, code 0\.500\] \(its phase 0\)\. Either change only phases from step 25 on, or set "
+               r"data.schedule_source=checkpoint to go on with the checkpoint's schedule$")
+    with pytest.raises(DataError, match=message):
+        check_resumable(state, config, load_tokenizer(config.data.tokenizer))
+    with pytest.raises(DataError, match=message):
+        make(tiny_corpus, tiny_indexed, tmp_path, *decrease).load_state_dict(state)
+    logs = []
+    going_on = make(tiny_corpus, tiny_indexed, tmp_path, *decrease, "--data.schedule_source=checkpoint",
+                    "--data.prefetch=0", log=logs.append)
+    going_on.load_state_dict(state)
+    assert draw(going_on, 15) == tail and any("the checkpoint's schedule goes on" in line for line in logs)
+
+
+def test_a_longer_run_keeps_the_boundaries_it_has_passed(tiny_corpus, tiny_indexed, tmp_path):
+    """stepwise_increase over 40 steps, resumed with train.steps=80: at step 15 the quarters still
+    to come move to steps 40 and 60; at step 40 every boundary has passed and stays, with a note."""
+    first = make(tiny_corpus, tiny_indexed, tmp_path, "--data.schedule=stepwise_increase", "--data.prefetch=0")
+    draw(first, 15)
+    middle = first.state_dict()
+    draw(first, 25)
+    end = first.state_dict()
+    longer = make(tiny_corpus, tiny_indexed, tmp_path, "--data.schedule=stepwise_increase", "--train.steps=80",
+                  "--data.prefetch=0")
+    longer.load_state_dict(middle)
+    code = [sum(s for s, _ in step) for step in draw(longer, 65)]  # code samples per step of 8
+    assert [p["start"] for p in longer.state_dict()["schedule"]] == [0, 10, 40, 60]
+    assert sum(code[:25]) == round(0.3 * 8 * 25) and sum(code[25:45]) == round(0.4 * 8 * 20) \
+        and sum(code[45:]) == 0.5 * 8 * 20
+    logs = []
+    finished = make(tiny_corpus, tiny_indexed, tmp_path, "--data.schedule=stepwise_increase", "--train.steps=80",
+                    log=logs.append)
+    finished.load_state_dict(end)
+    assert [p["start"] for p in finished.state_dict()["schedule"]] == [0, 10, 20, 30]
+    assert any("train.steps is 80 now: the phases that started keep their steps, fractions of the 40 steps they were "
+               "first resolved with" in line for line in logs)
+
+
+def test_a_resume_that_changes_what_is_counted_goes_on_from_its_positions(tiny_corpus, tiny_indexed, tmp_path):
+    """Samples, then tokens from the resume step: a note says so, every source goes on from its
+    position (nothing served twice) and the new count starts at the resume step."""
+    first = make(tiny_corpus, tiny_indexed, tmp_path, "--data.prefetch=0")
+    head = draw(first, 5)
+    logs = []
+    resumed = make(tiny_corpus, tiny_indexed, tmp_path, "--data.mix_by=tokens", "--data.prefetch=0", log=logs.append)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    tail = draw(resumed, 10)
+    assert any("data.mix_by changed on resume: samples -> tokens; the mix counts tokens from step 5 on" in line
+               for line in logs)
+    served = [t for step in head + tail for _, t in step]
+    assert len(set(served)) == len(served) == 120
+    code = sum(s for step in tail for s, _ in step)  # 2:1 over the 80 samples of equal length since the resume
+    assert abs(code - 80 / 3) < 1 and resumed.state_dict()["sampler"]["segment"] == 5
 
 
 def test_missing_prefix_names_the_source(tiny_corpus, tiny_indexed, tmp_path):
@@ -237,9 +334,10 @@ def test_a_source_of_several_files_draws_each_by_weight_in_its_own_order(tiny_co
     assert any(f"note: data source 'code' file {code_shards['small']} will be read about" in line for line in logs)
     state = pipeline.state_dict()  # reports and positions stay keyed by the source
     assert state["sampler"]["positions"] == {"text": 64, "code": 256} and set(state["tokens"]) == {"text", "code"}
-    assert state["files"] == {"code": {"positions": {code_shards["large"]: 192, code_shards["small"]: 64}, "phase": 0,
-                                       "phase_samples": 256,
-                                       "counts": {code_shards["large"]: 192, code_shards["small"]: 64}}}
+    files = {k: v for k, v in state["files"]["code"].items() if k in ("positions", "phase", "phase_samples", "counts")}
+    assert set(state["files"]) == {"code"} and files == {
+        "positions": {code_shards["large"]: 192, code_shards["small"]: 64}, "phase": 0, "phase_samples": 256,
+        "counts": {code_shards["large"]: 192, code_shards["small"]: 64}}
     with pytest.raises(DataError, match=rf"data source 'code' file {code_shards['small']}: the schedule asks for up to"):
         make(tiny_corpus, shards(tiny_indexed, code_shards), tmp_path, SHARDS_SCHEDULE, "--data.allow_repeat=false",
              weights=(1, 1))
@@ -307,8 +405,7 @@ def _draw_on_rank(rank, world_size, tokenizer, prefixes, out_dir, schedule_file)
     sources = ", ".join(f"{{name: {n}, prefix: '{p}'}}" for n, p in prefixes.items())
     config = load_config(None, [f"--data.sources=[{sources}]", f"--data.tokenizer={tokenizer}", "--data.seq_length=32",
                                 "--data.split=80,20,0", "--train.micro_batch_size=2", "--train.global_batch_size=8",
-                                "--train.steps=40", f"--train.output_dir={out_dir}", f"--data.schedule_file={mine}",
-                                "--data.schedule_reload_interval=4"])
+                                "--train.steps=40", f"--train.output_dir={out_dir}", f"--data.schedule_file={mine}"])
     pipeline = DataPipeline(config, load_tokenizer(tokenizer), dp_rank=rank, dp_size=world_size, log=lambda _: None)
     head = draw(pipeline, 6)
     if rank == 0:

@@ -16,7 +16,7 @@ TINY = ["--model.preset=tiny", "--data.seq_length=128", "--train.steps=60", "--t
 def test_one_recipe_per_pretraining_arm():
     names = {p.stem for p in RECIPES}
     assert names == {"ma_nl", "ma_code", "ma_uniform", "ma_stepwise_increase", "ma_stepwise_decrease",
-                     *(f"cohere_code_{s}" for s in (0, 25, 50, 75, 90, 100)), "cohere_balanced_then_text",
+                     "adaptive_code", *(f"cohere_code_{s}" for s in (0, 25, 50, 75, 90, 100)), "cohere_balanced_then_text",
                      "cohere_code_then_text", "cohere_cooldown_with_code", "cohere_cooldown_without_code"}
 
 
@@ -25,7 +25,8 @@ def test_recipe_validates_at_paper_scale_and_tiny(recipe):
     config = load_config(recipe)
     phases, _ = configured_schedule(config.data, config.train.steps)
     tokens = config.train.steps * config.train.global_batch_size * config.data.seq_length
-    budget = 42 if recipe.stem.startswith("ma_") else 200 if recipe.stem.split("_")[-1].isdigit() else 400
+    budget = (42 if recipe.stem.startswith(("ma_", "adaptive")) else 200 if recipe.stem.split("_")[-1].isdigit()
+              else 400)
     assert tokens / 1e9 == pytest.approx(budget, rel=0.01)  # billions of tokens, as in the papers
     if "cooldown" in recipe.stem:  # the last 10% of tokens, 20% or 0% code
         assert phases[-1].start == round(0.9 * config.train.steps)

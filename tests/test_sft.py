@@ -322,6 +322,53 @@ def test_token_counts_leave_out_padding(tiny_corpus, two_sources, pretrained, tm
     pipeline.close()
 
 
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("mix_by", ["tokens", "loss_tokens", "examples"])
+def test_mixing_by_tokens_or_examples_shares_them_as_scheduled(tiny_corpus, two_sources, pretrained, tmp_path, pack,
+                                                               mix_by):
+    """Text 0.7, code 0.3 by the unit: after every step, text's units are within one sample's
+    units of 0.7 of all units (counted here from the batches themselves: positions that are not
+    the pad id, positions with loss, examples); two data-parallel ranks split the same batches; a
+    resume mid-run continues the uninterrupted order. Mixing by samples misses the unit's share
+    (but for examples without packing, where a sample is an example)."""
+    from megatron_code.data.pipeline import DataPipeline
+
+    def pipeline(unit, dp_rank=0, dp_size=1):
+        config = load_config(None, sft_overrides(tiny_corpus, two_sources, tmp_path, pretrained, "--train.steps=12",
+                                                 f"--data.pack={str(pack).lower()}", f"--data.mix_by={unit}",
+                                                 "--data.schedule=[{start: 0, weights: {text: 7, code: 3}}]"))
+        return DataPipeline(config, tokenizer, dp_rank, dp_size, log=lambda _: None)
+
+    def count(batch) -> np.ndarray:
+        if mix_by == "tokens":
+            return (batch["tokens"] != tokenizer.pad_id).sum(1)
+        if mix_by == "loss_tokens":
+            return batch["loss_mask"].sum(1)
+        return ((batch["position_ids"] == 0) & (batch["tokens"] != tokenizer.pad_id)).sum(1)  # examples start at 0
+
+    def run(data, steps):
+        return [[(int(s), tuple(t.tolist()), int(n)) for b in data.next_step().micro_batches
+                 for s, t, n in zip(b["source"], b["tokens"], count(b))] for _ in range(steps)]
+
+    tokenizer = load_tokenizer(tiny_corpus.tokenizer)
+    whole = run(pipeline(mix_by), 12)
+    served = np.cumsum([[sum(n for s, _, n in step if s == d) for d in (0, 1)] for step in whole], 0)
+    largest = max(n for step in whole for _, _, n in step)
+    assert np.abs(served[:, 0] - 0.7 * served.sum(1)).max() <= largest
+    by_samples = run(pipeline("samples"), 12)
+    unit_share = sum(n for step in by_samples for s, _, n in step if s == 0) / sum(n for step in by_samples
+                                                                                for _, _, n in step)
+    if mix_by != "examples" or pack:  # (one example per sample: examples are samples)
+        assert abs(served[-1, 0] / served[-1].sum() - 0.7) < abs(unit_share - 0.7)
+    halves = [run(pipeline(mix_by, r, 2), 12) for r in range(2)]
+    assert [a + b for a, b in zip(*halves)] == whole
+    first = pipeline(mix_by)
+    head = run(first, 5)
+    resumed = pipeline(mix_by)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert head + run(resumed, 7) == whole
+
+
 def _tune(args: list[str]) -> dict:
     from megatron_code.training.trainer import Trainer
 

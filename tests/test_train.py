@@ -53,6 +53,61 @@ def test_resume_is_exact(tiny_corpus, datasets, tmp_path):
             pytest.approx(line["loss"], rel=1e-5)
 
 
+def test_schedule_changes_are_events_between_the_records_of_their_step(tiny_corpus, datasets, tmp_path, monkeypatch):
+    """Records count optimizer steps done; a schedule change applies from the step it names (steps
+    done before its batch): an edit adding code from step 3, saved before the 4th batch, is an
+    accepted event of step 3 between records 3 and 4, and record 4 is the first with code. An edit
+    of a trained step, saved before the 6th batch, is a rejected event of step 5. The mixture plot
+    marks both at their steps."""
+    from megatron_code.training.trainer import Trainer
+
+    schedule = tmp_path / "schedule.yaml"
+    schedule.write_text("- {start: 0, weights: {text: 1}}\n")
+    edits = {3: "- {start: 0, weights: {text: 1}}\n- {start: 3, weights: {code: 1}}\n",
+             5: "- {start: 0, weights: {text: 1, code: 1}}\n- {start: 3, weights: {code: 1}}\n"}
+    trainer = Trainer(load_config(None, overrides(tiny_corpus, datasets, tmp_path, "--train.steps=7",
+                                                  f"--data.schedule_file={schedule}", "--train.eval_interval=0")))
+    next_step = trainer.data.next_step
+
+    def editing():
+        if trainer.data.cursor.step in edits:
+            schedule.write_text(edits[trainer.data.cursor.step])
+        return next_step()
+    trainer.data.next_step = editing
+    trainer.train()
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(l["step"], l.get("event"), l.get("verdict")) for l in lines] == [
+        (1, None, None), (2, None, None), (3, None, None), (3, "schedule", "accepted"), (4, None, None),
+        (5, None, None), (5, "schedule", "rejected"), (6, None, None), (7, None, None)]
+    code = {l["step"]: l["samples/code"] for l in lines if "event" not in l}
+    assert code == {1: 0, 2: 0, 3: 0, 4: 4, 5: 4, 6: 4, 7: 4}
+    assert "+phase 1: from step 3: code 1.000" in lines[3]["diff"]
+    assert "rewrite trained steps 0..2" in lines[6]["reason"]
+    assert "-phase 0: from step 0: text 1.000" in lines[6]["diff"]
+
+    import matplotlib.axes
+
+    from megatron_code.training.plots import plot_runs
+    marks, axvline = [], matplotlib.axes.Axes.axvline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axvline",
+                        lambda ax, x, **kw: marks.append((x, kw["linestyle"])) or axvline(ax, x, **kw))
+    plot_runs([tmp_path], tmp_path / "plots")
+    assert sorted(set(marks)) == [(3, "-"), (5, ":")]
+
+
+def test_a_resume_drops_the_records_and_events_it_logs_again(tmp_path):
+    """Resuming at step 4: records up to step 4 stay; an event of step 4 happened after record 4
+    and before the step the resumed run trains again, which logs it again: it goes."""
+    from megatron_code.training.metrics import MetricsLogger
+
+    lines = [{"step": 1}, {"step": 2}, {"step": 2, "event": "schedule"}, {"step": 3}, {"step": 4},
+             {"step": 4, "event": "schedule"}, {"step": 5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines) + '{"step": 6, "lo')
+    MetricsLogger(tmp_path, True, False, start_step=4)
+    kept = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == lines[:5]
+
+
 def test_checkpoints_keep_last_and_atomic(tiny_corpus, datasets, tmp_path):
     run(overrides(tiny_corpus, datasets, tmp_path, "--train.steps=6", "--checkpoint.interval=2",
                   "--checkpoint.keep_last=2", "--train.eval_interval=0"))

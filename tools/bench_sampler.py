@@ -67,7 +67,7 @@ def sampler_rate(sources: int, ramp: bool, samples: int, batch: int = 1024) -> N
     raw = [{"start": 0, "weights": {n: float(w) for n, w in zip(names, rng.random(sources) + 0.1)}}]
     if ramp:
         raw.append({"start": 1, "weights": {n: float(w) for n, w in zip(names, rng.random(sources) + 0.1)},
-                    "ramp": 10 ** 9})
+                    "ramp": 10 ** 9 - 1})  # to the end of the run
     sampler = MixtureSampler(names, resolve(raw, names, {}, 10 ** 9))
     sampler.take(0, batch)
     before = peak_mib()

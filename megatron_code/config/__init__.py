@@ -6,7 +6,7 @@ named presets (`model.preset: 125m`). One module per section; this package re-ex
 """
 from .base import ConfigError
 from .checkpoint import CheckpointConfig
-from .data import DataConfig, PhaseConfig, SourceConfig, SourceFileConfig
+from .data import AdaptiveConfig, DataConfig, PhaseConfig, SourceConfig, SourceFileConfig
 from .loader import config_from_dict, load_config, parse_override
 from .model import PRESETS, ModelConfig
 from .optim import OptimConfig
@@ -14,6 +14,6 @@ from .parallel import PIPELINE_SCHEDULES, ParallelConfig
 from .train import TrainConfig
 from .tree import Config
 
-__all__ = ["PIPELINE_SCHEDULES", "PRESETS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "ModelConfig",
-           "OptimConfig", "ParallelConfig", "PhaseConfig", "SourceConfig", "SourceFileConfig", "TrainConfig",
-           "config_from_dict", "load_config", "parse_override"]
+__all__ = ["PIPELINE_SCHEDULES", "PRESETS", "AdaptiveConfig", "CheckpointConfig", "Config", "ConfigError",
+           "DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "PhaseConfig", "SourceConfig",
+           "SourceFileConfig", "TrainConfig", "config_from_dict", "load_config", "parse_override"]

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .base import ConfigError
+from .base import ConfigError, check_choice
+
+
+MIX_BY = ("samples", "tokens", "loss_tokens", "examples")
 
 
 @dataclass
@@ -54,6 +57,24 @@ class SourceConfig:
 
 
 @dataclass
+class AdaptiveConfig:
+    """Online mixing: the phase's weights follow the run's own per-source training losses
+    (Online Data Mixing, Albalak et al. 2023; see megatron_code/data/adaptive.py)."""
+    method: str = "odm"
+    """odm: Exp3 with the per-source training loss as reward."""
+    every: float = 100
+    """Steps between weight updates (or a fraction of train.steps, at least one step)."""
+    smoothing: float = 0.9
+    """Each update keeps this share of a source's reward estimate and adds the rest of its mean
+    loss over the last `every` steps (ODM's moving average)."""
+    min_weight: float = 0.0
+    """Floor of every source's weight, on top of ODM's decaying exploration share."""
+    prior: dict = field(default_factory=dict)
+    """Source name -> weight until the first update, and the base of the weights after it; empty:
+    data.sources' weights. Sources it gives 0 are never drawn."""
+
+
+@dataclass
 class PhaseConfig:
     start: float = 0
     """First step of the phase, or a fraction (below 1) of train.steps."""
@@ -62,6 +83,8 @@ class PhaseConfig:
     ramp: float = 0
     """Steps (or a fraction of train.steps) over which the weights move linearly from the
     previous phase's to these."""
+    adaptive: AdaptiveConfig | None = None
+    """Instead of weights: set them online from the run's losses."""
 
 
 @dataclass
@@ -75,10 +98,18 @@ class DataConfig:
     from data.sources."""
     schedule_file: str = ""
     """A YAML file holding the schedule (a list of phases or a shorthand, optionally under
-    `schedule:`); re-read while training, so its future phases can be edited mid-run."""
-    schedule_reload_interval: int = 100
-    """Re-read data.schedule_file every N steps (0: only at start-up); a change applies from
-    the next global batch on every rank."""
+    `schedule:`); checked before every step (its modification time and size), so its future
+    phases can be edited mid-run: a change applies from the next global batch on every rank."""
+    schedule_source: str = "config"
+    """On resume: config (data.schedule or data.schedule_file, which must agree with the
+    checkpoint's schedule on every trained step) | checkpoint (go on with the checkpoint's
+    schedule; the schedule file's later edits still apply)."""
+    mix_by: str = "samples"
+    """What the schedule's weights share out: samples | tokens (real tokens, padding excluded) |
+    loss_tokens (tokens that carry loss) | examples (instruction examples, train.stage=sft)."""
+    trace: bool = False
+    """Write each trained sample's (source, file, index, epoch) per step to
+    <train.output_dir>/data_trace.bin (read it with tools/data_trace.py)."""
     tokenizer: str = ""
     """SentencePiece `.model` file (or a Hugging Face tokenizer folder)."""
     seq_length: int = 256
@@ -117,5 +148,7 @@ class DataConfig:
         parts = self.split.split(",")
         if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
             raise ConfigError(f"data.split={self.split!r} must be three numbers like '98,2,0'")
-        if self.schedule_reload_interval < 0 or self.prefetch < 0:
-            raise ConfigError("data.schedule_reload_interval and data.prefetch must be >= 0")
+        if self.prefetch < 0:
+            raise ConfigError(f"data.prefetch must be >= 0, got {self.prefetch}")
+        check_choice("data.mix_by", self.mix_by, MIX_BY)
+        check_choice("data.schedule_source", self.schedule_source, ("config", "checkpoint"))

@@ -33,9 +33,11 @@ class Config:
         if self.train.stage == "sft" and not (self.checkpoint.init_from or self.checkpoint.load):
             raise ConfigError("train.stage=sft tunes a trained model: set checkpoint.init_from to its checkpoint "
                               "(or checkpoint.load to resume a tuning run)")
+        if self.data.mix_by == "examples" and self.train.stage != "sft":
+            raise ConfigError("data.mix_by=examples counts instruction examples: it needs train.stage=sft")
         from megatron_code.data.schedule import ScheduleError, configured_schedule
-        try:
-            configured_schedule(self.data, self.train.steps)
+        try:  # with train.epochs the run's length is known once the data is (the pipeline checks then)
+            configured_schedule(self.data, self.train.steps, check_end=not self.train.epochs)
         except ScheduleError as e:
             raise ConfigError(str(e)) from None
         self._validate_layout()

@@ -51,6 +51,18 @@ class SourceFile:
         count = getattr(self.train, "real_tokens", None)
         return count(indices) if count is not None else np.full(len(indices), seq_length, dtype=np.int64)
 
+    def units(self, indices: np.ndarray, mix_by: str, seq_length: int) -> np.ndarray:
+        """What data.mix_by counts in training samples `indices`: 1 each (samples), real tokens,
+        tokens carrying loss (every position of megatron-core's samples: no loss mask), or
+        instruction examples."""
+        if mix_by == "samples":
+            return np.ones(len(indices), dtype=np.int64)
+        if mix_by == "tokens":
+            return self.real_tokens(indices, seq_length)
+        if mix_by == "loss_tokens" and not hasattr(self.train, "loss_tokens"):
+            return np.full(len(indices), seq_length, dtype=np.int64)
+        return getattr(self.train, mix_by)(indices)
+
 
 @dataclass
 class SourceData:

@@ -9,10 +9,21 @@ Tijdeman (1980) proved that this keeps |count_d(t) - Lambda_d(t)| <= 1 - delta f
 every t, for weights that change from sample to sample as a ramp's do: within 0.5 samples with
 two sources, below one sample always. A source of weight 0 is never a candidate.
 
-The state is, per source, a count within the current phase and a position (samples consumed
-over the whole run); there is no index over the run and no communication: every rank computes
-the same picks. The same rule, with constant weights, picks which file of a several-file source
-serves each of the source's samples (FileMix).
+Mixing by tokens (data.mix_by: tokens, loss_tokens or examples) counts each sample as its number
+of units instead of 1: Lambda_d is then the sum over the samples drawn of (source d's weight at
+that sample) x (the sample's units), and the same rule runs with delta = 0 and each source's
+next sample at its own size. That is Bennett and Zhang's WF2Q ("Worst-case Fair Weighted Fair
+Queueing", INFOCOM 1996) with every source always backlogged: among the sources not ahead of
+their share, serve the one whose next sample would finish first in the fluid mix. Each source
+stays less than one of its samples ahead of its share (it is chosen only when not ahead), and
+with two sources, whose differences from their shares sum to zero, less than one sample behind;
+with more sources WF2Q's bound is one maximum sample behind (tests check both at every prefix).
+
+The state is, per source, a count within the current segment (a phase from its start, or from
+an adaptive weight update) and a position (samples consumed over the whole run); there is no
+index over the run and no communication: every rank computes the same picks. The same rule,
+with constant weights, picks which file of a several-file source serves each of the source's
+samples (FileMix).
 """
 from __future__ import annotations
 
@@ -20,7 +31,8 @@ import math
 
 import numpy as np
 
-from megatron_code.data.schedule import Phase, phase_index
+from megatron_code.data.adaptive import on_grid
+from megatron_code.data.schedule import Phase, phase_index, restrict
 
 
 class PhaseTargets:
@@ -58,37 +70,63 @@ class PhaseTargets:
 class MixtureSampler:
     """Picks (source, position) for every sample of every global batch, following the schedule.
 
-    `positions[d]` counts the samples source d served over the run (its reader's cursor);
-    `phase`, `phase_samples` and `counts` are the current phase and its per-source counts."""
+    `positions[d]` counts the samples source d served over the run (its reader's cursor). The
+    current segment starts at step `segment`: the start of phase `phase`, a later step where the
+    phase's weights were reset (an adaptive update: `segment_weights`), or a resume that changed
+    what is counted. Within it: `phase_samples` samples drawn, `counts[d]` units source d served,
+    and, when mixing by units, `owed[d]` its share of the units drawn (Lambda_d)."""
 
     def __init__(self, names: list[str], phases: list[Phase]):
         self.names = list(names)
         self.phases = phases
         self.positions = [0] * len(names)
         self.phase = 0
+        self.segment = 0
+        self.segment_weights: dict[str, float] | None = None
+        self._restart_counts()
+
+    def _restart_counts(self) -> None:
         self.phase_samples = 0
-        self.counts = [0] * len(names)
+        self.counts = [0] * len(self.names)
+        self.owed = [0.0] * len(self.names)
         self._targets = None
 
     def set_phases(self, phases: list[Phase]) -> None:
-        """Adopt an edited schedule (the caller has checked with schedule.merge that the current
-        phase is unchanged, so its counts carry on)."""
+        """Adopt an edited schedule (schedule.merge kept every phase that started, so the current
+        phase and its counts carry on)."""
         self.phases = phases
         self._targets = None
+
+    def restart(self, step: int, weights: dict[str, float] | None = None) -> None:
+        """Start a new segment at `step`: counts from zero, and for an adaptive phase these
+        constant `weights` (a fixed phase goes on with its own weights from `step`)."""
+        self.phase, self.segment, self.segment_weights = phase_index(self.phases, step), step, weights
+        self._restart_counts()
+
+    def weights_in_force(self) -> Phase:
+        """The current segment as a phase: its weights (and ramp) from the segment's start."""
+        phase = self.phases[self.phase]
+        if phase.adaptive:  # its prior until the first update, on the grid like every update's weights
+            return Phase(self.segment, dict(self.segment_weights or on_grid(phase.weights)))
+        return restrict(phase, self.segment) if self.segment > phase.start else phase
 
     def _enter(self, step: int, samples_per_step: int) -> PhaseTargets:
         index = phase_index(self.phases, step)
         if index != self.phase:
-            self.phase, self.phase_samples, self.counts = index, 0, [0] * len(self.names)
-            self._targets = None
+            self.phase, self.segment, self.segment_weights = index, self.phases[index].start, None
+            self._restart_counts()
         if self._targets is None or self._targets[0] != samples_per_step:
-            self._targets = (samples_per_step, PhaseTargets(self.phases[index], self.names, samples_per_step))
+            self._targets = (samples_per_step, PhaseTargets(self.weights_in_force(), self.names, samples_per_step))
         return self._targets[1]
 
-    def take(self, step: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def take(self, step: int, n: int, units: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The n samples of global batch `step`: (source index, position within source), advancing
-        the state. Phases change only at step boundaries, so a batch lies within one phase."""
+        the state. Phases change only at step boundaries, so a batch lies within one phase.
+        `units`: mix by units instead of samples; units[d][k] is the size of source d's k-th
+        next sample (n of them for each source the phase draws from)."""
         targets = self._enter(step, n)
+        if units is not None:
+            return self._take_units(targets, n, units)
         if len(targets.active) == 1:  # one candidate: the rule picks it every time
             d = targets.active[0]
             positions = np.arange(self.positions[d], self.positions[d] + n, dtype=np.int64)
@@ -116,20 +154,56 @@ class MixtureSampler:
         self.phase_samples = t
         return sources, positions
 
+    def _take_units(self, targets: PhaseTargets, n: int, units: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """WF2Q over units (module docstring): a source is a candidate while its units served do
+        not exceed its share of the units drawn; the candidate chosen is the one whose next
+        sample the fluid mix would complete first."""
+        counts, owed, t, active = self.counts, self.owed, self.phase_samples, targets.active
+        taken = dict.fromkeys(active, 0)
+        sources = np.empty(n, dtype=np.int64)
+        positions = np.empty(n, dtype=np.int64)
+        for j in range(n):
+            t += 1
+            weight = {d: targets.target(d, t) - targets.target(d, t - 1) for d in active}
+            best, best_due = -1, math.inf
+            for d in active:
+                if weight[d] > 0 and owed[d] >= counts[d]:
+                    due = (counts[d] + int(units[d][taken[d]]) - owed[d]) / weight[d]
+                    if due < best_due:
+                        best, best_due = d, due
+            if best < 0:  # only reachable through rounding: take the largest deficit
+                best = max((d for d in active if weight[d] > 0), key=lambda d: owed[d] - counts[d])
+            size = int(units[best][taken[best]])
+            taken[best] += 1
+            counts[best] += size
+            for d in active:
+                owed[d] += weight[d] * size
+            sources[j] = best
+            positions[j] = self.positions[best]
+            self.positions[best] += 1
+        self.phase_samples = t
+        return sources, positions
+
     def scheduled_weights(self, step: int, n: int) -> dict[str, float]:
         """The mean scheduled weight of each source over global batch `step` of n samples."""
         targets = self._enter(step, n)
         t = self.phase_samples
+        if t >= targets.ramp:  # constant: the weights themselves
+            return dict(zip(self.names, targets.b))
         return {name: (targets.target(d, t + n) - targets.target(d, t)) / n for d, name in enumerate(self.names)}
 
     def state_dict(self) -> dict:
-        return {"positions": dict(zip(self.names, self.positions)), "phase": self.phase,
-                "phase_samples": self.phase_samples, "counts": dict(zip(self.names, self.counts))}
+        return {"positions": dict(zip(self.names, self.positions)), "phase": self.phase, "segment": self.segment,
+                "segment_weights": self.segment_weights, "phase_samples": self.phase_samples,
+                "counts": dict(zip(self.names, self.counts)), "owed": dict(zip(self.names, self.owed))}
 
     def load_state_dict(self, state: dict) -> None:
         self.positions = [int(state["positions"].get(n, 0)) for n in self.names]
         self.phase, self.phase_samples = int(state["phase"]), int(state["phase_samples"])
+        self.segment = int(state.get("segment", self.phases[self.phase].start if self.phases else 0))
+        self.segment_weights = state.get("segment_weights")
         self.counts = [int(state["counts"].get(n, 0)) for n in self.names]
+        self.owed = [float(state.get("owed", {}).get(n, 0.0)) for n in self.names]
         self._targets = None
 
 

@@ -180,6 +180,7 @@ class SFTDataset:
         self.order = order
         self.bins = self._pack(self.lengths[order] - 1) if pack else np.arange(len(order) + 1)
         self._filled = np.concatenate([[0], np.cumsum(self.lengths[order] - 1)])  # positions before each example
+        self._loss: np.ndarray | None = None
 
     def _pack(self, slots: np.ndarray) -> np.ndarray:
         """Start of each sequence in `order` (and the end): examples fill a sequence until the
@@ -205,6 +206,23 @@ class SFTDataset:
     def real_tokens(self, indices: np.ndarray) -> np.ndarray:
         """The positions samples `indices` fill with their examples' tokens (padding excluded)."""
         return self._filled[self.bins[indices + 1]] - self._filled[self.bins[indices]]
+
+    def examples(self, indices: np.ndarray) -> np.ndarray:
+        """The number of examples in samples `indices`."""
+        return self.bins[indices + 1] - self.bins[indices]
+
+    def loss_tokens(self, indices: np.ndarray) -> np.ndarray:
+        """The positions of samples `indices` that carry loss (their examples' response tokens)."""
+        if self._loss is None:
+            self._loss = np.full(len(self.order), -1, dtype=np.int64)  # per position in `order`, filled on demand
+        out = np.empty(len(indices), dtype=np.int64)
+        for j, i in enumerate(np.asarray(indices).tolist()):
+            lo, hi = self.bins[i], self.bins[i + 1]
+            missing = [k for k in range(lo, hi) if self._loss[k] < 0]
+            for k in missing:
+                self._loss[k] = int(self.example_mask(self.order[k])[1:].sum())
+            out[j] = self._loss[lo:hi].sum()
+        return out
 
     def examples_in(self, i: int) -> np.ndarray:
         """Indices (into this split's examples) of the examples in sample i, in order."""

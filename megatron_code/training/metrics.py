@@ -35,18 +35,27 @@ def flops_per_token(config: ModelConfig, seq_length: int) -> float:
     return 6 * matmul_params + 3 * attention
 
 
-def _record_step(line: str) -> float:
-    """A JSONL record's step; a line cut short by a crash counts as past every step."""
+def _kept(line: str, step: int) -> bool:
+    """Whether a resume at `step` keeps a JSONL line: a step's record up to `step`, an event
+    before it (an event of step `step` happens again in the resumed run); not a line cut short
+    by a crash."""
     try:
-        return json.loads(line)["step"]
+        record = json.loads(line)
+        return record["step"] < step if "event" in record else record["step"] <= step
     except (json.JSONDecodeError, KeyError, TypeError):
-        return float("inf")
+        return False
 
 
 class MetricsLogger:
     """`every_record` (e.g. the parallel layout) goes into each JSONL line. A run that starts at
     `start_step` (a resume) drops the records past it that an earlier attempt wrote: the steps
-    it replays are logged again, once."""
+    it replays are logged again, once.
+
+    Step numbering: a record's `step` counts the optimizer steps done, like a checkpoint's
+    step_N: record N holds what the N-th optimizer step did, which trained on global batch N - 1
+    (data schedules count steps done before a batch: a phase with `start: s` shows first in
+    record s + 1). An event record (`"event": ...`, e.g. a schedule change) has the step from
+    which it applies and comes between records `step` and `step + 1`."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, every_record: dict | None = None,
                  start_step: int = 0):
@@ -69,7 +78,7 @@ class MetricsLogger:
         if not self.path.is_file():
             return
         lines = self.path.read_text().splitlines(True)
-        kept = [line for line in lines if _record_step(line) <= step]
+        kept = [line for line in lines if _kept(line, step)]
         if len(kept) < len(lines):
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(kept))
@@ -84,6 +93,12 @@ class MetricsLogger:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self.writer.add_scalar(k, v, step)
+
+    def event(self, record: dict) -> None:
+        """A line of its own for something that happened before a step (`record["step"]`)."""
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         if self.writer is not None:

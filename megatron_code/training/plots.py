@@ -4,7 +4,9 @@ is tools/plot_run.py; the studies call `plot_runs`).
     python tools/plot_run.py RUN_DIR [RUN_DIR ...] [--out DIR]
 
 Writes into --out (default: the first run's `plots/`):
-  mixture.png      scheduled weight (dashed) vs the share of each global batch (solid) per source
+  mixture.png      scheduled weight (dashed) vs the share of each global batch (solid) per source,
+                   in the unit the run mixes by (data.mix_by); schedule changes marked at their
+                   step (accepted: solid vertical line, rejected: dotted)
   train_loss.png   training loss per source (the batch loss split by each sample's source)
   valid_loss.png   validation loss per source
   summary.md       per run: steps, tokens per source, first/last loss, last validation loss, schedule
@@ -15,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megatron_code.training.run_summary import read_metrics, series, summarize
+from megatron_code.training.run_summary import read_events, read_metrics, series, summarize
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -27,7 +29,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def _figure(runs: dict[str, list[dict]], prefix: str, title: str, ylabel: str, path: Path,
-            scheduled: bool = False, window: int = 1) -> None:
+            scheduled: bool = False, window: int = 1, events: dict[str, list[dict]] | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -36,12 +38,18 @@ def _figure(runs: dict[str, list[dict]], prefix: str, title: str, ylabel: str, p
     fig, axes = plt.subplots(1, max(len(sources), 1), figsize=(5 * max(len(sources), 1), 3.6), squeeze=False)
     for ax, source in zip(axes[0], sources):
         for colour, (label, records) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 8, runs.items()):
-            steps, values = series(records, prefix).get(source, ([], []))
+            unit = records[0].get("mix_by", "samples") if scheduled and records else prefix
+            steps, values = series(records, unit).get(source, ([], []))
             if scheduled:
-                totals = {r["step"]: sum(v for k, v in r.items() if k.startswith("samples/")) for r in records}
+                totals = {r["step"]: sum(v for k, v in r.items() if k.startswith(unit + "/")) for r in records}
                 values = [v / max(totals[s], 1) for s, v in zip(steps, values)]
                 w_steps, weights = series(records, "weight").get(source, ([], []))
                 ax.plot(w_steps, weights, "--", color=colour, label=f"{label} scheduled")
+                for verdict, style in (("accepted", "-"), ("rejected", ":")):
+                    marks = [e["step"] for e in (events or {}).get(label, []) if e.get("verdict") == verdict]
+                    for i, step in enumerate(marks):
+                        ax.axvline(step, color=colour, linestyle=style, linewidth=1, alpha=0.6,
+                                   label=f"{label} schedule {verdict}" if i == 0 else None)
             ax.plot(steps, _smooth(values, window), color=colour, label=label + (" actual" if scheduled else ""))
         ax.set_title(f"{title}: {source}")
         ax.set_xlabel("step")
@@ -71,17 +79,19 @@ def _markdown(summaries: list[dict]) -> str:
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> list[Path]:
-    runs = {}
+    runs, events = {}, {}
     for run_dir in run_dirs:
         records = read_metrics(run_dir)
         if not records:
             raise SystemExit(f"error: {run_dir}/metrics.jsonl is missing or empty: not a training run directory")
-        runs[run_dir.name if [d.name for d in run_dirs].count(run_dir.name) == 1 else str(run_dir)] = records
+        label = run_dir.name if [d.name for d in run_dirs].count(run_dir.name) == 1 else str(run_dir)
+        runs[label], events[label] = records, read_events(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     longest = max(len(r) for r in runs.values())
     written = [out / "mixture.png", out / "train_loss.png", out / "valid_loss.png", out / "summary.md"]
-    _figure(runs, "samples", "mixture", "share of samples", written[0], scheduled=True,
-            window=max(1, longest // 20))
+    units = sorted({r[0].get("mix_by", "samples") for r in runs.values()})
+    _figure(runs, "samples", "mixture", f"share of {' / '.join(units)}", written[0], scheduled=True,
+            window=max(1, longest // 20), events=events)
     _figure(runs, "loss", "training loss", "loss", written[1], window=max(1, longest // 50))
     _figure(runs, "valid_loss", "validation loss", "loss", written[2])
     written[3].write_text(_markdown([summarize(d) for d in run_dirs]))

@@ -9,17 +9,21 @@ from pathlib import Path
 from megatron_code.training.checkpoint import CheckpointError, resolve
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """One record per step, in step order."""
+def _records(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    by_step = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_step[record["step"]] = record
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """One record per step, in step order (event records left out: see `read_events`)."""
+    by_step = {r["step"]: r for r in _records(run_dir) if "event" not in r}
     return [by_step[s] for s in sorted(by_step)]
+
+
+def read_events(run_dir: str | Path) -> list[dict]:
+    """The event records (schedule changes accepted or rejected), in the order they happened;
+    an event's `step` is the step from which it applies."""
+    return [r for r in _records(run_dir) if "event" in r]
 
 
 def series(records: list[dict], prefix: str) -> dict[str, tuple[list[int], list[float]]]:

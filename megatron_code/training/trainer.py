@@ -123,14 +123,18 @@ class Trainer:
         lr = lr_at(self.step, cfg.train.steps, cfg.optim)
         self.optimizer.set_lr(lr)
         data = self.data.next_step()
+        for event in data.events:  # schedule changes, logged between the records of steps data.step and data.step + 1
+            self.metrics.event(event)
         totals = LossTotals(len(self.data.names), self.runtime.device)
         self.model.forward_backward(data.micro_batches, totals)
         grad_norm = self.model.clip_grad_norm_(cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.train_state.step += 1
+        losses = totals.per_source(self.data.names)
+        self.data.observe_losses(data.step, losses)  # an adaptive schedule's input (the same on every rank)
         return {"loss": totals.mean(), "lr": lr, "grad_norm": grad_norm.item(), **data.metrics,
-                **{f"loss/{k}": v for k, v in totals.per_source(self.data.names).items()}}
+                **{f"loss/{k}": v for k, v in losses.items()}}
 
     def evaluate(self) -> dict[str, float]:
         """Mean validation loss per source on a fixed set of held-out samples (each data-parallel
