@@ -5,6 +5,7 @@ import json
 import random
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -26,18 +27,33 @@ class Weights:
         self.weight.copy_(state["weight"])
 
 
-def checkpointer(directory, keep_last=2):
+class Layout:
+    """A rank's place in a parallel layout, as parallel/distributed.py's Runtime says it."""
+
+    def __init__(self, pp=0, tp=0, dp=0, sizes=(1, 1, 1)):
+        self.coordinates, self.sizes = {"pp": pp, "tp": tp, "dp": dp}, dict(zip(("pp", "tp", "dp"), sizes))
+
+    def coordinate(self, dim):
+        return self.coordinates[dim]
+
+    def size(self, dim):
+        return self.sizes[dim]
+
+
+def checkpointer(directory, keep_last=2, layout=None, saved_layout="tp1-pp1-dp1", weights=None):
     from megatron_code.parallel.distributed import init_distributed
 
     init_distributed("cpu")
     train = TrainState()
-    return Checkpointer(directory, keep_last, {"model": Weights()}, {"train": train}, {"config": {}}), train
+    return Checkpointer(directory, keep_last, {"model": weights or Weights()}, {"train": train},
+                        {"config": {}, "layout": saved_layout}, layout or Layout()), train
 
 
 def test_keep_newest_by_step_number_and_never_the_one_just_written(tmp_path):
     ckpt, _ = checkpointer(tmp_path, keep_last=2)
-    for name in ("step_9999999", "step_10000000", "step_0000500", "step_0000003.tmp"):
-        (tmp_path / name).mkdir()
+    for step in (500, 9999999, 10000000):
+        ckpt.save(step)
+    (tmp_path / "step_0000003.tmp").mkdir()
     ckpt.save(400)
     # newest two by number: 10000000 and 9999999 (by name 10000000 would sort first); 400 was just written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000400", "step_10000000", "step_9999999"]
@@ -45,20 +61,29 @@ def test_keep_newest_by_step_number_and_never_the_one_just_written(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # the stale temporary went, and ours was renamed
 
 
+def draws() -> tuple:
+    """The next numbers of Python's, numpy's and torch's global generators."""
+    return random.random(), *np.random.rand(2).tolist(), *torch.rand(2).tolist()
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def test_rng_state_is_plain_data_and_restored(tmp_path):
     ckpt, train = checkpointer(tmp_path)
     train.step = 7
-    random.seed(3)
-    torch.manual_seed(3)
+    seed_all(3)
     path = ckpt.save(7)
-    expected = (random.random(), torch.rand(3))
-    state = json.loads((path / "rng_rank0.json").read_text())
+    expected = draws()
+    state = json.loads((path / "rng_pp0_tp0.json").read_text())
     assert set(state) >= {"python", "numpy", "torch"}
-    random.seed(99)
-    torch.manual_seed(99)
+    seed_all(99)
     train.step = 0
     assert ckpt.load(path) is True and train.step == 7
-    assert (random.random(), *torch.rand(3).tolist()) == (expected[0], *expected[1].tolist())
+    assert draws() == expected
 
 
 def test_init_from_and_weights_only_checkpoints(train_args, tmp_path):
@@ -190,7 +215,7 @@ def test_a_relaunch_resumes_its_run_directory(saved, train_args, tmp_path):
 
     explicit = Trainer(load_config(None, args + [f"--checkpoint.load={run / 'checkpoints' / 'step_0000002'}"]))
     assert explicit.step == 2  # not the run's latest (3), not init_from's step 0
-    with pytest.raises(CheckpointError, match=rf"train.output_dir={run} already holds checkpoints \(latest step_0000003\)"):
+    with pytest.raises(CheckpointError, match=rf"train.output_dir={run} already holds checkpoints \(newest step_0000003\)"):
         Trainer(load_config(None, args + [f"--checkpoint.load={saved}"]))
 
 
