@@ -4,6 +4,8 @@ padding, the checks before a start, and which checkpoint a relaunch starts from.
 import json
 import random
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,18 +15,20 @@ import torch.distributed.checkpoint as dcp
 from megatron_code.config import load_config
 from megatron_code.training.checkpoint import Checkpointer, TrainState, load_model_state
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 
 class Weights:
     """A minimal sharded state: one tensor."""
 
-    def __init__(self):
-        self.weight = torch.arange(6.0)
+    def __init__(self, name="weight"):
+        self.name, self.weight = name, torch.arange(6.0)
 
     def state_dict(self):
-        return {"weight": self.weight}
+        return {self.name: self.weight}
 
     def load_state_dict(self, state):
-        self.weight.copy_(state["weight"])
+        self.weight.copy_(state[self.name])
 
 
 class Layout:
@@ -84,6 +88,91 @@ def test_rng_state_is_plain_data_and_restored(tmp_path):
     train.step = 0
     assert ckpt.load(path) is True and train.step == 7
     assert draws() == expected
+
+
+def _stages_then_replicas(rank, world_size, directory):
+    """Rank r saves as pipeline stage r with a random stream of its own; both ranks then load as
+    two data-parallel replicas of stage 0. Then two saves fail on rank 1 alone (a full disk):
+    in its RNG file, and in its DCP shard."""
+    import errno
+    import os
+    from contextlib import contextmanager
+    from pathlib import Path
+
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
+
+    from megatron_code.training import checkpoint
+
+    directory = Path(directory)
+    seed_all(100 + rank)
+    stages, stage_train = checkpointer(directory, layout=Layout(pp=rank, sizes=(2, 1, 1)), saved_layout="tp1-pp2-dp1",
+                                       weights=Weights(f"weight{rank}"))
+    stage_train.step = 5
+    path = stages.save(5)
+    continued = draws()
+    seed_all(7)
+    replicas, train = checkpointer(directory, layout=Layout(dp=rank, sizes=(1, 1, 2)), weights=Weights("weight0"))
+    logs = []
+    replicas._log = logs.append
+    replicas.load(path)
+    out = {"stage": continued, "replica": draws(), "logs": logs, "step": train.step, "errors": []}
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[0]))
+    create_stream = dcp_filesystem.FileSystem.create_stream
+
+    @contextmanager
+    def full_stream(self, path, mode):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        with create_stream(self, path, mode) as stream:
+            yield stream
+    for module, name, failing in ((checkpoint, "write_durably", full),
+                                  (dcp_filesystem.FileSystem, "create_stream", full_stream)):
+        original = getattr(module, name)
+        if rank == 1:
+            setattr(module, name, failing)
+        try:
+            stages.save(6)
+        except checkpoint.CheckpointError as e:
+            out["errors"].append(str(e))
+        setattr(module, name, original)
+    torch.distributed.barrier()  # rank 0 removes the partial save after raising
+    out["left"] = sorted(p.name for p in directory.iterdir())
+    return out
+
+
+def test_rng_states_follow_the_layout_coordinates_and_a_save_failing_on_one_rank_fails_on_all(tmp_path):
+    """RNG states are keyed by (pp, tp): after a change from 2 pipeline stages to 2 data-parallel
+    replicas both ranks continue stage 0's stream (rank 1 does not take stage 1's), and one line
+    names the dropped states. A full disk on rank 1 alone fails the save on both ranks, with
+    no hang, and removes the partial save."""
+    from distributed_utils import run_distributed
+
+    ranks = run_distributed(_stages_then_replicas, world_size=2, timeout_s=120, args=(str(tmp_path),))
+    assert ranks[0]["stage"] != ranks[1]["stage"]  # the stages drew from different streams
+    assert ranks[0]["replica"] == ranks[1]["replica"] == ranks[0]["stage"] and ranks[1]["step"] == 5
+    assert ranks[0]["logs"] == [f"warning: {tmp_path / 'step_0000005'} was saved under layout tp1-pp2-dp1: "
+                                "RNG states of (pp=1, tp=0) dropped (no such ranks now)"]
+    for rank in ranks:
+        assert len(rank["errors"]) == 2 and rank["left"] == ["latest", "step_0000005"]
+    first, second = ranks[0]["errors"]
+    assert first == ranks[1]["errors"][0] and second == ranks[1]["errors"][1]
+    assert first.startswith(f"saving checkpoint {tmp_path / 'step_0000006'} failed: "
+                            f"{tmp_path / 'step_0000006.tmp' / 'rng_pp1_tp0.json'}: No space left on device")
+    assert second.startswith(f"saving checkpoint {tmp_path / 'step_0000006'} failed: rank 1: No space left on device")
+
+
+def test_rng_files_of_checkpoints_saved_per_global_rank_map_to_coordinates(tmp_path):
+    """Before RNG states were keyed, a checkpoint held one file per global rank; the ranks of a
+    (pp, dp, tp) = (2, 2, 2) mesh at data-parallel rank 0 are 0, 1 (stage 0) and 4, 5 (stage 1)."""
+    from megatron_code.training.checkpoint import _saved_rng_files
+
+    for rank in range(8):
+        (tmp_path / f"rng_rank{rank}.json").write_text("{}")
+    assert _saved_rng_files(tmp_path, "tp2-pp2-dp2") == {
+        (0, 0): tmp_path / "rng_rank0.json", (0, 1): tmp_path / "rng_rank1.json",
+        (1, 0): tmp_path / "rng_rank4.json", (1, 1): tmp_path / "rng_rank5.json"}
 
 
 def test_init_from_and_weights_only_checkpoints(train_args, tmp_path):
