@@ -141,8 +141,8 @@ class Found:
 def _newest_intact(base: Path, checksums_too: bool, distributed: bool, weights_only: bool, fits: Fits | None,
                    log: Callable[[str], None]) -> Found:
     """The newest intact checkpoint of a checkpoints directory (`latest` is not consulted): sizes
-    first, then the cheap checks of `fits` on its trainer_state.json, then the checksums. Each
-    damaged newer one is named through `log`."""
+    first, then the cheap checks of `fits` on its trainer_state.json, then the checksums. When
+    there is one, each damaged newer one is named through `log` (else the caller's error names them)."""
     found = Found(None)
     for candidate in reversed(step_dirs(base)):
         why = problem(candidate, checksums_too=False, distributed=distributed)
@@ -157,13 +157,16 @@ def _newest_intact(base: Path, checksums_too: bool, distributed: bool, weights_o
             why = problem(candidate, checksums_too=checksums_too, distributed=distributed) if checksums_too else None
         if why is None:
             found.path, found.saved = candidate, saved
-            if not has_manifest(candidate):
-                log(f"note: {candidate} was saved before checkpoints had manifests: its files cannot be verified")
             break
         found.damaged.append((candidate, why))
+    if found.path is None:
+        return found
+    for candidate, why in found.damaged:
         log(f"warning: checkpoint {candidate} is damaged: {why}; skipping it")
+    if not has_manifest(found.path):
+        log(f"note: {found.path} was saved before checkpoints had manifests: its files cannot be verified")
     hint = base / "latest"
-    if found.path is not None and hint.is_file():
+    if hint.is_file():
         named = hint.read_text(errors="replace").strip()
         if named != found.path.name and named not in {d.name for d, _ in found.damaged}:
             log(f"note: {hint} names {named[:40]!r}, not the newest intact checkpoint {found.path.name}; "
@@ -304,7 +307,7 @@ def starting_point(config: CheckpointConfig, run_dir: Path, fits: Fits | None = 
                                   + "): restore one, or pass --checkpoint.allow_fresh_start=true to start again "
                                     "from step 0 (they are kept)")
         log(f"warning: starting again from step 0, as checkpoint.allow_fresh_start=true, although {own_dir} holds "
-            f"{len(own)} damaged checkpoint(s) (kept)")
+            f"checkpoints, none intact (kept): " + "; ".join(f"{d.name}: {why}" for d, why in found.damaged))
     if config.init_from:
         found = _open(Path(config.init_from), "checkpoint.init_from", True, distributed, True, fits, log)
         return Start(found.path, True, found.saved, damaged)
