@@ -467,6 +467,7 @@ class Checkpointer:
         self.directory, self.keep_last = directory, keep_last
         self.sharded, self.plain, self.metadata, self.layout = sharded, plain, metadata, layout
         self.damaged = set(damaged)
+        self.resumed_from: Path | None = None
 
     def _log(self, message: str) -> None:
         if dist.get_rank() == 0:
@@ -493,6 +494,8 @@ class Checkpointer:
         main = dist.get_rank() == 0
         final = self.directory / f"step_{step:07d}"
         tmp = self.directory / f"step_{step:07d}.tmp"
+        if self.resumed_from is not None and final.resolve() == self.resumed_from.resolve():
+            return final  # no step since it was loaded: it holds this state, and replacing it risks it
         try:
             self._together(main, lambda: self._start_save(tmp))
             dcp.save({name: component.state_dict() for name, component in self.sharded.items()}, checkpoint_id=tmp)
@@ -584,6 +587,7 @@ class Checkpointer:
         if weights_only:
             return False
         self._restore_rng(step_dir, saved.get("layout", ""))
+        self.resumed_from = step_dir
         return True
 
     def _restore_rng(self, step_dir: Path, saved_layout: str) -> None:
