@@ -8,13 +8,13 @@ It builds a small text+code corpus and tokenizer under OUT/data (reused when the
 the tiny model with torchrun on 2 CPU ranks as 2 pipeline stages, saving every --interval steps:
 first uninterrupted (OUT/reference), then the same run (OUT/faulted) launched again and again.
 Launch i (for i = 1..--kills) is ended by SIGKILL to a randomly chosen rank at a random moment,
-the kinds taken in turn: during a checkpoint save (once a step_N.tmp folder appears, plus up to
-50 ms), during training (after a random step of this launch, plus up to 0.1 s), or during
-start-up (up to the reference's time from the ranks' start to its first step); torchrun then
-ends the other rank. Each next launch resumes from the newest intact checkpoint; a last launch
-runs to the end. The verdict compares every step's loss, per-source losses, gradient norm and
-learning rate in metrics.jsonl, and every weight of the final checkpoint, bit for bit; exit
-status 0 when all match, 1 otherwise.
+the kinds taken in turn: during one of the launch's checkpoint saves (once its step_N.tmp
+folder appears, plus up to 10 ms), during training (after a random step of this launch, plus up
+to 0.1 s), or during start-up (up to the reference's time from the ranks' start to its first
+step); torchrun then ends the other rank. Each next launch resumes from the newest intact
+checkpoint; a last launch runs to the end. The verdict compares every step's loss, per-source
+losses, gradient norm and learning rate in metrics.jsonl, and every weight of the final
+checkpoint, bit for bit; exit status 0 when all match, 1 otherwise.
 CPU only (gloo); Linux (it finds the ranks through /proc).
 """
 from __future__ import annotations
@@ -102,10 +102,10 @@ def logged_steps(log_path: Path) -> list[int]:
             if line.startswith("step ") and ": loss " in line]
 
 
-def launch(command: list[str], log_path: Path, steps: int, checkpoints: Path, timeout: float,
+def launch(command: list[str], log_path: Path, steps: int, interval: int, checkpoints: Path, timeout: float,
            rng: random.Random | None = None, moment: str = "", startup: float = 0.0) -> Launch:
-    """Run one launch; with `rng`, SIGKILL one of its ranks at a random `moment` (MOMENTS): while
-    a step_N.tmp folder exists (a save in flight), after a random step of its own, or up to
+    """Run one launch; with `rng`, SIGKILL one of its ranks at a random `moment` (MOMENTS): during
+    one of its saves (a step_N.tmp folder exists), after a random step of its own, or up to
     `startup` seconds after the ranks started."""
     start = time.monotonic()
     deadline = start + timeout
@@ -121,7 +121,8 @@ def launch(command: list[str], log_path: Path, steps: int, checkpoints: Path, ti
             elif first_step is None and logged_steps(log_path):
                 first_step = time.monotonic()
             if rng is not None and ranks_started is not None:
-                killed = _kill_one(process, ranks, rng, moment, startup, log_path, steps, checkpoints, deadline)
+                killed = _kill_one(process, ranks, rng, moment, startup, log_path, steps, interval, checkpoints,
+                                   deadline)
                 break
             time.sleep(0.005)
         process.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -135,7 +136,7 @@ def launch(command: list[str], log_path: Path, steps: int, checkpoints: Path, ti
 
 
 def _kill_one(process: subprocess.Popen, ranks: dict[int, int], rng: random.Random, moment: str, startup: float,
-              log_path: Path, steps: int, checkpoints: Path, deadline: float) -> str:
+              log_path: Path, steps: int, interval: int, checkpoints: Path, deadline: float) -> str:
     rank = rng.randrange(2)
     started = time.monotonic()
 
@@ -156,11 +157,16 @@ def _kill_one(process: subprocess.Popen, ranks: dict[int, int], rng: random.Rand
         wait_for(lambda: logged_steps(log_path)[-1] >= target)
         time.sleep(rng.uniform(0, 0.1))
         what = f"training, after step {target}"
-    else:
-        saving = []
-        wait_for(lambda: saving.extend(p.name for p in checkpoints.glob("step_*.tmp")) or saving)
-        time.sleep(rng.uniform(0, 0.05))
-        what = f"mid-save ({saving[0]} being written)" if saving else "mid-save"
+    else:  # one of the saves this launch still makes, at random
+        if not wait_for(lambda: logged_steps(log_path)):
+            return ""
+        first = logged_steps(log_path)[0]
+        saves = sorted({*range(first + (-first) % interval, steps + 1, interval), steps})
+        final = checkpoints / f"step_{saves[rng.randrange(len(saves))]:07d}"
+        partial = final.with_name(final.name + ".tmp")
+        wait_for(lambda: partial.exists() or final.exists())
+        time.sleep(rng.uniform(0, 0.01))  # a save of the tiny model takes longer: the kill lands inside it
+        what = f"mid-save ({partial.name} being written)" if partial.exists() else f"just after saving {final.name}"
     if process.poll() is not None:
         return ""
     try:
@@ -217,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
     done = launch(train_command(data, reference, args.steps, args.interval), reference / "launch.log", args.steps,
-                  reference / "checkpoints", args.timeout)
+                  args.interval, reference / "checkpoints", args.timeout)
     if done.returncode != 0:
         print(done.log[-3000:])
         sys.exit(f"error: the uninterrupted run failed (exit status {done.returncode}); see {reference / 'launch.log'}")
@@ -228,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     kills = mid_save = 0
     for attempt in range(1, args.kills + 2):
         last = attempt == args.kills + 1
-        result = launch(command, faulted / f"launch_{attempt}.log", args.steps, faulted / "checkpoints", args.timeout,
-                        None if last else rng, MOMENTS[(attempt - 1) % len(MOMENTS)], done.startup)
+        result = launch(command, faulted / f"launch_{attempt}.log", args.steps, args.interval, faulted / "checkpoints",
+                        args.timeout, None if last else rng, MOMENTS[(attempt - 1) % len(MOMENTS)], done.startup)
         resumed = next((line.split("resuming from ")[1].split(",")[0] for line in result.log.splitlines()
                         if "resuming from " in line), "step 0")
         state = result.killed or f"ran to the end (exit status {result.returncode})"

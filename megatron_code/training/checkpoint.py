@@ -454,7 +454,8 @@ def _free_space(directory: Path) -> str:
         free = shutil.disk_usage(directory).free
     except OSError:
         return ""
-    return f" ({free / 2**30:.2f} GiB free there)" if free >= 2**30 else f" ({free:,} bytes free there)"
+    return (f" ({free / 2**30:.2f} GiB free there when it failed)" if free >= 2**30
+            else f" ({free:,} bytes free there when it failed)")
 
 
 class Checkpointer:
@@ -508,13 +509,14 @@ class Checkpointer:
             sums = checksums(tmp, listing[0], distributed=True)
             self._together(main, lambda: self._finish_save(step, tmp, final, sums))
         except (Exception, CheckpointException) as e:
+            free = _free_space(self.directory)  # before the partial save goes
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
             kept = [d.name for d in step_dirs(self.directory) if d != final]
             reason = str(e) if isinstance(e, _SaveFailed) else _reason(e)
-            raise CheckpointError(f"saving checkpoint {final} failed: {reason}{_free_space(self.directory)}; its partial save {tmp.name} was removed"
-                                  + (f", the checkpoints already there are untouched (newest {kept[-1]})" if kept else "")
-                                  ) from e
+            raise CheckpointError(f"saving checkpoint {final} failed: {reason}{free}; its partial save {tmp.name} "
+                                  "was removed" + (f", the checkpoints already there are untouched (newest {kept[-1]})"
+                                                   if kept else "")) from e
         return final
 
     def _start_save(self, tmp: Path) -> None:

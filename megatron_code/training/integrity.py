@@ -29,13 +29,13 @@ import xxhash
 
 MANIFEST = "manifest.json"
 CHECKSUM = "xxh3_64"
-_CHUNK = 4 << 20  # bytes per read: large enough that the hash, not the call overhead, sets the pace
+READ_CHUNK = 4 << 20  # bytes per read: large enough that the hash, not the call overhead, sets the pace
 
 
 def file_checksum(path: Path) -> str:
     """XXH3-64 of a file's bytes, streamed."""
     digest = xxhash.xxh3_64()
-    buffer = bytearray(_CHUNK)
+    buffer = bytearray(READ_CHUNK)
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buffer):
