@@ -64,7 +64,7 @@ def share(sizes: dict[str, int], rank: int, world: int) -> list[str]:
 
 def agree(value, distributed: bool) -> list:
     """Every rank's `value`, in rank order, on every rank (one collective; [value] alone)."""
-    rank, world = _rank_and_world(distributed)
+    _, world = _rank_and_world(distributed)
     if world == 1:
         return [value]
     gathered = [None] * world
@@ -109,7 +109,7 @@ def write_durably(path: Path, text: str) -> None:
         fsync_path(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from None
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def fsync_path(path: Path) -> None:

@@ -81,7 +81,7 @@ class MetricsLogger:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, **values, **self.every_record}) + "\n")
         except OSError as e:  # a write's error (a full disk) carries no file name
-            raise OSError(e.errno, e.strerror, str(self.path)) from None
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
         if self.writer is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
