@@ -32,6 +32,7 @@ setup(
         "numpy>=1.24",
         "PyYAML>=6.0",
         "tqdm>=4.60",
+        "xxhash>=3.0",  # checkpoint checksums (training/integrity.py)
     ],
     extras_require={
         # lm-eval (with its [hf] extra) installs in about a minute, so CI runs the lm-eval tests too

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from megatron_code.cli import user_errors
+from megatron_code.cli import add_debug_flag, user_errors
 from megatron_code.config import ConfigError, load_config
 
 
@@ -19,6 +18,7 @@ def parse_args(argv: list[str] | None = None):
         epilog="Any config field can be set as --section.field=value, e.g. --train.steps=100.")
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--load", help="resume from this checkpoint (same as --checkpoint.load=DIR)")
+    add_debug_flag(parser)
     args, rest = parser.parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--") and "=" in a]
     stray = [a for a in rest if a not in overrides]
@@ -27,12 +27,6 @@ def parse_args(argv: list[str] | None = None):
     if args.load:
         overrides.append(f"--checkpoint.load={args.load}")
     return args.config, overrides
-
-
-def _fail(error: Exception) -> None:
-    """Stop with the message on every rank: torchrun ends the other ranks as soon as one exits,
-    so a message left to rank 0 alone could be cut off."""
-    sys.exit(f"error: {error}")
 
 
 def checked_config(argv: list[str] | None, world_size: int):
@@ -45,10 +39,10 @@ def checked_config(argv: list[str] | None, world_size: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    # Every rank stops with the message: torchrun ends the other ranks as soon as one exits, so a
+    # message left to rank 0 alone could be cut off.
+    with user_errors(ConfigError):
         config = checked_config(argv, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's ranks fit the layout
-    except ConfigError as e:
-        _fail(e)
     # heavy imports only after the config is valid
     from megatron_code.data.errors import DataError
     from megatron_code.parallel.distributed import shutdown_distributed

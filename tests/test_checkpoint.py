@@ -4,7 +4,10 @@ padding, the checks before a start, and which checkpoint a relaunch starts from.
 import json
 import random
 import shutil
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -12,32 +15,49 @@ import torch.distributed.checkpoint as dcp
 from megatron_code.config import load_config
 from megatron_code.training.checkpoint import Checkpointer, TrainState, load_model_state
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 
 class Weights:
     """A minimal sharded state: one tensor."""
 
-    def __init__(self):
-        self.weight = torch.arange(6.0)
+    def __init__(self, name="weight"):
+        self.name, self.weight = name, torch.arange(6.0)
 
     def state_dict(self):
-        return {"weight": self.weight}
+        return {self.name: self.weight}
 
     def load_state_dict(self, state):
-        self.weight.copy_(state["weight"])
+        self.weight.copy_(state[self.name])
 
 
-def checkpointer(directory, keep_last=2):
+class Layout:
+    """A rank's place in a parallel layout, as parallel/distributed.py's Runtime says it."""
+
+    def __init__(self, pp=0, tp=0, dp=0, sizes=(1, 1, 1)):
+        self.coordinates, self.sizes = {"pp": pp, "tp": tp, "dp": dp}, dict(zip(("pp", "tp", "dp"), sizes))
+
+    def coordinate(self, dim):
+        return self.coordinates[dim]
+
+    def size(self, dim):
+        return self.sizes[dim]
+
+
+def checkpointer(directory, keep_last=2, layout=None, saved_layout="tp1-pp1-dp1", weights=None):
     from megatron_code.parallel.distributed import init_distributed
 
     init_distributed("cpu")
     train = TrainState()
-    return Checkpointer(directory, keep_last, {"model": Weights()}, {"train": train}, {"config": {}}), train
+    return Checkpointer(directory, keep_last, {"model": weights or Weights()}, {"train": train},
+                        {"config": {}, "layout": saved_layout}, layout or Layout()), train
 
 
 def test_keep_newest_by_step_number_and_never_the_one_just_written(tmp_path):
     ckpt, _ = checkpointer(tmp_path, keep_last=2)
-    for name in ("step_9999999", "step_10000000", "step_0000500", "step_0000003.tmp"):
-        (tmp_path / name).mkdir()
+    for step in (500, 9999999, 10000000):
+        ckpt.save(step)
+    (tmp_path / "step_0000003.tmp").mkdir()
     ckpt.save(400)
     # newest two by number: 10000000 and 9999999 (by name 10000000 would sort first); 400 was just written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000400", "step_10000000", "step_9999999"]
@@ -45,20 +65,114 @@ def test_keep_newest_by_step_number_and_never_the_one_just_written(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # the stale temporary went, and ours was renamed
 
 
+def draws() -> tuple:
+    """The next numbers of Python's, numpy's and torch's global generators."""
+    return random.random(), *np.random.rand(2).tolist(), *torch.rand(2).tolist()
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def test_rng_state_is_plain_data_and_restored(tmp_path):
     ckpt, train = checkpointer(tmp_path)
     train.step = 7
-    random.seed(3)
-    torch.manual_seed(3)
+    seed_all(3)
     path = ckpt.save(7)
-    expected = (random.random(), torch.rand(3))
-    state = json.loads((path / "rng_rank0.json").read_text())
+    expected = draws()
+    state = json.loads((path / "rng_pp0_tp0.json").read_text())
     assert set(state) >= {"python", "numpy", "torch"}
-    random.seed(99)
-    torch.manual_seed(99)
+    seed_all(99)
     train.step = 0
     assert ckpt.load(path) is True and train.step == 7
-    assert (random.random(), *torch.rand(3).tolist()) == (expected[0], *expected[1].tolist())
+    assert draws() == expected
+
+
+def _stages_then_replicas(rank, world_size, directory):
+    """Rank r saves as pipeline stage r with a random stream of its own; both ranks then load as
+    two data-parallel replicas of stage 0. Then two saves fail on rank 1 alone (a full disk):
+    in its RNG file, and in its DCP shard."""
+    import errno
+    import os
+    from contextlib import contextmanager
+    from pathlib import Path
+
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
+
+    from megatron_code.training import checkpoint
+
+    directory = Path(directory)
+    seed_all(100 + rank)
+    stages, stage_train = checkpointer(directory, layout=Layout(pp=rank, sizes=(2, 1, 1)), saved_layout="tp1-pp2-dp1",
+                                       weights=Weights(f"weight{rank}"))
+    stage_train.step = 5
+    path = stages.save(5)
+    continued = draws()
+    seed_all(7)
+    replicas, train = checkpointer(directory, layout=Layout(dp=rank, sizes=(1, 1, 2)), weights=Weights("weight0"))
+    logs = []
+    replicas._log = logs.append
+    replicas.load(path)
+    out = {"stage": continued, "replica": draws(), "logs": logs, "step": train.step, "errors": []}
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[0]))
+    create_stream = dcp_filesystem.FileSystem.create_stream
+
+    @contextmanager
+    def full_stream(self, path, mode):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        with create_stream(self, path, mode) as stream:
+            yield stream
+    for module, name, failing in ((checkpoint, "write_durably", full),
+                                  (dcp_filesystem.FileSystem, "create_stream", full_stream)):
+        original = getattr(module, name)
+        if rank == 1:
+            setattr(module, name, failing)
+        try:
+            stages.save(6)
+        except checkpoint.CheckpointError as e:
+            out["errors"].append(str(e))
+        setattr(module, name, original)
+    torch.distributed.barrier()  # rank 0 removes the partial save after raising
+    out["left"] = sorted(p.name for p in directory.iterdir())
+    return out
+
+
+def test_rng_states_follow_the_layout_coordinates_and_a_save_failing_on_one_rank_fails_on_all(tmp_path):
+    """RNG states are keyed by (pp, tp): after a change from 2 pipeline stages to 2 data-parallel
+    replicas both ranks continue stage 0's stream (rank 1 does not take stage 1's), and one line
+    names the dropped states. A full disk on rank 1 alone fails the save on both ranks, with
+    no hang, and removes the partial save."""
+    from distributed_utils import run_distributed
+
+    ranks = run_distributed(_stages_then_replicas, world_size=2, timeout_s=120, args=(str(tmp_path),))
+    assert ranks[0]["stage"] != ranks[1]["stage"]  # the stages drew from different streams
+    assert ranks[0]["replica"] == ranks[1]["replica"] == ranks[0]["stage"] and ranks[1]["step"] == 5
+    assert ranks[0]["logs"] == [f"warning: {tmp_path / 'step_0000005'} was saved under layout tp1-pp2-dp1: "
+                                "RNG states of (pp=1, tp=0) dropped (no such ranks now)"]
+    for rank in ranks:
+        assert len(rank["errors"]) == 2 and rank["left"] == ["latest", "step_0000005"]
+    first, second = ranks[0]["errors"]
+    assert first == ranks[1]["errors"][0] and second == ranks[1]["errors"][1]
+    assert first.startswith(f"saving checkpoint {tmp_path / 'step_0000006'} failed: "
+                            f"{tmp_path / 'step_0000006.tmp' / 'rng_pp1_tp0.json'}: No space left on device")
+    assert second.startswith(f"saving checkpoint {tmp_path / 'step_0000006'} failed: rank 1: No space left on device")
+
+
+def test_rng_files_of_checkpoints_saved_per_global_rank_map_to_coordinates(tmp_path):
+    """Before RNG states were keyed, a checkpoint held one file per global rank; the ranks of a
+    (pp, dp, tp) = (2, 2, 2) mesh at data-parallel rank 0 are 0, 1 (stage 0) and 4, 5 (stage 1)."""
+    from megatron_code.training.checkpoint import _saved_rng_files
+
+    for rank in range(8):
+        (tmp_path / f"rng_rank{rank}.json").write_text("{}")
+    assert _saved_rng_files(tmp_path, "tp2-pp2-dp2") == {
+        (0, 0): tmp_path / "rng_rank0.json", (0, 1): tmp_path / "rng_rank1.json",
+        (1, 0): tmp_path / "rng_rank4.json", (1, 1): tmp_path / "rng_rank5.json"}
 
 
 def test_init_from_and_weights_only_checkpoints(train_args, tmp_path):
@@ -190,7 +304,7 @@ def test_a_relaunch_resumes_its_run_directory(saved, train_args, tmp_path):
 
     explicit = Trainer(load_config(None, args + [f"--checkpoint.load={run / 'checkpoints' / 'step_0000002'}"]))
     assert explicit.step == 2  # not the run's latest (3), not init_from's step 0
-    with pytest.raises(CheckpointError, match=rf"train.output_dir={run} already holds checkpoints \(latest step_0000003\)"):
+    with pytest.raises(CheckpointError, match=rf"train.output_dir={run} already holds checkpoints \(newest step_0000003\)"):
         Trainer(load_config(None, args + [f"--checkpoint.load={saved}"]))
 
 

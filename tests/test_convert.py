@@ -17,6 +17,7 @@ from megatron_code.data.tokenizer import load_tokenizer
 from megatron_code.evaluation.lm import load_language_model
 from megatron_code.model import GPT
 from megatron_code.model.hf import ConversionError, from_hf_config, hf_architecture
+from megatron_code.training.integrity import file_checksum, write_manifest
 from megatron_code.training.weights import read_checkpoint, write_weights_only
 
 
@@ -62,11 +63,14 @@ def test_export_matches_transformers(trained_run, exported):
 
 
 def _copy_final_checkpoint(trained_run: Path, out: Path, tokenizer_vocab_size: int | None) -> Path:
-    """`trained_run`'s final step directory under `out`, its config's model.tokenizer_vocab_size
-    replaced (None: removed, as in a checkpoint saved before the field existed)."""
+    """`trained_run`'s final step directory under `out` as a checkpoint saved before manifests,
+    its config's model.tokenizer_vocab_size replaced (None: removed, as in a checkpoint saved
+    before the field existed)."""
     step = out / "checkpoints" / "step_0000016"
     shutil.copytree(trained_run / "checkpoints" / step.name, step)
+    (step / "manifest.json").unlink()
     state = json.loads((step / "trainer_state.json").read_text())
+    assert state.pop("manifest") is True
     assert state["config"]["model"].pop("tokenizer_vocab_size") == 1024
     if tokenizer_vocab_size is not None:
         state["config"]["model"]["tokenizer_vocab_size"] = tokenizer_vocab_size
@@ -137,6 +141,7 @@ def test_export_bf16_and_errors(convert_tool, trained_run, exported, tiny_corpus
     state = json.loads((partial / "trainer_state.json").read_text())
     state["config"]["model"]["num_layers"] = 3  # the checkpoint holds two layers
     (partial / "trainer_state.json").write_text(json.dumps(state))
+    write_manifest(partial, {f.name: file_checksum(f) for f in partial.iterdir() if f.name != "manifest.json"})
     partial.rename(partial.with_name("step_0000020"))
     assert convert_tool.main(["export", "--load", str(partial.with_name("step_0000020")), "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err

@@ -137,6 +137,23 @@ def test_epochs_reshuffle_and_serve_every_sample_once(tiny_corpus, tiny_indexed,
              weights=(0, 1))
 
 
+def test_epochs_one_two_three_are_new_permutations(tiny_corpus, tiny_indexed, code_shards, tmp_path):
+    """A small source read four times over: each epoch serves every sample once, and epochs 1, 2
+    and 3 are orders of their own (pairwise, and against epoch 0), few samples keeping their place."""
+    pipeline = make(tiny_corpus, {"text": tiny_indexed["text"], "code": code_shards["small"]}, tmp_path,
+                    "--data.prefetch=0", "--train.steps=1000", weights=(0, 1))
+    size = len(pipeline.sources[1].files[0].train)
+    code = [t for step in draw(pipeline, -(-4 * size // 8)) for s, t in step if s == 1]
+    epochs = [code[e * size:(e + 1) * size] for e in range(4)]
+    assert size >= 16 and len(set(epochs[0])) == size
+    for epoch in epochs[1:]:
+        assert sorted(epoch) == sorted(epochs[0])
+    for a in range(4):
+        for b in range(a + 1, 4):
+            in_place = sum(x == y for x, y in zip(epochs[a], epochs[b]))
+            assert in_place <= size // 4, (a, b, in_place, size)  # random orders share about one
+
+
 def test_data_parallel_ranks_split_the_global_batch(tiny_corpus, tiny_indexed, tmp_path):
     whole = draw(make(tiny_corpus, tiny_indexed, tmp_path, "--data.prefetch=0"), 3)
     ranks = [draw(make(tiny_corpus, tiny_indexed, tmp_path, "--data.prefetch=0", dp_rank=r, dp_size=2), 3)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_code.cli import user_errors
+from megatron_code.cli import add_debug_flag, user_error, user_errors
 from megatron_code.config import Config
 from megatron_code.data.errors import DataError
 from megatron_code.data.tokenizer import Tokenizer, export_hf_tokenizer, hf_tokenizer_dir, load_tokenizer
@@ -44,6 +44,7 @@ from megatron_code.evaluation.lm import gpt_next_logits, greedy
 from megatron_code.model import GPT
 from megatron_code.model.hf import ConversionError, from_hf_config, from_hf_state, hf_config, to_hf_state
 from megatron_code.training.checkpoint import CheckpointError, check_tokenizer
+from megatron_code.training.integrity import safetensors_files
 from megatron_code.training.weights import read_checkpoint, write_weights_only
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -286,10 +287,9 @@ def _optional_id(tok: Tokenizer, attribute: str) -> int | None:
 def _read_hf_state(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    files = sorted(folder.glob("*.safetensors"))
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    files, damage = safetensors_files(folder)
+    if damage:
+        raise ConversionError(damage)
     if not files:
         raise ConversionError(f"{folder}: no safetensors weights (save the model with save_pretrained)")
     state = {}
@@ -354,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--out", required=True, help="the run directory to write")
     for sub in (export, imp):
         sub.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
+        add_debug_flag(sub)
         sub.add_argument("--no-verify", dest="verify", action="store_false",
                          help="skip the logits and greedy-generation check")
     args = parser.parse_args(argv)
@@ -367,8 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, ConversionError, DataError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return user_error(e)
     print(f"done: {out}")
     return 0
 

@@ -25,7 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_code.cli import user_errors
+from megatron_code.cli import add_debug_flag, user_error, user_errors
 
 DEFAULT_TASK_DIR = Path("runs/eval_tasks")
 
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list", action="store_true", help="list tasks and which need a download")
+    add_debug_flag(parser)
     commands = parser.add_subparsers(dest="command")
     make = commands.add_parser("make-tasks", help="write the built-in task files")
     make.add_argument("--out", type=Path, default=DEFAULT_TASK_DIR)
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     compare = commands.add_parser("compare", help="markdown table of arms with bootstrap intervals")
     compare.add_argument("arms", nargs="+", help="results files, or run/model directories holding them")
     compare.add_argument("--resamples", type=int, default=2000)
+    for command in (make, run, compare):
+        add_debug_flag(command)
     args = parser.parse_args(argv)
     if args.list:
         _list()
@@ -148,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             print(compare_arms(args.arms, args.resamples))
     except (TaskError, CheckpointError, DataError, ConfigError, SandboxUnavailable, HarnessUnavailable,
             FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return user_error(e)
     return 0
 
 

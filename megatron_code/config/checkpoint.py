@@ -11,16 +11,23 @@ class CheckpointConfig:
     interval: int = 0
     """Save every N steps (0: only at the end)."""
     keep_last: int = 2
+    """Keep the newest N checkpoints by step number; pruning never removes the newest intact one, a
+    damaged one, or anything older than a damaged one."""
     load: str = ""
     """Resume from this checkpoint directory (a run dir's `checkpoints/` or one `step_N` in it);
     overrides `init_from`. A weights-only checkpoint (e.g. imported from Hugging Face) starts as
     `init_from` does. Without it, a train.output_dir that holds checkpoints resumes from its
-    latest; pointing it at another run while train.output_dir holds checkpoints is refused."""
+    newest intact checkpoint; pointing it at another run while train.output_dir holds checkpoints
+    is refused."""
     init_from: str = ""
     """Start from this checkpoint's model weights only: fresh optimizer, LR schedule and data
-    position, step 0 -- on the run's first start; a relaunch resumes train.output_dir's latest
-    checkpoint instead. Any parallel layout can read a checkpoint saved under any other."""
+    position, step 0 -- on the run's first start; a relaunch resumes train.output_dir's newest
+    intact checkpoint instead. Any parallel layout can read a checkpoint saved under any other."""
     save: bool = True
+    allow_fresh_start: bool = False
+    """Start again from step 0 (or `init_from`) when train.output_dir holds step_N folders of which
+    none is intact (each damaged one is named; all are kept). Without it such a launch stops: a
+    run never silently starts over."""
 
     def validate(self) -> None:
         if self.interval < 0 or self.keep_last < 1:

@@ -143,6 +143,12 @@ def _load_ours(path: Path, device: torch.device, dtype: torch.dtype, tokenizer_p
 def _load_hf(path: Path, device: torch.device, dtype: torch.dtype) -> LanguageModel:
     from transformers import AutoModelForCausalLM
 
+    from megatron_code.training.checkpoint import CheckpointError
+    from megatron_code.training.integrity import safetensors_files
+
+    damage = safetensors_files(path)[1]
+    if damage:
+        raise CheckpointError(damage)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()

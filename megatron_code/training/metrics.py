@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from megatron_code.config import ModelConfig
+from megatron_code.training.integrity import write_durably
 
 # Dense bf16 peak (no sparsity), from the vendors' data sheets.
 _PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
@@ -80,15 +81,16 @@ class MetricsLogger:
         lines = self.path.read_text().splitlines(True)
         kept = [line for line in lines if _kept(line, step)]
         if len(kept) < len(lines):
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(kept))
-            tmp.replace(self.path)
+            write_durably(self.path, "".join(kept))
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values, **self.every_record}) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **values, **self.every_record}) + "\n")
+        except OSError as e:  # a write's error (a full disk) carries no file name
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
         if self.writer is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):

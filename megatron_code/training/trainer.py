@@ -19,10 +19,11 @@ from megatron_code.data.pipeline import DataPipeline, check_resumable
 from megatron_code.data.tokenizer import load_tokenizer
 from megatron_code.evaluation.multiple_choice import score_multiple_choice
 from megatron_code.evaluation.tasks import load_eval_tasks
-from megatron_code.parallel.distributed import Runtime, build_runtime, launched_world_size
+from megatron_code.parallel.distributed import Runtime, build_runtime, init_distributed, launched_world_size
 from megatron_code.parallel.model import ParallelModel, build_model
-from megatron_code.training.checkpoint import (Checkpointer, TrainState, check_checkpoint_matches, read_trainer_state,
-                                               starting_point, tokenizer_record)
+from megatron_code.training.checkpoint import (Checkpointer, TrainState, check_checkpoint_matches, starting_point,
+                                               tokenizer_record)
+from megatron_code.training.integrity import write_durably
 from megatron_code.training.loss import LossTotals
 from megatron_code.training.metrics import MetricsLogger, flops_per_token, peak_flops
 from megatron_code.training.optim import Optimizers, lr_at
@@ -56,19 +57,16 @@ class Trainer:
         self.tokenizer = load_tokenizer(config.data.tokenizer)
         ckpt = config.checkpoint
         self.run_dir = Path(config.train.output_dir)
-        start_from, weights_only = starting_point(ckpt.load, ckpt.init_from, self.run_dir)
-        if start_from is not None:
-            saved = read_trainer_state(start_from)
-            check_checkpoint_matches(saved, config.model, self.tokenizer, config.data.tokenizer, start_from)
-            weights_only = weights_only or saved.get("weights_only", False)
-            if not weights_only and "data" in saved:
-                check_resumable(saved["data"], config, self.tokenizer)
+        # the ranks verify the checkpoint's checksums together, each its share of the files
+        say = print if init_distributed(config.train.device).is_main else (lambda message: None)
+        start = starting_point(ckpt, self.run_dir, self._check_fit, say)
+        start_from, weights_only = start.path, start.weights_only
         self.eval_tasks = load_eval_tasks(config.train.eval_tasks)
 
         self.runtime = build_runtime(config.train.device, config.parallel.tensor, config.parallel.pipeline)
         device, main = self.runtime.device, self.runtime.is_main
         if main and start_from is not None and not ckpt.load and not weights_only:
-            print(f"resuming from {start_from}, the latest checkpoint in train.output_dir"
+            print(f"resuming from {start_from}, the newest intact checkpoint in train.output_dir"
                   + (f" (checkpoint.init_from={ckpt.init_from} only seeds a run's first start)" if ckpt.init_from else ""))
         use_bf16 = device.type == "cuda" and config.train.dtype in ("auto", "bf16")
         self.autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16
@@ -91,13 +89,20 @@ class Trainer:
             sharded={"model": self.model, "optimizer": self.optimizer},
             plain={"train": self.train_state, "data": self.data},
             metadata={"config": config.to_dict(), "layout": self.runtime.layout,
-                      "tokenizer": tokenizer_record(self.tokenizer)})
-        if start_from is not None and not self.checkpointer.load(start_from, weights_only=weights_only) and main:
+                      "tokenizer": tokenizer_record(self.tokenizer)},
+            layout=self.runtime, damaged=start.damaged)
+        if start_from is not None and not self.checkpointer.load(start_from, weights_only, start.saved) and main:
             print(f"model weights from {start_from}; fresh optimizer, LR schedule and data position")
         self.metrics = MetricsLogger(self.run_dir, main, config.train.tensorboard, {"layout": self.runtime.layout},
                                      start_step=self.step)
         if main:
-            (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+            write_durably(self.run_dir / "config.json", json.dumps(config.to_dict(), indent=1))
+
+    def _check_fit(self, path: Path, saved: dict, weights_only: bool) -> None:
+        """Stop before any work when a checkpoint cannot start this run (its trainer_state.json alone)."""
+        check_checkpoint_matches(saved, self.config.model, self.tokenizer, self.config.data.tokenizer, path)
+        if not weights_only and "data" in saved:
+            check_resumable(saved["data"], self.config, self.tokenizer)
 
     def _set_vocab_size(self, main: bool) -> None:
         model, T, tokens = self.config.model, self.config.parallel.tensor, self.tokenizer.vocab_size

@@ -21,7 +21,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from megatron_code.config import Config, config_from_dict
-from megatron_code.training.checkpoint import CheckpointError, load_model_state, resolve, tokenizer_record
+from megatron_code.training.checkpoint import (CheckpointError, load_model_state, read_trainer_state, resolve,
+                                               tokenizer_record)
+from megatron_code.training.integrity import file_checksum, write_manifest
 
 MODEL_PREFIX = "model."
 
@@ -38,17 +40,13 @@ class CheckpointWeights:
 
 def find_step_dir(path: str | Path) -> Path:
     """The complete step directory meant by `path` (a step, checkpoints or run directory);
-    an incomplete `step_N.tmp` is refused by name."""
+    an incomplete `step_N.tmp` is refused by name. Sizes and checksums are verified (a damaged
+    newest checkpoint of a run directory is named and the newest intact one taken)."""
     path = Path(path)
     if path.name.endswith(".tmp") and path.name.startswith("step_"):
         raise CheckpointError(f"{path} is incomplete (a .tmp step directory is a save that did not finish); "
                               "use a complete step_N directory")
-    try:
-        return resolve(path)
-    except CheckpointError as e:
-        partial = sorted(p.name for base in (path, path / "checkpoints") for p in base.glob("step_*.tmp"))
-        hint = f" (only incomplete saves there: {', '.join(partial)})" if partial else ""
-        raise CheckpointError(f"{e}{hint}") from None
+    return resolve(path, checksums_too=True)
 
 
 def expected_shapes(config: Config) -> dict[str, torch.Size]:
@@ -63,12 +61,12 @@ def expected_shapes(config: Config) -> dict[str, torch.Size]:
 def read_checkpoint(path: str | Path) -> CheckpointWeights:
     """The model weights and config of a checkpoint; names every missing or misshapen tensor."""
     step_dir = find_step_dir(path)
-    trainer_state = json.loads((step_dir / "trainer_state.json").read_text())
+    trainer_state = read_trainer_state(step_dir)
     if "config" not in trainer_state:
         raise CheckpointError(f"{step_dir}/trainer_state.json has no config")
     config = config_from_dict(trainer_state["config"], model_only=True)
     try:
-        stored = load_model_state(step_dir)
+        stored = load_model_state(step_dir, verify=False)  # verified by find_step_dir
     except (OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{step_dir}: unreadable checkpoint ({e})") from None
     shapes = expected_shapes(config)
@@ -108,9 +106,10 @@ def write_weights_only(run_dir: str | Path, state: dict[str, torch.Tensor], conf
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
         dcp.save({"model": {k: v.contiguous() for k, v in state.items()}}, checkpoint_id=tmp, no_dist=True)
-    trainer_state = {"step": 0, "weights_only": True, "config": config.to_dict(),
+    trainer_state = {"step": 0, "weights_only": True, "manifest": True, "config": config.to_dict(),
                      **({"tokenizer": tokenizer_record(tokenizer)} if tokenizer is not None else {})}
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    write_manifest(tmp, {f.name: file_checksum(f) for f in tmp.iterdir()})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     latest_tmp = directory / "latest.tmp"
