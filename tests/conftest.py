@@ -1,13 +1,12 @@
 """Shared test set-up. Triton kernels run on CPU through the interpreter, which must be switched
 on before anything imports triton (kernels are bound to interpreter or compiler at import)."""
-import importlib.util
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from tool_modules import load_tool
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -110,15 +109,6 @@ def trained_run(train_args, eval_task_dir, tmp_path_factory) -> Path:
         "--train.global_batch_size=4", "--train.eval_interval=8", "--train.eval_batches=1",
         f"--train.eval_tasks=[{arithmetic}]"))).train()
     return run_dir
-
-
-def load_tool(name: str):
-    """tools/<name>.py as a module."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")

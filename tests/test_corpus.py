@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,13 +10,7 @@ import pytest
 
 from megatron_code.data.corpus import (parse_source, prepare_builtin_corpus, prepare_corpus)
 from megatron_code.data.errors import DataError
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tool_modules import load_tool
 
 
 def read(path: Path) -> list[dict]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import load_tool
+from tool_modules import load_tool
 from megatron_code.data.trace import RECORD, read_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

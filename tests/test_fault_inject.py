@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import load_tool
+from tool_modules import load_tool
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the tool finds the ranks through /proc")

@@ -11,7 +11,6 @@ directory with the checkout first on PYTHONPATH; nothing of it is imported here.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -19,19 +18,13 @@ from pathlib import Path
 
 import pytest
 from tokenizer_zoo import LONE_SURROGATE, corpus_rows, write_jsonl, write_punkt_model, zoo  # noqa: F401
+from tool_modules import load_tool
 
 MEGATRON_LM_DIR = os.environ.get("MEGATRON_LM_DIR")
 MEGATRON_LM_PYTHON = os.environ.get("MEGATRON_LM_PYTHON", sys.executable)
 pytestmark = pytest.mark.skipif(
     not MEGATRON_LM_DIR, reason="set MEGATRON_LM_DIR to a Megatron-LM checkout (core_r0.16.0) to compare "
                                 "with its tools/preprocess_data.py")
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import importlib.util
 import json
 import re
 import struct
@@ -24,19 +23,13 @@ from megatron_code.data.megatron_tokenizers import TokenizerOptions, build_docum
 from megatron_code.data.preprocess import (IndexedWriter, check_dataset_matches_tokenizer, dataset_prefix,
                                            preprocess, read_indexed)
 from megatron_code.data.tokenizer import NO_PAD, load_tokenizer
+from tool_modules import load_tool
 
 with warnings.catch_warnings():  # megatron-core warns about Transformer Engine / apex on import
     warnings.simplefilter("ignore")
     from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
     from megatron.core.tokenizers import MegatronTokenizer
     from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 preprocess_data = load_tool("preprocess_data")

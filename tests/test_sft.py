@@ -3,7 +3,6 @@ checks, mixtures of instruction sources, and what a tuned model learns (scored t
 template and raw)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -33,6 +32,7 @@ with warnings.catch_warnings():
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distributed_utils import run_distributed  # noqa: E402
 from tokenizer_zoo import zoo  # noqa: E402,F401  (a fixture)
+from tool_modules import load_tool  # noqa: E402
 
 MULTI_TURN = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
               {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"},
@@ -42,13 +42,6 @@ EXAMPLES = [
     {"messages": MULTI_TURN},
     {"prompt": "def one():\n", "completion": "    return 1\n"},
 ]
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_jsonl(path: Path, records) -> Path:

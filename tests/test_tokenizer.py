@@ -2,7 +2,6 @@
 batch encoding equal to SentencePiece's own per-text encode."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tokenizer_zoo import zoo  # noqa: F401  (a fixture)
+from tool_modules import load_tool
 
 from megatron_code.data.errors import DataError
 from megatron_code.data.tokenizer import (CHAT_TOKENS, NO_PAD, SPECIAL_TOKENS, SentencePieceTokenizer,
@@ -18,13 +18,6 @@ from megatron_code.data.tokenizer import (CHAT_TOKENS, NO_PAD, SPECIAL_TOKENS, S
 CODE = 'class A:\n\tdef f(self, x):\n\t\treturn {"k": [1, 2.5e-3]}\n\n\n    # four spaces\n        \n\r\nx  =  1\n'
 PROSE = "  Leading spaces, trailing ones.  \nUnicode: héllo wörld, naïve café, 日本語, Ελληνικά, emoji 😀 — “quotes”.\n\n"
 TRICKY = [CODE, PROSE, "", " ", "\n", "\t\t", "▁ literal U+2581", "NUL \x00 and \x7f", "12345 67.89", "<|user|> <EOD>"]
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def corpus_texts(tiny_corpus, limit: int = 40) -> list[str]:
