@@ -182,3 +182,22 @@ def test_model_under_autocast_feeds_bf16_to_every_matmul_and_keeps_an_fp32_resid
     assert len(blocks) == config.num_layers and all(v == torch.float32 for v in blocks.values()), blocks
     assert hidden.dtype == BF16
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mixed-dtype addmm (bf16 inputs, fp32 sum) is CUDA's")
+def test_fused_loss_sums_the_weight_gradient_in_fp32_by_addmm_on_cuda():
+    """On CUDA the weight gradient's chunks go into the fp32 sum by one addmm each (bf16 inputs,
+    out_dtype=float32), no 16-bit product in between; gradients as the unfused loss's."""
+    hidden, weight, targets, grad_out = _loss_inputs(300, 1000, 64, BF16, seed=7)
+    hidden, weight = (t.detach().cuda().requires_grad_() for t in (hidden, weight))
+    targets, grad_out = targets.cuda(), grad_out.cuda()
+    with torch.autocast("cuda", dtype=BF16):
+        fused = ce.fused_linear_cross_entropy_triton(hidden, weight, targets, chunk_size=64)
+    fused_grads = torch.autograd.grad((fused * grad_out).sum(), (hidden, weight))
+    assert ce._MIXED_ADDMM["cuda"], "torch refused addmm(bf16, bf16, out_dtype=float32) into an fp32 sum"
+    with torch.autocast("cuda", dtype=BF16):
+        unfused = ce.cross_entropy_triton(F.linear(hidden, weight), targets)
+    unfused_grads = torch.autograd.grad((unfused * grad_out).sum(), (hidden, weight))
+    for got, want in zip(fused_grads, unfused_grads):
+        assert got.dtype == want.dtype
+        assert _relative_error(got, want) < 5e-3
