@@ -123,6 +123,7 @@ def run(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     tokenizer, prefixes = build_builtin_data(args.out, args.vocab_size, args.max_bytes, args.workers,
                                              progress=not args.no_progress)
+    data_built = time.perf_counter()
     from megatron_code.training.run_summary import summarize
 
     run_dir = run_dir_for(args.out, args.size)
@@ -149,8 +150,10 @@ def run(argv: list[str] | None = None) -> dict:
         params, device = trainer.model.num_parameters(), trainer.runtime.device
         result = trainer.train()
         done = summarize(run_dir)
-        headline = (f"quickstart report ({(time.perf_counter() - started) / 60:.1f} min, {params / 1e6:.1f}M "
-                    f"parameters, device {device})")
+        finished = time.perf_counter()
+        headline = (f"quickstart report ({(finished - started) / 60:.1f} min: data {data_built - started:.0f} s, "
+                    f"training {finished - data_built:.0f} s; {params / 1e6:.1f}M parameters, device {device}, "
+                    f"{trainer.precision.name})")
     lines = [
         "",
         headline,
