@@ -98,7 +98,7 @@ def worker(args) -> None:
     precision = pick_precision("auto", device)  # what train.dtype=auto runs here
     torch.manual_seed(0)
     model = build_model(config, runtime, precision.autocast)
-    optimizer = Optimizers(model.parts, config.optim, device)
+    optimizer = Optimizers(model.parts, config.optim)
     batches = random_micro_batches(args, runtime.coordinate("dp"), runtime.size("dp"), device)
 
     def sync():

@@ -68,7 +68,7 @@ class Trainer:
         self.eval_tasks = load_eval_tasks(config.train.eval_tasks)
 
         self.runtime = build_runtime(config.train.device, config.parallel.tensor, config.parallel.pipeline)
-        device, main = self.runtime.device, self.runtime.is_main
+        main = self.runtime.is_main
         if main and start_from is not None and not ckpt.load and not weights_only:
             print(f"resuming from {start_from}, the latest checkpoint in train.output_dir"
                   + (f" (checkpoint.init_from={ckpt.init_from} only seeds a run's first start)" if ckpt.init_from else ""))
@@ -85,7 +85,7 @@ class Trainer:
             print(f"note: sources {empty_valid} have no validation documents with data.split={config.data.split}; "
                   "their validation loss is not reported")
         self.model: ParallelModel = build_model(config, self.runtime, self.precision.autocast)
-        self.optimizer = Optimizers(self.model.parts, config.optim, device)
+        self.optimizer = Optimizers(self.model.parts, config.optim)
         self.train_state = TrainState()
         self.checkpointer = Checkpointer(
             self.run_dir / "checkpoints", ckpt.keep_last,
