@@ -111,7 +111,7 @@ UNKNOWN = [
     "NVIDIA H800",
     "NVIDIA B300 SXM6 AC",
     "NVIDIA GeForce RTX 4090",
-    "NVIDIA A100-SXM4-40GB MIG 1g.5gb",   # a MIG slice has a fraction of the peak
+    "NVIDIA A100-SXM4-40GB MIG 1g.5gb",   # a known name and more: no prefix or substring match
     "Tesla V100-SXM2-16GB",
     "AMD Instinct MI300X",
 ]

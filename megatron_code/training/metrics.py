@@ -44,9 +44,9 @@ PEAK_BF16_FLOPS = {
     "NVIDIA L40S": 362e12,
     "NVIDIA B200": 2250e12,
 }
-"""Matched by the exact name: "NVIDIA H100" alone (some SXM boards report only that) or a MIG
-slice's name is not a known peak, and a near match would misstate MFU by up to 30% (H100 SXM vs
-PCIe), so unknown names get no MFU (`train.peak_tflops` sets a peak by hand)."""
+"""Matched by the exact name: a near match would misstate MFU by up to 30% (H100 SXM vs PCIe), and
+"NVIDIA H100" alone (what some SXM boards report) cannot be told apart, so a name the table does
+not hold gets no MFU (`train.peak_tflops` sets a peak by hand)."""
 
 
 def peak_flops_for_name(name: str) -> float | None:
