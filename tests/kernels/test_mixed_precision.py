@@ -18,10 +18,12 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from megatron_code.kernels import cross_entropy as ce  # noqa: E402
-from megatron_code.kernels.ops import TORCH_OPS, TRITON_OPS, attention_torch, rope_tables  # noqa: E402
+from megatron_code.kernels.ops import (TORCH_OPS, TRITON_OPS, attention_torch, flash_attention_triton,  # noqa: E402
+                                       rope_tables)
 
 BF16 = torch.bfloat16
 OPS = [TORCH_OPS, TRITON_OPS]
+ATTENTION = {"torch": attention_torch, "triton": flash_attention_triton}
 FUSED = {ce.fused_linear_cross_entropy_torch: ce.cross_entropy_torch,  # fused loss -> its unfused loss
          ce.fused_linear_cross_entropy_triton: ce.cross_entropy_triton}
 
@@ -133,7 +135,7 @@ def test_kernel_outputs_take_the_activation_dtype_under_autocast(ops):
         q_rot, k_rot = ops.apply_rope(q, k, cos, sin, positions)
         activated = ops.swiglu(gate_up)
         gelu = ops.gelu(gate_up)
-        attended = attention_torch(q_rot.transpose(1, 2), k_rot.transpose(1, 2), k_rot.transpose(1, 2))
+        attended = ATTENTION[ops.name](q_rot.transpose(1, 2), k_rot.transpose(1, 2), k_rot.transpose(1, 2))
         loss = ops.cross_entropy(logits, targets)
         fused = ops.fused_linear_cross_entropy(normed.flatten(0, 1), head, targets)
     outputs = {"rms_norm": (normed, BF16), "rms_norm+residual": (normed_sum, BF16),
