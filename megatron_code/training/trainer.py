@@ -172,7 +172,7 @@ class Trainer:
         hardware_flops = (hardware_flops_per_token(cfg.model, cfg.data.seq_length, cfg.parallel.activation_checkpointing)
                           * tokens_per_step / self.runtime.world_size)
         peak, peak_note = peak_flops(self.runtime.device, self.precision.dtype, cfg.train.peak_tflops)
-        if main and self.runtime.device.type != "cpu":
+        if main and (peak or self.runtime.device.type != "cpu"):
             print(peak_note)
         result = TrainResult(self.run_dir, self.step)
         bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not (main and cfg.train.progress),
