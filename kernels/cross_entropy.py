@@ -18,17 +18,27 @@ Conventions shared by every function here:
 
 Memory of the fused linear + cross-entropy (`fused_linear_cross_entropy_*`): the forward keeps only
 `hidden`, `weight`, `targets` and one fp32 log-sum-exp per token; at any time it holds one chunk of
-logits (chunk_size x V_local, in hidden's dtype). Because the loss is per token and the incoming
+logits (chunk_size x V_local, in the compute dtype). Because the loss is per token and the incoming
 gradient may weight each token differently, grad_weight = sum_i g_i * dlogits_i^T h_i cannot be
 formed before backward, so the backward recomputes each chunk's logits (one extra matmul: 4 instead
 of 3 N*V*H matmuls), turns them into grad_logits in place and folds them into grad_hidden (N, H)
-and a grad_weight accumulator (V_local, H; fp32 when the weight is 16-bit, plus one V_local x H
-temporary of the weight's dtype). Peak extra memory is therefore O(chunk_size * V_local + V_local * H)
-instead of O(N * V_local) logits and gradients.
+and an fp32 grad_weight accumulator (V_local, H). Peak extra memory is therefore
+O(chunk_size * V_local + V_local * H) instead of O(N * V_local) logits and gradients. Each chunk
+reads the whole weight 4 times (forward, recompute, grad_hidden, grad_weight), so chunks are as
+large as a memory budget allows: `LOGITS_CHUNK_BYTES` of logits (4096 tokens at a 128K vocabulary
+in bf16), not a fraction of the tokens.
+
+Mixed precision: the compute dtype is fixed in the forward -- the autocast dtype when the forward
+runs under autocast (the trainer's bf16 with fp32 parameters), else hidden's dtype -- and the
+backward, which autograd runs outside any autocast region, recomputes the logits and runs its
+matmuls in that same dtype (what `torch.amp.custom_fwd`/`custom_bwd` do, for whichever device the
+tensors are on): the log-sum-exp saved from bf16 logits is applied to the same bf16 logits, and
+every matmul runs on the 16-bit tensor cores. The weight is cast once per pass, not per chunk. The
+weight gradient accumulates in fp32 over chunks (on CUDA by one `addmm(..., out_dtype=float32)`
+per chunk where torch supports it, else each chunk's 16-bit product is added to the fp32 sum).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -407,30 +417,65 @@ _TORCH_BACKEND = _CrossEntropyBackend(_row_stats_torch, _grad_logits_torch)
 _TRITON_BACKEND = _CrossEntropyBackend(_row_stats_triton, _grad_logits_triton)
 
 
-def _default_chunk_size(n_tokens: int, v_local: int, hidden_size: int) -> int:
-    """Chunk so that one chunk of logits holds about as many elements as the hidden states."""
-    n_chunks = max(1, math.ceil(v_local / hidden_size))
-    return max(1, math.ceil(n_tokens / n_chunks))
+LOGITS_CHUNK_BYTES = 1 << 30
+"""Memory budget of one chunk of logits in the fused linear + cross-entropy (default chunk size)."""
+
+
+def _default_chunk_size(n_tokens: int, v_local: int, compute_dtype: torch.dtype) -> int:
+    """As many tokens as fit LOGITS_CHUNK_BYTES of (tokens, V_local) logits in the compute dtype."""
+    per_token = v_local * torch.empty((), dtype=compute_dtype).element_size()
+    return max(1, min(n_tokens, LOGITS_CHUNK_BYTES // per_token))
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The autocast dtype inside an autocast region of hidden's device, else hidden's dtype."""
+    device_type = hidden.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+
+
+_MIXED_ADDMM = {"cuda": True}
+"""Device types whose addmm takes 16-bit inputs into an fp32 sum (`out_dtype`); cleared on the
+first refusal (older torch builds require the sum in the inputs' dtype)."""
+
+
+def _accumulate_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: list) -> None:
+    """total += a @ b, `total` fp32 whatever a and b are: one fp32 addmm, one mixed-dtype addmm
+    where the device has it, else the 16-bit product in `scratch[0]` (allocated once) added to it."""
+    if a.dtype == total.dtype:
+        total.addmm_(a, b)
+        return
+    device_type = total.device.type
+    if _MIXED_ADDMM.get(device_type):
+        try:
+            torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
+            return
+        except RuntimeError:
+            _MIXED_ADDMM[device_type] = False
+    if not scratch:
+        scratch.append(_alloc(total.shape, a.dtype, total.device))
+    total.add_(torch.mm(a, b, out=scratch[0]))
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, z_loss, tp_group, n_real, chunk_size, backend):
+    def forward(ctx, hidden, weight, targets, ignore_index, z_loss, tp_group, n_real, chunk_size, backend,
+                compute_dtype):
         n_tokens = hidden.shape[0]
         v_local = weight.shape[0]
         vocab_start = _vocab_start(v_local, tp_group)
         stats = tuple(_alloc((n_tokens,), torch.float32, hidden.device) for _ in range(3))
+        hidden_c, weight_c = hidden.to(compute_dtype), weight.to(compute_dtype)
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
-            logits = hidden[start:end] @ weight.t()  # (C, V_local), the only logits alive
+            logits = torch.mm(hidden_c[start:end], weight_c.t())  # (C, V_local), the only logits alive
             backend.row_stats(logits, targets[start:end], vocab_start, n_real, ignore_index,
                               tuple(s[start:end] for s in stats))
             del logits
         lse, target_logit = _reduce_row_stats(*stats, tp_group)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.vocab_start, ctx.n_real, ctx.ignore_index, ctx.z_loss = vocab_start, n_real, ignore_index, z_loss
-        ctx.tp_group, ctx.chunk_size, ctx.backend = tp_group, chunk_size, backend
+        ctx.tp_group, ctx.chunk_size, ctx.backend, ctx.compute_dtype = tp_group, chunk_size, backend, compute_dtype
         return _finish_loss(lse, target_logit, targets, ignore_index, z_loss)
 
     @staticmethod
@@ -438,31 +483,30 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         hidden, weight, targets, lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n_tokens = hidden.shape[0]
+        hidden_c, weight_c = hidden.to(ctx.compute_dtype), weight.to(ctx.compute_dtype)  # as in the forward
         grad_hidden = _alloc(hidden.shape, hidden.dtype, hidden.device) if need_hidden else None
-        grad_weight = None
-        if need_weight:  # fp32 accumulator across chunks; 16-bit chunk products go through `partial`
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            partial = None if weight.dtype == torch.float32 else _alloc(weight.shape, weight.dtype, weight.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        scratch = []
         for start in range(0, n_tokens, ctx.chunk_size):
             end = min(start + ctx.chunk_size, n_tokens)
-            hidden_chunk = hidden[start:end]
-            logits = hidden_chunk @ weight.t()
+            hidden_chunk = hidden_c[start:end]
+            logits = torch.mm(hidden_chunk, weight_c.t())
             grad_logits = ctx.backend.grad_logits(logits, targets[start:end], lse[start:end], grad_loss[start:end],
                                                   ctx.vocab_start, ctx.n_real, ctx.ignore_index, ctx.z_loss, logits)
             if need_hidden:
-                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-            if need_weight:
-                if partial is None:
-                    grad_weight.addmm_(grad_logits.t(), hidden_chunk)
+                if grad_hidden.dtype == grad_logits.dtype:
+                    torch.mm(grad_logits, weight_c, out=grad_hidden[start:end])
                 else:
-                    grad_weight.add_(torch.mm(grad_logits.t(), hidden_chunk, out=partial))
+                    grad_hidden[start:end] = torch.mm(grad_logits, weight_c)
+            if need_weight:
+                _accumulate_product(grad_weight, grad_logits.t(), hidden_chunk, scratch)
             del logits, grad_logits
         if need_hidden and ctx.tp_group is not None:
             # each rank holds the contribution of its vocab shard (ColumnParallelLinear's backward)
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.tp_group)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def _fused_linear_cross_entropy(hidden, weight, targets, ignore_index, z_loss, tp_group, vocab_size, chunk_size,
@@ -474,13 +518,14 @@ def _fused_linear_cross_entropy(hidden, weight, targets, ignore_index, z_loss, t
     flat_targets = targets.reshape(-1).contiguous()
     if rows.shape[0] != flat_targets.shape[0]:
         raise ValueError(f"{rows.shape[0]} tokens in hidden but {flat_targets.shape[0]} targets")
+    compute_dtype = _compute_dtype(rows)
     if chunk_size is None:
-        chunk_size = _default_chunk_size(rows.shape[0], weight.shape[0], hidden_size)
+        chunk_size = _default_chunk_size(rows.shape[0], weight.shape[0], compute_dtype)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n_real = _real_columns(weight.shape[0], tp_group, vocab_size)
     loss = _FusedLinearCrossEntropy.apply(rows, weight, flat_targets, ignore_index, z_loss, tp_group, n_real,
-                                          int(chunk_size), backend)
+                                          int(chunk_size), backend, compute_dtype)
     return loss.view(targets.shape)
 
 
@@ -489,7 +534,8 @@ def fused_linear_cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor,
                                      vocab_size: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """Per-token loss of (hidden @ weight.T) without holding the full logits: hidden (..., H),
     weight (V_local, H), targets (...) -> loss (...) fp32. Chunked over `chunk_size` tokens
-    (None: chunk logits about the size of `hidden`); see the module docstring for memory.
+    (None: LOGITS_CHUNK_BYTES of logits per chunk); see the module docstring for memory and
+    mixed precision (under autocast the matmuls run in the autocast dtype, forward and backward).
     With `tp_group`, weight is this rank's vocab shard and hidden is replicated on the group;
     grad_hidden is all-reduced over the group. Rows of `weight` past `vocab_size` are padding
     (zero gradient). Cross-entropy math in PyTorch (reference)."""

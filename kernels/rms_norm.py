@@ -3,12 +3,18 @@
 The Triton path keeps one row per program in the forward (BLOCK = next_power_of_2(hidden), masked),
 statistics in fp32. The backward walks a contiguous run of rows per program and writes per-program
 partial sums of dweight (and dbias), reduced afterwards in fp32.
+
+Dtypes (both paths): statistics in fp32; the normalized output takes the activation dtype
+(`_launch.activation_dtype`: the autocast dtype inside autocast, else the input's), so with fp32
+weights and an fp32 residual stream under bf16 autocast the output is bf16 while the residual sum
+returned beside it stays fp32. Gradients come back in each input's own dtype.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ._launch import activation_dtype
 from ._launch import alloc as _alloc  # a module-level name, so tests can patch it per kernel
 from ._launch import as_rows as _as_rows
 from ._launch import check_launch as _check_launch
@@ -20,18 +26,20 @@ MAX_HIDDEN = 65536  # one row must fit one program's registers
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float,
                    residual: torch.Tensor | None = None):
-    """y = x / rms(x) * weight, statistics in fp32. With `residual`, normalizes x + residual
-    and also returns that sum (the new residual stream)."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, statistics in fp32, y in the activation dtype
+    (module docstring). With `residual`, normalizes x + residual and also returns that sum (the
+    new residual stream, in the promoted dtype of x and residual)."""
     if residual is not None:
         x = x + residual
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    y = ((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight).to(activation_dtype(x))
     return y if residual is None else (y, x)
 
 
 def layer_norm_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dim, in the activation dtype."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(activation_dtype(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +119,7 @@ def _rms_norm_bwd_kernel(DY, DS, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_d
 class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, weight, eps, residual):
+    def forward(ctx, x, weight, eps, residual, out_dtype):
         shape, n = x.shape, x.shape[-1]
         x2 = _as_rows(x, n)
         rows = x2.shape[0]
@@ -123,7 +131,7 @@ class _RMSNormFunction(torch.autograd.Function):
         else:
             r2 = s2 = None
         normed = x2 if s2 is None else s2
-        y2 = _alloc((rows, n), x, torch.promote_types(normed.dtype, weight.dtype))
+        y2 = _alloc((rows, n), x, out_dtype)
         rstd = _alloc((rows,), x, torch.float32)
         weight_c = weight.contiguous()
         if rows:
@@ -165,13 +173,14 @@ class _RMSNormFunction(torch.autograd.Function):
             dw = dw_partial.sum(0).to(w_dtype) if rows else torch.zeros_like(weight)
         dx = dx2.view(ctx.shape)
         dres = dx.to(r_dtype) if ctx.has_residual else None
-        return dx.to(x_dtype), dw, None, dres
+        return dx.to(x_dtype), dw, None, dres, None
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
                     residual: torch.Tensor | None = None):
     """Same contract as `rms_norm_torch`: y, or (y, x + residual) when `residual` is given."""
-    return _RMSNormFunction.apply(x, weight, eps, residual)
+    normed_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    return _RMSNormFunction.apply(x, weight, eps, residual, activation_dtype(x, normed_dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,13 +245,13 @@ def _layer_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, str
 class _LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, out_dtype):
         shape, n = x.shape, x.shape[-1]
         x2 = _as_rows(x, n)
         rows = x2.shape[0]
         block, warps = _block_and_warps(n)
         _check_launch(_layer_norm_fwd_kernel, x)
-        y2 = _alloc((rows, n), x)
+        y2 = _alloc((rows, n), x, out_dtype)
         mean = _alloc((rows,), x, torch.float32)
         rstd = _alloc((rows,), x, torch.float32)
         weight_c = None if weight is None else weight.contiguous()
@@ -279,10 +288,10 @@ class _LayerNormFunction(torch.autograd.Function):
             dw = dw_partial.sum(0).to(w_dtype) if rows else torch.zeros_like(weight)
         if compute_db:
             db = db_partial.sum(0).to(b_dtype) if rows else torch.zeros(n, dtype=b_dtype, device=x2.device)
-        return dx2.view(ctx.shape), dw, db, None
+        return dx2.view(ctx.shape), dw, db, None, None
 
 
 def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                       eps: float) -> torch.Tensor:
-    """Same contract as `layer_norm_torch` (output in x's dtype; weight and bias may be None)."""
-    return _LayerNormFunction.apply(x, weight, bias, eps)
+    """Same contract as `layer_norm_torch` (output in the activation dtype; weight and bias may be None)."""
+    return _LayerNormFunction.apply(x, weight, bias, eps, activation_dtype(x))

@@ -45,6 +45,7 @@ def overrides_for(args, tokenizer: Path, prefixes: dict[str, str]) -> list[str]:
         f"--train.global_batch_size={args.batch_size}",
         f"--train.eval_interval={max(1, args.steps // 3)}",
         f"--train.device={args.device}",
+        f"--train.dtype={args.dtype}",
         f"--train.output_dir={run_dir_for(args.out, args.size)}",
         f"--train.progress={not args.no_progress}",
         "--optim.lr=2e-3", "--optim.min_lr=2e-4", f"--optim.warmup_steps={max(1, args.steps // 10)}",
@@ -96,6 +97,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--max-bytes", type=_positive, default=4_000_000, help="corpus cap per source")
     parser.add_argument("--workers", type=_positive, default=2)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="auto: bf16 autocast on a GPU or a CPU with bf16 hardware, else fp32")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (nor per-stage data lines)")
     return parser.parse_args(argv)
 
@@ -107,17 +110,20 @@ def run(argv: list[str] | None = None) -> dict:
     from megatron_code.parallel.distributed import pick_device
     from megatron_code.data.builtin import build_builtin_data, builtin_data_paths
     from megatron_code.training.checkpoint import CheckpointError, resolve
+    from megatron_code.training.precision import pick_precision
 
     # the whole config first: a mistake surfaces before the corpus, tokenizer and binaries are built
     overrides = overrides_for(args, *builtin_data_paths(args.out))
     try:
-        load_config(None, overrides).validate()
-        pick_device(args.device)
+        config = load_config(None, overrides)
+        config.validate()
+        pick_precision(config.train.dtype, pick_device(args.device), config.train.allow_emulated_bf16)
     except ConfigError as e:
         raise QuickstartError(str(e)) from None
     started = time.perf_counter()
     tokenizer, prefixes = build_builtin_data(args.out, args.vocab_size, args.max_bytes, args.workers,
                                              progress=not args.no_progress)
+    data_built = time.perf_counter()
     from megatron_code.training.run_summary import summarize
 
     run_dir = run_dir_for(args.out, args.size)
@@ -144,8 +150,10 @@ def run(argv: list[str] | None = None) -> dict:
         params, device = trainer.model.num_parameters(), trainer.runtime.device
         result = trainer.train()
         done = summarize(run_dir)
-        headline = (f"quickstart report ({(time.perf_counter() - started) / 60:.1f} min, {params / 1e6:.1f}M "
-                    f"parameters, device {device})")
+        finished = time.perf_counter()
+        headline = (f"quickstart report ({(finished - started) / 60:.1f} min: data {data_built - started:.0f} s, "
+                    f"training {finished - data_built:.0f} s; {params / 1e6:.1f}M parameters, device {device}, "
+                    f"{trainer.precision.name})")
     lines = [
         "",
         headline,

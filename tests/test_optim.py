@@ -30,7 +30,7 @@ def test_wsd_and_linear():
 
 def test_no_weight_decay_on_norms():
     model = GPT(ModelConfig(**{**PRESETS["tiny"], "vocab_size": 64, "norm": "layernorm"}))
-    opt = build_optimizer(model, OptimConfig(weight_decay=0.1), torch.device("cpu"))
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.1))
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.dim() >= 2), name

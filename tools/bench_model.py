@@ -1,8 +1,8 @@
 """Training-step throughput of our GPT against transformers' LlamaForCausalLM of the same config.
 
 What it measures: one full training step per model -- forward, cross-entropy over the shifted
-tokens, backward, AdamW step, zero_grad -- in fp32 on CPU (and under bf16 autocast on CUDA when a
-GPU is present). Both models get the same config (vocab, sizes, GQA, tied embeddings, RoPE theta,
+tokens, backward, AdamW step, zero_grad -- in the precision train.dtype=auto picks (bf16 autocast on
+a GPU or a CPU with bf16 hardware, else fp32). Both models get the same config (vocab, sizes, GQA, tied embeddings, RoPE theta,
 norm eps; HF with attn_implementation="sdpa") and the same weights (ours are copied into HF, and
 the first step's losses must agree, so the two really compute the same function). Parameter counts
 must be equal. After warm-up the two models' steps are interleaved (A B A B ...) so machine noise
@@ -39,6 +39,7 @@ from megatron_code.kernels.ops import KernelOps, build_attention, build_ops
 from megatron_code.model import GPT
 from megatron_code.model.hf import to_hf_model
 from megatron_code.training.loss import sample_losses
+from megatron_code.training.precision import pick_precision
 
 
 def build_config(preset: str, vocab_size: int, seq_length: int) -> ModelConfig:
@@ -84,12 +85,9 @@ def make_step(name: str, model: torch.nn.Module, tokens: torch.Tensor, loss: str
 
 
 def bench_device(args, device: torch.device) -> dict:
-    dtype_name = "bf16-autocast" if device.type == "cuda" else "fp32"
-
-    def autocast():
-        if device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+    precision = pick_precision("auto", device)  # what train.dtype=auto runs here
+    dtype_name = "bf16-autocast" if precision.dtype == torch.bfloat16 else "fp32"
+    autocast = precision.autocast
 
     def sync():
         if device.type == "cuda":

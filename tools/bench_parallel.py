@@ -25,7 +25,6 @@ then the layout's parallel efficiency.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -87,6 +86,7 @@ def worker(args) -> None:
     from megatron_code.parallel.model import build_model
     from megatron_code.training.loss import LossTotals
     from megatron_code.training.metrics import flops_per_token, peak_flops
+    from megatron_code.training.precision import pick_precision
     from megatron_code.training.optim import Optimizers
 
     t, p, _ = parse_layout(args.layout)
@@ -95,11 +95,10 @@ def worker(args) -> None:
     config = build_config(args, t, p, world)
     runtime = build_runtime(args.device, t, p)
     device = runtime.device
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
-                else contextlib.nullcontext)
+    precision = pick_precision("auto", device)  # what train.dtype=auto runs here
     torch.manual_seed(0)
-    model = build_model(config, runtime, autocast)
-    optimizer = Optimizers(model.parts, config.optim, device)
+    model = build_model(config, runtime, precision.autocast)
+    optimizer = Optimizers(model.parts, config.optim)
     batches = random_micro_batches(args, runtime.coordinate("dp"), runtime.size("dp"), device)
 
     def sync():
@@ -139,7 +138,7 @@ def worker(args) -> None:
     flops_per_rank = flops_per_token(config.model, args.seq_length) * tokens / world / median
     mine = {"rank": runtime.rank, "median_step_s": median, "comm_share": comm / profiled, "peak_memory_bytes": peak,
             "model_flops_per_s": flops_per_rank}
-    peak_rate = peak_flops(device)
+    peak_rate = peak_flops(device, precision.dtype)[0]
     if peak_rate:
         mine["mfu"] = flops_per_rank / peak_rate
     ranks = [None] * world

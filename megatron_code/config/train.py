@@ -16,7 +16,15 @@ class TrainConfig:
     device: str = "auto"
     """auto (CUDA when present) | cpu | cuda."""
     dtype: str = "auto"
-    """auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."""
+    """auto | bf16 | fp32. auto: bf16 autocast on GPU, and on a CPU with bf16 hardware (avx512_bf16,
+    amx_bf16; aarch64 bf16), else fp32. Parameters and optimizer state stay fp32 (see
+    megatron_code/training/precision.py)."""
+    allow_emulated_bf16: bool = False
+    """Let train.dtype=bf16 run on a CPU without bf16 hardware, where PyTorch emulates it (same
+    numbers, far slower than fp32): for testing the bf16 path on any machine."""
+    peak_tflops: float = 0.0
+    """Dense peak TFLOP/s of one GPU in the run's dtype, for MFU; 0: from the table of known GPUs
+    in megatron_code/training/metrics.py (an unknown GPU gets no MFU)."""
     log_interval: int = 10
     """Print a line every N steps; metrics.jsonl gets every step."""
     eval_interval: int = 100
@@ -40,6 +48,8 @@ class TrainConfig:
         check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
         check_choice("train.dtype", self.dtype, ("auto", "bf16", "fp32"))
         check_choice("train.stage", self.stage, ("pretrain", "sft"))
+        if self.peak_tflops < 0:
+            raise ConfigError(f"train.peak_tflops must be >= 0, got {self.peak_tflops}")
         if self.epochs < 0:
             raise ConfigError(f"train.epochs must be >= 0, got {self.epochs}")
         if self.epochs and self.stage != "sft":

@@ -1,5 +1,24 @@
 """Run metrics: a JSONL file per run (always), TensorBoard when installed and asked for, and the
-FLOP estimate behind MFU. Only rank 0 writes."""
+FLOP counts behind MFU. Only rank 0 writes.
+
+MFU (model FLOPs utilization) follows the Megatron paper (Narayanan et al. 2021) and torchtitan:
+
+    model FLOPs per token = 6 N + 12 L H s
+
+N counts the parameters that multiply activations: every layer's qkv, attention output and MLP
+weights plus the output layer (h x padded vocabulary; tied or not, the head is a matmul, the
+embedding lookup is not). 6 = 2 (multiply-add) x 3 (forward, input gradient, weight gradient).
+12 L H s is attention's QK^T and AV over the whole sequence (s keys per query, forward and 2x for
+backward; the causal half is not subtracted), with H = heads x head dim and L layers. Per GPU:
+a step's total divided by the world size (every rank does an equal share under any layout).
+
+Hardware FLOPs add the forward work that activation recomputation runs again, as torch's
+non-reentrant checkpointing runs it (it stops once the backward has every tensor it needs):
+`selective` repeats the fused attention kernel (4 L H s per token); `full` repeats each layer's
+matmuls except its last, the MLP's down projection, whose output no backward reads, plus the
+attention (2 (N_layers - L h ffn) + 4 L H s); the output layer is not recomputed. MFU divides
+model FLOPs by the GPU's dense bf16 peak, HFU hardware FLOPs.
+"""
 from __future__ import annotations
 
 import json
@@ -10,30 +29,75 @@ import torch
 from megatron_code.config import ModelConfig
 from megatron_code.training.integrity import write_durably
 
-# Dense bf16 peak (no sparsity), from the vendors' data sheets.
-_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-                    "L40S": 362e12, "B200": 2250e12}
+PEAK_BF16_FLOPS = {
+    # torch.cuda.get_device_name() -> dense bf16 tensor-core FLOP/s (the datasheets' sparse figure / 2)
+    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # H200 SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A800-SXM4-80GB": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA B200": 2250e12,
+}
+"""Matched by the exact name: a near match would misstate MFU by up to 30% (H100 SXM vs PCIe), and
+"NVIDIA H100" alone (what some SXM boards report) cannot be told apart, so a name the table does
+not hold gets no MFU (`train.peak_tflops` sets a peak by hand)."""
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops_for_name(name: str) -> float | None:
+    """Dense bf16 FLOP/s of the GPU torch calls `name`, or None when it is not in the table."""
+    return PEAK_BF16_FLOPS.get(name.strip())
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, peak_tflops: float = 0.0) -> tuple[float | None, str]:
+    """(the peak FLOP/s that MFU divides by, or None; a line saying where it comes from or why
+    there is none). `peak_tflops` > 0 is the user's figure and wins."""
+    if peak_tflops > 0:
+        return peak_tflops * 1e12, f"MFU against train.peak_tflops={peak_tflops:g}"
     if device.type != "cuda":
-        return None
+        return None, f"MFU: not reported on {device.type} (no peak known; train.peak_tflops sets one)"
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in _PEAK_BF16_FLOPS.items() if k in name), None)
+    if dtype != torch.bfloat16:
+        return None, (f"MFU: not reported: the peak table holds bf16 peaks and this run computes in {dtype} "
+                      "(train.peak_tflops sets a peak)")
+    peak = peak_flops_for_name(name)
+    if peak is None:
+        return None, (f"MFU: not reported: {name!r} is not in the peak table of megatron_code/training/metrics.py "
+                      "(train.peak_tflops sets its dense bf16 peak)")
+    return peak, f"MFU against {name}'s dense bf16 peak, {peak / 1e12:g} TFLOP/s"
 
 
-def flops_per_token(config: ModelConfig, seq_length: int) -> float:
-    """Training FLOPs per token of the whole model: 6 x parameters in matmuls, plus causal
-    attention scores. Per GPU: divide a step's total by the world size (every rank computes an
-    equal share under any tensor x pipeline x data layout; activation recomputation not counted)."""
-    h, L, hd = config.hidden_size, config.num_layers, config.head_dim
-    qkv = h * (config.num_heads + 2 * config.kv_heads) * hd
-    attn_out = config.num_heads * hd * h
+def _layer_matmul_params(config: ModelConfig) -> int:
+    h, d = config.hidden_size, config.head_dim
+    qkv = h * (config.num_heads + 2 * config.kv_heads) * d
+    attention_out = config.num_heads * d * h
     mlp = h * config.ffn_size * (3 if config.activation == "swiglu" else 2)
-    head = h * config.vocab_size
-    matmul_params = L * (qkv + attn_out + mlp) + head
-    attention = L * 2 * 2 * config.num_heads * hd * seq_length / 2  # QK^T and AV, causal half
-    return 6 * matmul_params + 3 * attention
+    return config.num_layers * (qkv + attention_out + mlp)
+
+
+def _attention_flops(config: ModelConfig, seq_length: int) -> int:
+    """QK^T and AV of one token's query over `seq_length` keys, forward only, all layers."""
+    return 2 * 2 * config.num_layers * config.num_heads * config.head_dim * seq_length
+
+
+def flops_per_token(config: ModelConfig, seq_length: int) -> int:
+    """Model FLOPs per trained token, 6 N + 12 L H s (module docstring)."""
+    matmul_params = _layer_matmul_params(config) + config.hidden_size * config.vocab_size
+    return 6 * matmul_params + 3 * _attention_flops(config, seq_length)
+
+
+def hardware_flops_per_token(config: ModelConfig, seq_length: int, activation_checkpointing: str) -> int:
+    """Model FLOPs plus the forward work that activation recomputation repeats."""
+    down_projections = config.num_layers * config.ffn_size * config.hidden_size
+    recomputed = {"none": 0, "selective": _attention_flops(config, seq_length),
+                  "full": 2 * (_layer_matmul_params(config) - down_projections) + _attention_flops(config, seq_length)}
+    return flops_per_token(config, seq_length) + recomputed[activation_checkpointing]
 
 
 def _kept(line: str, step: int) -> bool:

@@ -3,7 +3,6 @@
 is a Stateful the checkpointer saves and loads as one dict."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -19,14 +18,16 @@ from megatron_code.data.pipeline import DataPipeline, check_resumable
 from megatron_code.data.tokenizer import load_tokenizer
 from megatron_code.evaluation.multiple_choice import score_multiple_choice
 from megatron_code.evaluation.tasks import load_eval_tasks
-from megatron_code.parallel.distributed import Runtime, build_runtime, init_distributed, launched_world_size
+from megatron_code.parallel.distributed import (Runtime, build_runtime, init_distributed, launched_world_size,
+                                                 pick_device)
 from megatron_code.parallel.model import ParallelModel, build_model
 from megatron_code.training.checkpoint import (Checkpointer, TrainState, check_checkpoint_matches, starting_point,
                                                tokenizer_record)
 from megatron_code.training.integrity import write_durably
 from megatron_code.training.loss import LossTotals
-from megatron_code.training.metrics import MetricsLogger, flops_per_token, peak_flops
+from megatron_code.training.metrics import MetricsLogger, flops_per_token, hardware_flops_per_token, peak_flops
 from megatron_code.training.optim import Optimizers, lr_at
+from megatron_code.training.precision import pick_precision
 
 
 @dataclass
@@ -54,6 +55,8 @@ class Trainer:
         # Cheap checks first: the layout, the tokenizer and the checkpoint's trainer_state.json
         # (model math, vocabulary, data order), before datasets or the model.
         config.validate(world_size=launched_world_size())
+        self.precision = pick_precision(config.train.dtype, pick_device(config.train.device),
+                                        config.train.allow_emulated_bf16)
         self.tokenizer = load_tokenizer(config.data.tokenizer)
         ckpt = config.checkpoint
         self.run_dir = Path(config.train.output_dir)
@@ -64,13 +67,12 @@ class Trainer:
         self.eval_tasks = load_eval_tasks(config.train.eval_tasks)
 
         self.runtime = build_runtime(config.train.device, config.parallel.tensor, config.parallel.pipeline)
-        device, main = self.runtime.device, self.runtime.is_main
+        main = self.runtime.is_main
         if main and start_from is not None and not ckpt.load and not weights_only:
             print(f"resuming from {start_from}, the newest intact checkpoint in train.output_dir"
                   + (f" (checkpoint.init_from={ckpt.init_from} only seeds a run's first start)" if ckpt.init_from else ""))
-        use_bf16 = device.type == "cuda" and config.train.dtype in ("auto", "bf16")
-        self.autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16
-                         else contextlib.nullcontext)
+        if main:
+            print(f"precision: {self.precision.reason}")
         self._set_vocab_size(main)
 
         torch.manual_seed(config.train.seed)
@@ -81,8 +83,8 @@ class Trainer:
         if empty_valid and main and config.train.eval_interval:
             print(f"note: sources {empty_valid} have no validation documents with data.split={config.data.split}; "
                   "their validation loss is not reported")
-        self.model: ParallelModel = build_model(config, self.runtime, self.autocast)
-        self.optimizer = Optimizers(self.model.parts, config.optim, device)
+        self.model: ParallelModel = build_model(config, self.runtime, self.precision.autocast)
+        self.optimizer = Optimizers(self.model.parts, config.optim)
         self.train_state = TrainState()
         self.checkpointer = Checkpointer(
             self.run_dir / "checkpoints", ckpt.keep_last,
@@ -176,8 +178,12 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg, main = self.config, self.runtime.is_main
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
-        flops_per_gpu_step = flops_per_token(cfg.model, cfg.data.seq_length) * tokens_per_step / self.runtime.world_size
-        peak = peak_flops(self.runtime.device)
+        model_flops = flops_per_token(cfg.model, cfg.data.seq_length) * tokens_per_step / self.runtime.world_size
+        hardware_flops = (hardware_flops_per_token(cfg.model, cfg.data.seq_length, cfg.parallel.activation_checkpointing)
+                          * tokens_per_step / self.runtime.world_size)
+        peak, peak_note = peak_flops(self.runtime.device, self.precision.dtype, cfg.train.peak_tflops)
+        if main and (peak or self.runtime.device.type != "cpu"):
+            print(peak_note)
         result = TrainResult(self.run_dir, self.step)
         bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not (main and cfg.train.progress),
                    desc="train", unit="step", dynamic_ncols=True)
@@ -189,8 +195,9 @@ class Trainer:
             seconds = time.perf_counter() - start
             metrics["tokens_per_s"] = metrics["tokens"] / seconds  # real tokens: instruction padding excluded
             metrics["tokens_per_s_per_gpu"] = metrics["tokens_per_s"] / self.runtime.world_size
+            metrics["tflops_per_gpu"] = model_flops / seconds / 1e12
             if peak:
-                metrics["mfu"] = flops_per_gpu_step / seconds / peak
+                metrics["mfu"], metrics["hfu"] = model_flops / seconds / peak, hardware_flops / seconds / peak
             result.losses.append(metrics["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -208,7 +215,8 @@ class Trainer:
             if main and (self.step % cfg.train.log_interval == 0 or last):
                 bar.write(f"step {self.step}: loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
                           f"grad norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f}"
-                          + (f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""))
+                          + (f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "")
+                          + (f" (hfu {metrics['hfu']:.1%})" if metrics.get("hfu", 0) > metrics.get("mfu", 0) else ""))
         bar.close()
         result.step = self.step
         result.checkpoint = checkpoint or self.save()

@@ -182,3 +182,65 @@ def test_layer_norm_fp16_no_weight_non_contiguous():
 def test_layer_norm_bf16(shape):
     torch.manual_seed(8)
     check_layer_norm(shape, torch.bfloat16)
+
+
+# ------------------------------------------------------------ both norms on rows where eps matters
+
+NORMS = {"rms_norm_torch": K.rms_norm_torch, "rms_norm_triton": K.rms_norm_triton,
+         "layer_norm_torch": K.layer_norm_torch, "layer_norm_triton": K.layer_norm_triton}
+ROW_SCALES = {"zero": 0.0, "tiny": 1e-3, "tinier": 1e-6, "unit": 1.0, "huge": 1e4, "huger": 1e12}
+"""Rows of randn x scale: at 1e-3 the mean square is eps, at 1e-6 eps dominates it."""
+ROW_RTOL = EPS / 2
+"""Below eps: moving eps outside the sqrt changes unit rows by eps / 2 and tiny rows by 50%."""
+
+
+def hand_norm(kind, x, weight, bias, eps):
+    """The textbook formulas in float64: RMSNorm x / sqrt(mean(x^2) + eps) * w, LayerNorm
+    (x - mean) / sqrt(mean((x - mean)^2) + eps) * w + b."""
+    if kind.startswith("rms"):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+    centered = x - x.mean(-1, keepdim=True)
+    return centered / torch.sqrt((centered * centered).mean(-1, keepdim=True) + eps) * weight + bias
+
+
+def row_error(actual, expected):
+    """Per row: the largest difference relative to the row's largest reference value."""
+    return (actual.double() - expected).abs().amax(-1) / expected.abs().amax(-1).clamp(min=1e-300)
+
+
+@pytest.mark.parametrize("kind", NORMS)
+def test_norm_on_zero_tiny_and_huge_rows_matches_the_formula_within_eps(kind):
+    torch.manual_seed(9)
+    n, per_scale = 200, 3
+    x = leaf(torch.cat([torch.randn(per_scale, n) * s for s in ROW_SCALES.values()]), torch.float32)
+    w = leaf(1 + 0.5 * torch.randn(n), torch.float32)
+    b = leaf(torch.randn(n), torch.float32)
+    args = (x, w, EPS) if kind.startswith("rms") else (x, w, b, EPS)
+    y = NORMS[kind](*args)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w) if kind.startswith("rms") else (x, w, b), gy)
+
+    x64, w64, b64 = double_copies(x, w, b)
+    ref = hand_norm(kind, x64, w64, b64, EPS)
+    want = torch.autograd.grad(ref, (x64, w64) if kind.startswith("rms") else (x64, w64, b64), gy.double())
+    assert not torch.isnan(y).any() and all(torch.isfinite(g).all() for g in got)
+    errors = row_error(y, ref).view(len(ROW_SCALES), per_scale).amax(1)
+    bad = {name: f"{e:.1e}" for name, e in zip(ROW_SCALES, errors.tolist()) if e > ROW_RTOL}
+    assert not bad, f"output off by more than {ROW_RTOL:.0e} of the row: {bad}"
+    dx_errors = row_error(got[0], want[0]).view(len(ROW_SCALES), per_scale).amax(1)
+    bad = {name: f"{e:.1e}" for name, e in zip(ROW_SCALES, dx_errors.tolist()) if e > 2e-6}
+    assert not bad, f"input gradient off: {bad}"
+    for g, e in zip(got[1:], want[1:]):  # sums over all rows: relative to their largest element
+        assert (g.double() - e).abs().max() <= 2e-6 * e.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["layer_norm_torch", "layer_norm_triton"])
+def test_layer_norm_on_rows_with_a_large_mean_and_tiny_spread(kind):
+    """mean 1, spread 1e-3 (variance = eps): a variance taken as E[x^2] - E[x]^2 in fp32 loses it
+    to cancellation (6% off here); subtracting the mean first keeps the error at the input's own
+    fp32 resolution (ulp(1) / 1e-3, about 3e-5)."""
+    torch.manual_seed(10)
+    x = 1 + 1e-3 * torch.randn(6, 200)
+    w, b = 1 + 0.5 * torch.randn(200), torch.randn(200)
+    y = NORMS[kind](x, w, b, EPS)
+    assert row_error(y, hand_norm(kind, x.double(), w.double(), b.double(), EPS)).max() < 1e-3
