@@ -7,7 +7,7 @@ Layout of `<run>/checkpoints/step_0000100/`:
                         "optimizer.param_groups.<name>.<lr|betas|...>"
   trainer_state.json    {"step", "weights_only", "config", "layout", "tokenizer" (its fingerprint
                         and size), and each plain-data state:
-                        "train" (the step counter), "data" (the data pipeline's position)}
+                        "train" (the step counter, the step guard), "data" (the data pipeline's position)}
   rng_rank<r>.json      each rank's RNG states, as plain data
 A checkpoint is written to `step_N.tmp`, fsynced, renamed; then `latest` names it. Saving prunes
 stale `step_*.tmp` directories and keeps the newest `keep_last` checkpoints by step number
@@ -70,16 +70,21 @@ class Stateful(Protocol):
 
 
 class TrainState:
-    """The step counter, a plain-data state of its own."""
+    """The step counter, and the trainer's step guard (training/guard.py: skipped steps, the
+    loss-spike window) when given; plain data. A checkpoint saved before the guard existed
+    resumes with a fresh one."""
 
-    def __init__(self) -> None:
+    def __init__(self, guard: Stateful | None = None) -> None:
         self.step = 0
+        self.guard = guard
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, **({"guard": self.guard.state_dict()} if self.guard is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        if self.guard is not None and "guard" in state:
+            self.guard.load_state_dict(state["guard"])
 
 
 # ----------------------------------------------------------------------------------------------
