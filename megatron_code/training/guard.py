@@ -57,6 +57,8 @@ class Verdict:
     """Whether the optimizer applies the step's update."""
     failure: str | None = None
     """Why the run must stop with an error (train.nonfinite), in one line."""
+    note: str | None = None
+    """A skipped step or a loss spike, for the log."""
     metrics: dict = field(default_factory=dict)
     """What metrics.jsonl records of the decision."""
 
@@ -77,20 +79,23 @@ class StepGuard:
                      f"non-finite gradient: {nonfinite_param or 'none (the loss alone)'}")
             record = {"skipped": "nonfinite", "nonfinite_param": nonfinite_param}
             if self.policy == "stop":
-                return Verdict(False, f"{where} (train.nonfinite=stop)", record)
+                return Verdict(False, failure=f"{where} (train.nonfinite=stop)", metrics=record)
             if self.skipped >= self.max_skipped:
-                return Verdict(False, f"{where}; non-finite steps skipped so far: {self.skipped} "
-                                      f"(train.max_skipped_steps={self.max_skipped})", record)
+                return Verdict(False, failure=f"{where}; non-finite steps skipped so far: {self.skipped} "
+                                              f"(train.max_skipped_steps={self.max_skipped})", metrics=record)
             self.skipped += 1
-            return Verdict(False, None, {**record, "skipped_steps": self.skipped})
+            return Verdict(False, note=f"skipped, {where} ({self.skipped} of train.max_skipped_steps="
+                                       f"{self.max_skipped})", metrics={**record, "skipped_steps": self.skipped})
         if self.spike == "off":
             return Verdict()
         z = self._zscore(report.loss)
         self.losses = (self.losses + [report.loss])[-self.window:]
         if z is None or z <= self.sigma:
             return Verdict(metrics={} if z is None else {"loss_z": z})
-        return Verdict(self.spike != "skip", None, {"loss_z": z, "loss_spike": True,
-                                                     **({"skipped": "loss_spike"} if self.spike == "skip" else {})})
+        skip = self.spike == "skip"
+        return Verdict(not skip, note=f"{'skipped, ' if skip else ''}loss spike: step {step}'s loss {report.loss:.4f} "
+                                      f"is {z:.1f} standard deviations above the mean of the window",
+                       metrics={"loss_z": z, "loss_spike": True, **({"skipped": "loss_spike"} if skip else {})})
 
     def _zscore(self, loss: float) -> float | None:
         """How many standard deviations `loss` lies above the window's mean; None until half the
@@ -116,12 +121,13 @@ class StopRequests:
     progress finishes; a repeated signal (SLURM signals every process of a step, torchrun
     forwards what it gets) changes nothing."""
 
-    def __init__(self, train: TrainConfig):
+    def __init__(self, train: TrainConfig, started: float):
+        """`started`: when the run started, by `time.monotonic()`."""
         self.signals = [getattr(signal, name) for name in train.exit_signals]
         self.max_wall_seconds = train.max_wall_seconds
         self.reasons = [s.name for s in self.signals] + ["train.max_wall_time"]
         self.received = [False] * len(self.signals)
-        self.started = self._last_vote = time.monotonic()
+        self.started = self._last_vote = started
 
     @contextlib.contextmanager
     def listening(self):

@@ -52,6 +52,7 @@ def build_data(config: Config, tokenizer, runtime: Runtime) -> DataPipeline:
 
 class Trainer:
     def __init__(self, config: Config):
+        started = time.monotonic()  # train.max_wall_time counts from here
         self.config = config
         # Cheap checks first: the layout, the tokenizer and the checkpoint's trainer_state.json
         # (model math, vocabulary, data order), before datasets or the model.
@@ -88,7 +89,7 @@ class Trainer:
                   "their validation loss is not reported")
         self.model: ParallelModel = build_model(config, self.runtime, self.autocast)
         self.optimizer = Optimizers(self.model.parts, config.optim, device)
-        self.guard, self.stop = StepGuard(config.train), StopRequests(config.train)
+        self.guard, self.stop = StepGuard(config.train), StopRequests(config.train, started)
         self.train_state = TrainState(self.guard)
         self.checkpointer = Checkpointer(
             self.run_dir / "checkpoints", ckpt.keep_last,
@@ -222,10 +223,8 @@ class Trainer:
                 self.metrics.log(self.step, metrics)
                 bar.close()
                 raise NonFiniteError(f"{verdict.failure}; nothing saved: {self._last_good()}")
-            if main and (not verdict.apply or "loss_spike" in metrics):
-                bar.write(f"step {self.step}: " + ("skipped, " if not verdict.apply else "") +
-                          ", ".join(f"{k} {v}" for k, v in metrics.items()
-                                    if k in ("loss", "grad_norm", "nonfinite_param", "loss_z", "skipped_steps")))
+            if main and verdict.note:
+                bar.write(verdict.note)
             last = self.step == cfg.train.steps
             if last or result.stopped or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                 checkpoint = self.save()  # before evaluating: a failing evaluation loses no training
