@@ -153,16 +153,13 @@ class ParallelModel:
     def first_nonfinite(self, of: str) -> str | None:
         """The single-process model's name of the first parameter, in model order, whose gradient
         (`of="grad"`) or weight (`of="weight"`) holds a NaN or infinity on any rank; None if none
-        does. A collective: every rank calls it (on the rare steps that need a name)."""
-        found = None
-        for stage, part in sorted(zip(self.stage_ids, self.parts), key=lambda pair: pair[0]):
-            for index, (name, p) in enumerate(part.named_parameters()):
-                tensor = p.grad if of == "grad" else p.detach()
-                if tensor is not None and not bool(torch.isfinite(local(tensor)).all()):
-                    found = (stage, index, name.replace(_CHECKPOINT_PREFIX, ""))
-                    break
-            if found:
-                break
+        does. A collective: every rank calls it (on a non-finite step, and before each save)."""
+        named = [(stage, index, name.replace(_CHECKPOINT_PREFIX, ""), p.grad if of == "grad" else p.detach())
+                 for stage, part in sorted(zip(self.stage_ids, self.parts), key=lambda pair: pair[0])
+                 for index, (name, p) in enumerate(part.named_parameters())]
+        named = [(stage, index, name, local(t)) for stage, index, name, t in named if t is not None]
+        finite = torch.stack([torch.isfinite(t).all() for *_, t in named]).tolist() if named else []
+        found = next(((stage, index, name) for (stage, index, name, _), ok in zip(named, finite) if not ok), None)
         everyone = [None] * self.runtime.world_size
         dist.all_gather_object(everyone, found)
         return min((f for f in everyone if f is not None), default=(0, 0, None))[2]
