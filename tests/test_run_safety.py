@@ -179,7 +179,8 @@ def test_the_cli_stops_a_diverging_run_with_one_line_and_keeps_its_good_checkpoi
 
     run = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "megatron_code.train",
-                           *train_args(run, "--optim.lr=1e4", "--train.steps=12", "--train.eval_interval=0",
+                           *train_args(run, "--optim.lr=1e4", "--train.steps=12", "--train.micro_batch_size=8",
+                                       "--train.eval_interval=0",
                                        "--checkpoint.interval=2", "--checkpoint.keep_last=2")],
                           capture_output=True, text=True, timeout=300, env=command_env())
     assert done.returncode == 1, done.stderr[-2000:]
@@ -260,7 +261,7 @@ def test_a_step_makes_one_host_sync(train_args, tmp_path, monkeypatch):
 # pre-emption, one process: a real SIGTERM to a running `python -m megatron_code.train`
 
 def test_sigterm_saves_exits_zero_and_the_resumed_run_continues_exactly(train_args, tmp_path):
-    args = train_args(tmp_path / "run", *FAST, "--train.steps=12", "--checkpoint.interval=100")
+    args = train_args(tmp_path / "run", *FAST, "--train.steps=8", "--checkpoint.interval=100")
     command = [sys.executable, "-m", "megatron_code.train", *args]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=command_env()) as run:
         metrics = tmp_path / "run" / "metrics.jsonl"
@@ -274,12 +275,12 @@ def test_sigterm_saves_exits_zero_and_the_resumed_run_continues_exactly(train_ar
     exited = time.monotonic() - signalled
     assert run.returncode == 0, err[-2000:]
     stopped = len(records(tmp_path / "run"))
-    assert 2 <= stopped < 12 and f"stopped: step {stopped}," in out and "stopping (SIGTERM)" in out
+    assert 2 <= stopped < 8 and f"stopped: step {stopped}," in out and "stopping (SIGTERM)" in out
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == [f"step_{stopped:07d}"]
     assert exited < 60, f"{exited:.0f} s from SIGTERM to exit"
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=command_env())  # resumes
-    assert done.returncode == 0 and "done: step 12" in done.stdout, done.stderr[-2000:]
-    uninterrupted = build(train_args(tmp_path / "uninterrupted", *FAST, "--train.steps=12",
+    assert done.returncode == 0 and "done: step 8" in done.stdout, done.stderr[-2000:]
+    uninterrupted = build(train_args(tmp_path / "uninterrupted", *FAST, "--train.steps=8",
                                      "--checkpoint.save=false")).train()
     assert [line["loss"] for line in records(tmp_path / "run")] == uninterrupted.losses
 
@@ -391,9 +392,8 @@ def _validate(rank: int, world_size: int, runs: dict[str, list[str]]) -> dict:
         trainer = build(args)
         forwards = []
         trainer.model.parts[0].register_forward_pre_hook(lambda *_: forwards.append(1))
-        trainer.train()
-        forwards.clear()
         out[name] = {"valid": trainer.evaluate(), "forwards": len(forwards)}
+        trainer.data.close()
     return out
 
 
@@ -406,15 +406,16 @@ VALIDATION = {  # dp_shard: (held-out samples per source, forwards per rank and 
 def test_validation_under_fsdp_runs_as_many_forwards_on_every_rank(train_args, tmp_path):
     """2 ranks, micro batches of 1 (the issue's hang): each rank runs as many forwards, and the
     validation losses are the single process's."""
-    base = ("--train.steps=1", "--train.eval_interval=1", "--checkpoint.save=false")
-    runs = {mode: train_args(tmp_path / mode, *base, f"--train.eval_batches={samples}", f"--parallel.dp_shard={mode}")
+    runs = {mode: train_args(tmp_path / mode, f"--train.eval_batches={samples}", f"--parallel.dp_shard={mode}")
             for mode, (samples, _) in VALIDATION.items()}
     ranks = run_distributed(_validate, world_size=2, timeout_s=240, args=(runs,))  # the old code hung here
     for mode, (samples, forwards) in VALIDATION.items():
-        single = build(train_args(tmp_path / f"single-{mode}", *base, f"--train.eval_batches={samples}")).train()
-        assert single.valid_losses.keys() == {"text", "code"}
+        single = build(train_args(tmp_path / f"single-{mode}", f"--train.eval_batches={samples}"))
+        expected = single.evaluate()
+        single.data.close()
+        assert expected.keys() == {"text", "code"}
         assert ranks[0][mode]["forwards"] == ranks[1][mode]["forwards"] == 2 * forwards  # 2 sources
         for rank in ranks:
-            assert rank[mode]["valid"].keys() == single.valid_losses.keys()
-            for source, loss in single.valid_losses.items():
+            assert rank[mode]["valid"].keys() == expected.keys()
+            for source, loss in expected.items():
                 assert rank[mode]["valid"][source] == pytest.approx(loss, rel=1e-5), (mode, source)

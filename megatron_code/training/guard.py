@@ -75,16 +75,17 @@ class StepGuard:
 
     def judge(self, step: int, report: StepReport, nonfinite_param: str | None) -> Verdict:
         if report.nonfinite:
-            where = (f"step {step}: loss {report.loss} and gradient norm {report.grad_norm}; first parameter with a "
-                     f"non-finite gradient: {nonfinite_param or 'none (the loss alone)'}")
+            values = (f"loss {report.loss} and gradient norm {report.grad_norm}; first parameter with a non-finite "
+                      f"gradient: {nonfinite_param or 'none (the loss alone)'}")
             record = {"skipped": "nonfinite", "nonfinite_param": nonfinite_param}
             if self.policy == "stop":
-                return Verdict(False, failure=f"{where} (train.nonfinite=stop)", metrics=record)
+                return Verdict(False, failure=f"step {step}: {values} (train.nonfinite=stop)", metrics=record)
             if self.skipped >= self.max_skipped:
-                return Verdict(False, failure=f"{where}; non-finite steps skipped so far: {self.skipped} "
-                                              f"(train.max_skipped_steps={self.max_skipped})", metrics=record)
+                return Verdict(False, failure=f"step {step}: {values}; non-finite steps skipped so far: "
+                                              f"{self.skipped} (train.max_skipped_steps={self.max_skipped})",
+                               metrics=record)
             self.skipped += 1
-            return Verdict(False, note=f"skipped, {where} ({self.skipped} of train.max_skipped_steps="
+            return Verdict(False, note=f"step {step} skipped: {values} ({self.skipped} of train.max_skipped_steps="
                                        f"{self.max_skipped})", metrics={**record, "skipped_steps": self.skipped})
         if self.spike == "off":
             return Verdict()
@@ -93,8 +94,8 @@ class StepGuard:
         if z is None or z <= self.sigma:
             return Verdict(metrics={} if z is None else {"loss_z": z})
         skip = self.spike == "skip"
-        return Verdict(not skip, note=f"{'skipped, ' if skip else ''}loss spike: step {step}'s loss {report.loss:.4f} "
-                                      f"is {z:.1f} standard deviations above the mean of the window",
+        return Verdict(not skip, note=f"step {step}{' skipped' if skip else ''}: loss spike, {report.loss:.4f} is "
+                                      f"{z:.1f} standard deviations above the mean of the window",
                        metrics={"loss_z": z, "loss_spike": True, **({"skipped": "loss_spike"} if skip else {})})
 
     def _zscore(self, loss: float) -> float | None:
