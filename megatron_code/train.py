@@ -47,13 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     from megatron_code.data.errors import DataError
     from megatron_code.parallel.distributed import shutdown_distributed
     from megatron_code.training.checkpoint import CheckpointError
+    from megatron_code.training.guard import NonFiniteError
     from megatron_code.training.trainer import Trainer
 
-    with user_errors(ConfigError, CheckpointError, DataError):
+    with user_errors(ConfigError, CheckpointError, DataError, NonFiniteError):
         trainer = Trainer(config)
         result = trainer.train()
     if trainer.runtime.is_main:
-        print(f"done: step {result.step}, final train loss "
+        print(f"{'stopped' if result.stopped else 'done'}: step {result.step}, final train loss "
               f"{result.losses[-1] if result.losses else float('nan'):.4f}, checkpoint {result.checkpoint}")
     shutdown_distributed()
 

@@ -99,8 +99,8 @@ def test_validation_loss_is_the_exported_models(train_args, trained_run, exporte
     logged = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     hf = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
     for index, name in enumerate(trainer.data.names):
-        batches = trainer.data.valid_batches(index)
-        tokens, labels, mask = (torch.cat([b[k] for b in batches]) for k in ("tokens", "labels", "loss_mask"))
+        batch = trainer.data.valid_batch(index)
+        tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
         with torch.no_grad():
             losses = torch.nn.functional.cross_entropy(hf(input_ids=tokens).logits.transpose(1, 2), labels,
                                                        reduction="none")

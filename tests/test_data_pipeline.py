@@ -164,12 +164,14 @@ def test_data_parallel_ranks_split_the_global_batch(tiny_corpus, tiny_indexed, t
         make(tiny_corpus, tiny_indexed, tmp_path, dp_rank=0, dp_size=4)
 
 
-def test_validation_batches_are_fixed_and_split_over_ranks(tiny_corpus, tiny_indexed, tmp_path):
+def test_validation_batch_is_fixed_and_the_same_on_every_rank(tiny_corpus, tiny_indexed, tmp_path):
     one = make(tiny_corpus, tiny_indexed, tmp_path, weights=(1, 0))  # code: validation only
-    batches = one.valid_batches(1)
-    assert len(batches) == 2 and all((b["source"] == 1).all() for b in batches)
-    halves = [make(tiny_corpus, tiny_indexed, tmp_path, dp_rank=r, dp_size=2).valid_batches(1) for r in range(2)]
-    assert torch.equal(torch.cat([b["tokens"] for h in halves for b in h]), torch.cat([b["tokens"] for b in batches]))
+    batch = one.valid_batch(1)
+    assert len(batch["tokens"]) == 8 and (batch["source"] == 1).all()  # eval_batches x micro batch
+    assert torch.equal(batch["tokens"], torch.stack([one.sources[1].valid[i]["tokens"] for i in range(8)]))
+    for rank in range(2):  # ParallelModel.evaluate splits it over data-parallel ranks, not the data
+        assert torch.equal(make(tiny_corpus, tiny_indexed, tmp_path, dp_rank=rank, dp_size=2).valid_batch(1)["tokens"],
+                           batch["tokens"])
 
 
 def test_resume_checks_name_what_changed(tiny_corpus, tiny_indexed, tmp_path):
@@ -403,14 +405,11 @@ def test_changed_files_of_a_source_stop_a_resume_unless_allowed(tiny_corpus, tin
 def test_a_source_of_several_files_validates_on_them_by_weight(tiny_corpus, tiny_indexed, code_shards, tmp_path):
     pipeline = make(tiny_corpus, shards(tiny_indexed, code_shards), tmp_path)
     large, small = (f.valid for f in pipeline.sources[1].files)
-    held_out = [tuple(t.tolist()) for b in pipeline.valid_batches(1) for t in b["tokens"]]
+    held_out = [tuple(t.tolist()) for t in pipeline.valid_batch(1)["tokens"]]
     assert len(held_out) == 8  # eval_batches x micro batch, 3:1 like training: 6 of one, 2 of the other
     assert [r for r in held_out if r in set(rows(large))] == rows(large, 6)
     assert [r for r in held_out if r in set(rows(small))] == rows(small, 2)
     assert len(pipeline.sources[1].valid) == len(large) + len(small)
-    halves = [make(tiny_corpus, shards(tiny_indexed, code_shards), tmp_path, dp_rank=r, dp_size=2).valid_batches(1)
-              for r in range(2)]
-    assert [tuple(t.tolist()) for h in halves for b in h for t in b["tokens"]] == held_out
 
 
 def _draw_on_rank(rank, world_size, tokenizer, prefixes, out_dir, schedule_file):

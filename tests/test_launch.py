@@ -121,6 +121,8 @@ def test_launch_example_builds_a_torchrun_command_that_validates(command, stand_
     args = get_args_parser().parse_args(argv)
     launch, _, _ = config_from_args(args)
     assert args.module and args.training_script == "megatron_code.train"
+    if "examples/launch/" in command:  # torchrun passes pre-emption signals on and lets the ranks save
+        assert {"SIGTERM", "SIGUSR1"} <= set(args.signals_to_handle.split(",")) and args.shutdown_timeout >= 60
     nodes = launch.max_nodes
     if command.startswith("sbatch"):
         srun = json.loads((records / "srun.json").read_text())

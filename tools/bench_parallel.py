@@ -107,8 +107,10 @@ def worker(args) -> None:
         dist.barrier()
 
     def step():
-        model.forward_backward(batches, LossTotals(1, device))
-        model.clip_grad_norm_(1.0)
+        totals = LossTotals(1, device)
+        model.forward_backward(batches, totals)
+        totals.all_reduce(model.reports_loss, torch.zeros(1, dtype=torch.float64, device=device))  # as the trainer
+        model.clip_grads_(1.0, model.grad_norm())
         optimizer.step()
         optimizer.zero_grad()
 

@@ -1,9 +1,24 @@
 """The train section: steps, batches, device and precision, logging, the training stage."""
 from __future__ import annotations
 
+import re
+import signal
 from dataclasses import dataclass, field
 
 from .base import ConfigError, check_choice
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)([dhms]))+")
+_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(name: str, text: str) -> float:
+    """Seconds in a duration written like `3h50m`, `90m`, `1d12h` or `45s`."""
+    if not _DURATION.fullmatch(text.strip()):
+        raise ConfigError(f"{name}={text!r} is not a duration like 3h50m, 90m or 45s (units d, h, m, s)", name)
+    seconds = sum(float(n) * _SECONDS[unit] for n, unit in re.findall(r"(\d+(?:\.\d+)?)([dhms])", text))
+    if seconds <= 0:
+        raise ConfigError(f"{name}={text!r} must be longer than zero", name)
+    return seconds
 
 
 @dataclass
@@ -43,6 +58,32 @@ class TrainConfig:
     epochs: float = 0
     """sft: passes over the instruction data; > 0 sets train.steps to ceil(epochs x the training
     samples of the sources the schedule draws from / global_batch_size), ignoring train.steps."""
+    nonfinite: str = "skip"
+    """What a step whose loss or global gradient norm is NaN or infinite does (checked every step;
+    every rank takes the same decision): skip (no update: weights and optimizer state, Adam's
+    step count included, stay as they were; the batch is not retried; metrics.jsonl records the
+    skip) | stop (exit 1 naming the step and the first parameter whose gradient is non-finite;
+    nothing is saved, so the last checkpoint is the last good one)."""
+    max_skipped_steps: int = 5
+    """nonfinite=skip: the run stops at the non-finite step after this many, counted over the
+    whole run (resumes included)."""
+    loss_spike: str = "off"
+    """off | log | skip: a step whose loss lies more than loss_spike_sigma standard deviations
+    above the mean of the last loss_spike_window steps' losses is reported (log), or skipped
+    too (skip), as OLMo-core does. Checked once half the window is filled."""
+    loss_spike_sigma: float = 6.0
+    loss_spike_window: int = 128
+    """Steps in the loss-spike window; every finite loss enters it, spikes included, so a lasting
+    change of level stops counting as a spike."""
+    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that make the run save a checkpoint at the next step boundary and exit 0
+    (pre-emption: SLURM and Kubernetes send SIGTERM; `sbatch --signal=USR1@120` sends SIGUSR1
+    two minutes before the time limit). A signal reaching any rank stops every rank at the same
+    step. Empty: the signals keep their default action."""
+    max_wall_time: str = ""
+    """Save and exit 0 at the last step boundary before this much time has passed since the
+    trainer started (e.g. 3h50m; units d, h, m, s), judging by the last step's duration; leave
+    the save time below the job's limit. Empty: no limit."""
 
     def validate(self) -> None:
         check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
@@ -57,6 +98,23 @@ class TrainConfig:
         for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_batches"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        check_choice("train.nonfinite", self.nonfinite, ("skip", "stop"))
+        check_choice("train.loss_spike", self.loss_spike, ("off", "log", "skip"))
+        if self.max_skipped_steps < 0:
+            raise ConfigError(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+        if self.loss_spike_sigma <= 0 or self.loss_spike_window < 4:
+            raise ConfigError(f"train.loss_spike_sigma must be > 0 and train.loss_spike_window >= 4, got "
+                              f"{self.loss_spike_sigma} and {self.loss_spike_window}")
+        for name in self.exit_signals:
+            if not isinstance(getattr(signal, str(name), None), signal.Signals) or name in ("SIGKILL", "SIGSTOP"):
+                raise ConfigError(f"train.exit_signals: {name!r} is not a signal a process can catch "
+                                  "(names like SIGTERM, SIGUSR1)", "train.exit_signals")
+        if self.max_wall_time:
+            parse_duration("train.max_wall_time", self.max_wall_time)
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                               f"train.micro_batch_size={self.micro_batch_size}")
+
+    @property
+    def max_wall_seconds(self) -> float | None:
+        return parse_duration("train.max_wall_time", self.max_wall_time) if self.max_wall_time else None

@@ -265,7 +265,7 @@ class DataPipeline:
         self._adaptive_start = -1
         """The start of the adaptive phase `adaptive` belongs to."""
         self._events: list[dict] = []
-        self._valid: dict[int, list[dict]] = {}
+        self._valid: dict[int, dict | None] = {}
         self._loader: _Loader | None = None
         self._noted: set[str] = set()
         # rank 0 checks the schedule file; a gloo group carries its verdict without a device sync
@@ -376,11 +376,11 @@ class DataPipeline:
 
     # ---------------------------------------------------------------------- validation
 
-    def valid_batches(self, source: int) -> list[dict[str, torch.Tensor]]:
-        """This rank's share of a fixed set of held-out samples of one source: the first
-        train.eval_batches x micro_batch_size of its files' validation splits, interleaved by the
-        files' weights as training draws them (fewer when a file's split runs out first); empty
-        without any."""
+    def valid_batch(self, source: int) -> dict[str, torch.Tensor] | None:
+        """A fixed set of held-out samples of one source as one batch, the same on every rank: the
+        first train.eval_batches x micro_batch_size of its files' validation splits, interleaved
+        by the files' weights as training draws them (fewer when a file's split runs out first);
+        None without any. `ParallelModel.evaluate` splits it over the data-parallel ranks."""
         if source not in self._valid:
             files = [f for f in self.sources[source].files if f.valid is not None and f.weight > 0]
             picks = []
@@ -391,13 +391,10 @@ class DataPipeline:
                     if i >= len(files[f].valid):
                         break
                     picks.append((f, i))
-            n, mbs = len(picks), self.micro_batch_size
-            lo, hi = self.dp_rank * n // self.dp_size, (self.dp_rank + 1) * n // self.dp_size
-            self._valid[source] = [
-                collate([files[f].valid[i] for f, i in picks[j: min(j + mbs, hi)]], np.full(min(mbs, hi - j), source),
-                        False)
-                for j in range(lo, hi, mbs)]
-        return [self.to_device(b) for b in self._valid[source]]
+            self._valid[source] = (collate([files[f].valid[i] for f, i in picks], np.full(len(picks), source), False)
+                                   if picks else None)
+        batch = self._valid[source]
+        return self.to_device(batch) if batch is not None else None
 
     # ---------------------------------------------------------------------- schedule edits
 

@@ -1,4 +1,5 @@
-"""Gradient clipping by the global norm over tensor, pipeline and data parallel ranks.
+"""The global gradient norm over tensor, pipeline and data parallel ranks (for clipping, and the
+step's non-finite check).
 
 DTensor gradients (tensor-parallel shards, FSDP shards) reduce their norms over the mesh with
 each element counted once, replicated weights included; pipeline stages hold disjoint parameters,
@@ -12,10 +13,11 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
-def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, pp_group: dist.ProcessGroup | None,
-                    duplicates: list[torch.Tensor] = ()) -> torch.Tensor:
-    """Scale the gradients in place so their global L2 norm is at most `max_norm` (inf: measure
-    only); returns the norm before clipping, the same on every rank."""
+def global_grad_norm(params: list[torch.Tensor], pp_group: dist.ProcessGroup | None,
+                     duplicates: list[torch.Tensor] = ()) -> torch.Tensor:
+    """The global L2 norm of the gradients, the same on every rank. A NaN or infinity in any
+    rank's gradients makes every rank's norm non-finite: the norm is reduced over the ranks that
+    shard the gradients, and data-parallel replicas hold gradients already summed over replicas."""
     skip = {id(p) for p in duplicates}
     grads = [p.grad for p in params if p.grad is not None and id(p) not in skip]
     norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
@@ -25,5 +27,4 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, pp_group: dist.
         squared = norm.pow(2)
         dist.all_reduce(squared, group=pp_group)
         norm = squared.sqrt()
-    torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm)
     return norm

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
@@ -23,12 +24,12 @@ from megatron_code.config import Config
 from megatron_code.kernels.ops import build_attention, build_ops, describe_attention
 from megatron_code.model import GPT
 from megatron_code.parallel.activation_checkpointing import apply_ac
-from megatron_code.parallel.clipping import clip_grad_norm_
+from megatron_code.parallel.clipping import global_grad_norm
 from megatron_code.parallel.data_parallel import apply_dp
 from megatron_code.parallel.distributed import Runtime
 from megatron_code.parallel.pipeline_parallel import (TiedEmbedding, apply_pp, build_schedule, build_stages,
                                                       local_stage_ids, stage_layers)
-from megatron_code.parallel.tensor_parallel import (ParallelLayerFactory, TensorParallel, init_parameters,
+from megatron_code.parallel.tensor_parallel import (ParallelLayerFactory, TensorParallel, init_parameters, local,
                                                     tensor_parallel_ops)
 from megatron_code.training.loss import LossTotals, pack_target, sample_losses, unpack_target
 
@@ -86,7 +87,8 @@ class ParallelModel:
         """Forward and backward over this data-parallel rank's micro batches; gradients end up
         summed over data-parallel ranks and the tied embedding's copies. The loss is divided by
         the global batch's loss-token count (one all-reduce), and `totals` gets each micro
-        batch's per-source loss sums."""
+        batch's per-source loss sums on this rank (the trainer sums them over ranks, counting
+        the ranks that `reports_loss`)."""
         token_count = torch.stack([mb["loss_mask"].sum() for mb in micro_batches]).sum()
         if self.runtime.size("dp") > 1:
             dist.all_reduce(token_count, group=self.runtime.group("dp"))
@@ -107,7 +109,12 @@ class ParallelModel:
                 loss.backward()
         if self.tied is not None:
             self.tied.sync_grads()
-        totals.all_reduce(counted_here=self.last is not None and self.tp.rank == 0)
+
+    @property
+    def reports_loss(self) -> bool:
+        """Whether this rank's loss totals count in a step's sum over ranks: one tensor-parallel
+        rank of each last pipeline stage (the others computed the same numbers)."""
+        return self.last is not None and self.tp.rank == 0
 
     def _loss(self, model: GPT, hidden, labels, loss_mask, source) -> torch.Tensor:
         losses = sample_losses(model, hidden, labels, loss_mask, self.ops, self.tp)
@@ -132,10 +139,30 @@ class ParallelModel:
         return build_stages(self.parts, self.stage_ids, cfg.parallel.num_stages, self.runtime, self.micro_batch_size,
                             cfg.data.seq_length, self.tp.sequence_shard(cfg.data.seq_length), cfg.model.hidden_size)
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+    def grad_norm(self) -> torch.Tensor:
+        """The global L2 norm of the gradients over every rank, the same on every rank."""
         pp_group = self.runtime.group("pp") if self.pipelined else None
         duplicates = self.tied.duplicates() if self.tied is not None else []
-        return clip_grad_norm_(self.parameters(), max_norm, pp_group, duplicates)
+        return global_grad_norm(self.parameters(), pp_group, duplicates)
+
+    def clip_grads_(self, max_norm: float, norm: torch.Tensor) -> None:
+        """Scale the gradients so that their global norm `norm` (from `grad_norm`) is at most
+        `max_norm`."""
+        torch.nn.utils.clip_grads_with_norm_([p for p in self.parameters() if p.grad is not None], max_norm, norm)
+
+    def first_nonfinite(self, of: str) -> str | None:
+        """The single-process model's name of the first parameter, in model order, whose gradient
+        (`of="grad"`) or weight (`of="weight"`) holds a NaN or infinity on any rank; None if none
+        does. A collective: every rank calls it (on a non-finite step, and before each save)."""
+        named = [(stage, index, name.replace(_CHECKPOINT_PREFIX, ""), p.grad if of == "grad" else p.detach())
+                 for stage, part in sorted(zip(self.stage_ids, self.parts), key=lambda pair: pair[0])
+                 for index, (name, p) in enumerate(part.named_parameters())]
+        named = [(stage, index, name, local(t)) for stage, index, name, t in named if t is not None]
+        finite = torch.stack([torch.isfinite(t).all() for *_, t in named]).tolist() if named else []
+        found = next(((stage, index, name) for (stage, index, name, _), ok in zip(named, finite) if not ok), None)
+        everyone = [None] * self.runtime.world_size
+        dist.all_gather_object(everyone, found)
+        return min((f for f in everyone if f is not None), default=(0, 0, None))[2]
 
     # ------------------------------------------------------------------------------------------
     # evaluation

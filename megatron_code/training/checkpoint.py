@@ -7,7 +7,7 @@ Layout of `<run>/checkpoints/step_0000100/`:
                         "optimizer.param_groups.<name>.<lr|betas|...>"
   trainer_state.json    {"step", "weights_only", "manifest": true, "config", "layout", "tokenizer"
                         (its fingerprint and size), and each plain-data state:
-                        "train" (the step counter), "data" (the data pipeline's position)}
+                        "train" (the step counter, the step guard), "data" (the data pipeline's position)}
   rng_pp<p>_tp<t>.json  the RNG states (Python, numpy, torch, CUDA) of the ranks at pipeline stage p
                         and tensor rank t, as plain data (data-parallel replicas draw alike)
   manifest.json         every other file's size and checksum (training/integrity.py), written last
@@ -84,16 +84,21 @@ class Stateful(Protocol):
 
 
 class TrainState:
-    """The step counter, a plain-data state of its own."""
+    """The step counter, and the trainer's step guard (training/guard.py: skipped steps, the
+    loss-spike window) when given; plain data. A checkpoint saved before the guard existed
+    resumes with a fresh one."""
 
-    def __init__(self) -> None:
+    def __init__(self, guard: Stateful | None = None) -> None:
         self.step = 0
+        self.guard = guard
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, **({"guard": self.guard.state_dict()} if self.guard is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        if self.guard is not None and "guard" in state:
+            self.guard.load_state_dict(state["guard"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,20 +46,15 @@ class LossTotals:
         self.totals[0].index_add_(0, source, sample_losses.detach().double())
         self.totals[1].index_add_(0, source, sample_tokens.detach().double())
 
-    def all_reduce(self, counted_here: bool) -> None:
+    def all_reduce(self, counted_here: bool, votes: torch.Tensor) -> torch.Tensor:
         """Sum over all ranks; only ranks with `counted_here` contribute (one tensor-parallel rank
-        of each last pipeline stage: the others computed the same numbers)."""
-        if not counted_here:
-            self.totals.zero_()
-        dist.all_reduce(self.totals)
-
-    def mean(self) -> float:
-        sums, counts = self.totals.sum(1).tolist()
-        return sums / max(counts, 1.0)
-
-    def per_source(self, names: list[str]) -> dict[str, float]:
-        sums, counts = self.totals.tolist()
-        return {name: s / c for name, s, c in zip(names, sums, counts) if c > 0}
+        of each last pipeline stage: the others computed the same numbers). `votes` (float64,
+        every rank's own) travel in the same all-reduce and come back summed over ranks: the
+        step's stop requests need no collective of their own."""
+        packed = torch.cat([self.totals.flatten() if counted_here else torch.zeros_like(self.totals).flatten(), votes])
+        dist.all_reduce(packed)
+        self.totals.copy_(packed[:self.totals.numel()].view_as(self.totals))
+        return packed[self.totals.numel():]
 
 
 def pack_target(batch: dict) -> torch.Tensor:

@@ -23,6 +23,7 @@ from megatron_code.parallel.distributed import (Runtime, build_runtime, init_dis
 from megatron_code.parallel.model import ParallelModel, build_model
 from megatron_code.training.checkpoint import (Checkpointer, TrainState, check_checkpoint_matches, starting_point,
                                                tokenizer_record)
+from megatron_code.training.guard import NonFiniteError, StepGuard, StopRequests, Verdict, read_step
 from megatron_code.training.integrity import write_durably
 from megatron_code.training.loss import LossTotals
 from megatron_code.training.metrics import MetricsLogger, flops_per_token, hardware_flops_per_token, peak_flops
@@ -39,18 +40,21 @@ class TrainResult:
     valid_losses: dict[str, float] = field(default_factory=dict)
     tokens_per_source: dict[str, int] = field(default_factory=dict)
     checkpoint: Path | None = None
+    stopped: str | None = None
+    """Why the run saved and stopped before train.steps (exit signals, train.max_wall_time)."""
 
 
 def build_data(config: Config, tokenizer, runtime: Runtime) -> DataPipeline:
     """The data component: asked each step for this data-parallel rank's micro batches of the
-    step's global batch (`next_step`), and for this rank's share of held-out batches
-    (`valid_batches`); its state is plain data. Batches carry tokens, labels, loss_mask,
+    step's global batch (`next_step`), and for each source's held-out samples, the same on every
+    rank (`valid_batch`); its state is plain data. Batches carry tokens, labels, loss_mask,
     position_ids and `source` (index into data.sources)."""
     return DataPipeline(config, tokenizer, runtime.coordinate("dp"), runtime.size("dp"), runtime.device)
 
 
 class Trainer:
     def __init__(self, config: Config):
+        started = time.monotonic()  # train.max_wall_time counts from here
         self.config = config
         # Cheap checks first: the layout, the tokenizer and the checkpoint's trainer_state.json
         # (model math, vocabulary, data order), before datasets or the model.
@@ -85,7 +89,8 @@ class Trainer:
                   "their validation loss is not reported")
         self.model: ParallelModel = build_model(config, self.runtime, self.precision.autocast)
         self.optimizer = Optimizers(self.model.parts, config.optim)
-        self.train_state = TrainState()
+        self.guard, self.stop = StepGuard(config.train), StopRequests(config.train, started)
+        self.train_state = TrainState(self.guard)
         self.checkpointer = Checkpointer(
             self.run_dir / "checkpoints", ckpt.keep_last,
             sharded={"model": self.model, "optimizer": self.optimizer},
@@ -95,6 +100,7 @@ class Trainer:
             layout=self.runtime, damaged=start.damaged)
         if start_from is not None and not self.checkpointer.load(start_from, weights_only, start.saved) and main:
             print(f"model weights from {start_from}; fresh optimizer, LR schedule and data position")
+        self.last_checkpoint = start_from if start_from is not None and not weights_only else None
         self.metrics = MetricsLogger(self.run_dir, main, config.train.tensorboard, {"layout": self.runtime.layout},
                                      start_step=self.step)
         if main:
@@ -125,7 +131,8 @@ class Trainer:
     def step(self) -> int:
         return self.train_state.step
 
-    def train_step(self) -> dict:
+    def train_step(self) -> tuple[dict, Verdict, str | None]:
+        """One optimizer step: (its metrics, what the guard decided, why the run stops here)."""
         cfg = self.config
         lr = lr_at(self.step, cfg.train.steps, cfg.optim)
         self.optimizer.set_lr(lr)
@@ -134,31 +141,37 @@ class Trainer:
             self.metrics.event(event)
         totals = LossTotals(len(self.data.names), self.runtime.device)
         self.model.forward_backward(data.micro_batches, totals)
-        grad_norm = self.model.clip_grad_norm_(cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-        self.optimizer.step()
+        # The step's one all-reduce over all ranks carries the stop votes with the loss totals, and
+        # its one host sync everything it decides on: every rank decides alike (training/guard.py).
+        votes = totals.all_reduce(self.model.reports_loss, self.stop.votes(self.runtime.device))
+        grad_norm = self.model.grad_norm()
+        report = read_step(totals.totals, grad_norm, votes, self.data.names)
+        step = self.step + 1
+        verdict = self.guard.judge(step, report, self.model.first_nonfinite("grad") if report.nonfinite else None)
+        if verdict.apply:
+            self.model.clip_grads_(cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf, grad_norm)
+            self.optimizer.step()
         self.optimizer.zero_grad()
-        self.train_state.step += 1
-        losses = totals.per_source(self.data.names)
+        self.train_state.step = step
+        losses = report.per_source
         self.data.observe_losses(data.step, losses)  # an adaptive schedule's input (the same on every rank)
-        return {"loss": totals.mean(), "lr": lr, "grad_norm": grad_norm.item(), **data.metrics,
-                **{f"loss/{k}": v for k, v in losses.items()}}
+        metrics = {"loss": report.loss, "lr": lr, "grad_norm": report.grad_norm, **data.metrics,
+                   **{f"loss/{k}": v for k, v in losses.items()}, **verdict.metrics}
+        return metrics, verdict, self.stop.reason(report.votes, self.runtime.world_size)
 
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss per source on a fixed set of held-out samples (each data-parallel
-        rank evaluates its share)."""
-        out = {}
+        """Mean validation loss per source on a fixed set of held-out samples. Data-parallel ranks
+        split each set evenly, padding with loss-masked rows: under FSDP every forward gathers
+        parameters, so every rank must run as many forwards as the others."""
+        names, totals = [], []
         for index, source in enumerate(self.data.sources):
-            if source.valid is None:
-                continue
-            batches = self.data.valid_batches(index)
-            totals = LossTotals(1, self.runtime.device)
-            if batches:
-                sums, counts = self.model.evaluate({k: torch.cat([b[k] for b in batches]) for k in batches[0]},
-                                                   split_over_data_parallel=False)
-                totals.add(sums, counts, torch.zeros_like(sums, dtype=torch.long))
-            totals.all_reduce(counted_here=self.runtime.coordinate("tp") == 0 and self.runtime.coordinate("pp") == 0)
-            out[source.name] = totals.mean()
-        return out
+            batch = self.data.valid_batch(index)
+            if batch is not None:
+                sums, counts = self.model.evaluate(batch)
+                names.append(source.name)
+                totals.append(torch.stack([sums.sum(), counts.sum()]))
+        values = torch.stack(totals).tolist() if totals else []
+        return {name: s / max(c, 1.0) for name, (s, c) in zip(names, values)}
 
     def evaluate_tasks(self) -> dict[str, float]:
         """Accuracies on the `train.eval_tasks` multiple-choice files, scored through the
@@ -173,9 +186,30 @@ class Trainer:
         return out
 
     def save(self) -> Path | None:
-        return self.checkpointer.save(self.step) if self.config.checkpoint.save else None
+        """A checkpoint of this step, unless checkpoint.save=false; never of non-finite weights."""
+        if not self.config.checkpoint.save:
+            return None
+        bad = self.model.first_nonfinite("weight")
+        if bad is not None:
+            raise NonFiniteError(f"step {self.step}: weight {bad} is non-finite after the optimizer step; "
+                                 f"not saved ({self._last_good()})")
+        self.last_checkpoint = self.checkpointer.save(self.step)
+        return self.last_checkpoint
+
+    def _last_good(self) -> str:
+        if self.last_checkpoint is None:
+            return "this run has no checkpoint to resume from"
+        return f"the last checkpoint, {self.last_checkpoint}, is kept: a relaunch resumes from it"
 
     def train(self) -> TrainResult:
+        with self.stop.listening():
+            try:
+                return self._train()
+            finally:
+                self.data.close()
+                self.metrics.close()
+
+    def _train(self) -> TrainResult:
         cfg, main = self.config, self.runtime.is_main
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
         model_flops = flops_per_token(cfg.model, cfg.data.seq_length) * tokens_per_step / self.runtime.world_size
@@ -191,7 +225,7 @@ class Trainer:
         checkpoint = None
         while self.step < cfg.train.steps:
             start = time.perf_counter()
-            metrics = self.train_step()
+            metrics, verdict, result.stopped = self.train_step()
             seconds = time.perf_counter() - start
             metrics["tokens_per_s"] = metrics["tokens"] / seconds  # real tokens: instruction padding excluded
             metrics["tokens_per_s_per_gpu"] = metrics["tokens_per_s"] / self.runtime.world_size
@@ -201,10 +235,16 @@ class Trainer:
             result.losses.append(metrics["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if verdict.failure is not None:
+                self.metrics.log(self.step, metrics)
+                bar.close()
+                raise NonFiniteError(f"{verdict.failure}; nothing saved: {self._last_good()}")
+            if main and verdict.note:
+                bar.write(verdict.note)
             last = self.step == cfg.train.steps
-            if last or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
+            if last or result.stopped or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                 checkpoint = self.save()  # before evaluating: a failing evaluation loses no training
-            if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or last):
+            if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or last) and not result.stopped:
                 result.valid_losses = self.evaluate()
                 metrics.update({f"valid_loss/{k}": v for k, v in result.valid_losses.items()})
                 metrics.update(self.evaluate_tasks())
@@ -217,10 +257,14 @@ class Trainer:
                           f"grad norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f}"
                           + (f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "")
                           + (f" (hfu {metrics['hfu']:.1%})" if metrics.get("hfu", 0) > metrics.get("mfu", 0) else ""))
+            if result.stopped:
+                if main:
+                    bar.write(f"step {self.step}: stopping ({result.stopped}): "
+                              + (f"saved {checkpoint}; relaunch the same command to resume" if checkpoint
+                                 else "checkpoint.save=false, nothing saved"))
+                break
         bar.close()
         result.step = self.step
         result.checkpoint = checkpoint or self.save()
         result.tokens_per_source = dict(self.data.cursor.tokens)
-        self.data.close()
-        self.metrics.close()
         return result
