@@ -20,7 +20,8 @@ functions, standard-library functions; 5:3 text:code by count).
 Each stage reuses what an earlier run built from the same inputs: its marker records a digest of
 each input (the config, the data and tokenizer, the checkpoint it starts from or evaluates), so
 a changed pretraining arm has its tuned arms trained and every affected arm evaluated again; an
-interrupted training run continues from its latest checkpoint. `--size default` takes about 11
+interrupted training run continues from its latest checkpoint. What would stop a later stage (its
+imports, the device, the code sandbox, an arm's config) is checked before any work. `--size default` takes about 11
 minutes on 2 quiet CPU cores (up to 30 on a loaded machine), `--size ci` under a minute. The
 numbers are tiny-scale: they show the pipeline runs, not what code data does to a large model.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import importlib.resources
 import json
 import shutil
@@ -84,6 +86,20 @@ SIZES = {
 INSTRUCTION_SEED = 1
 """Seeds the instruction sets (the evaluation items come from the other split of the same
 generators, whatever the seed)."""
+STAGE_IMPORTS = {
+    "data": ("megatron_code.data.builtin", "megatron_code.data.corpus", "megatron_code.data.tokenizer",
+             "megatron_code.data.preprocess", "megatron_code.data.instructions", "megatron_code.data.sft",
+             "megatron_code.evaluation.synthetic", "megatron_code.evaluation.tasks"),
+    "training": ("megatron_code.config", "megatron_code.training.trainer", "megatron_code.training.checkpoint",
+                 "torch"),
+    "evaluation": ("megatron_code.evaluation.lm", "megatron_code.evaluation.score", "megatron_code.evaluation.results",
+                   "megatron_code.model.hf", "transformers:LlamaForCausalLM", "transformers:GPT2LMHeadModel",
+                   "transformers:StoppingCriteriaList"),
+    "report": ("megatron_code.training.plots", "megatron_code.training.run_summary", "matplotlib.pyplot"),
+}
+"""What each stage imports (`module:name` for a name a module loads lazily, as transformers does its
+models), all imported at start-up: a missing or broken dependency stops the study before any work,
+not after the training it would have thrown away."""
 
 
 def _log(text: str) -> None:
@@ -101,6 +117,31 @@ def recipe_file(name: str) -> Path:
     if not path.is_file():
         raise SystemExit(f"error: recipe {name}.yaml is missing from {folder}: reinstall megatron_code")
     return Path(str(path))
+
+
+def check_stages(device: str) -> None:
+    """What would stop a stage, checked before any work: every stage's imports (STAGE_IMPORTS), the
+    device, and that generated code can run contained here (the evaluation's sandbox)."""
+    for stage, needs in STAGE_IMPORTS.items():
+        for need in needs:
+            module, _, name = need.partition(":")
+            try:
+                loaded = importlib.import_module(module)
+                if name:
+                    getattr(loaded, name)
+            except Exception as e:  # a broken install raises more than ImportError (version checks, shadowing)
+                why = (str(e).splitlines() or [""])[0]
+                raise SystemExit(f"error: the study's {stage} stage needs {need.replace(':', '.')}, which does not "
+                                 f"import here ({type(e).__name__}: {why}); stopped before any work") from None
+    from megatron_code.config import ConfigError
+    from megatron_code.evaluation.sandbox import SandboxUnavailable, sandbox_features
+    from megatron_code.parallel.distributed import pick_device
+
+    try:
+        pick_device(device)
+        sandbox_features()
+    except (ConfigError, SandboxUnavailable) as e:
+        raise SystemExit(f"error: {e}; stopped before any work") from None
 
 
 # --------------------------------------------------------------------------------- stage markers
@@ -146,6 +187,11 @@ def write_marker(marker: Path, inputs: dict[str, str], done: bool) -> None:
 # ------------------------------------------------------------------------------------- data
 
 
+def instruction_prefixes(out: Path) -> dict[str, str]:
+    """Where build_instructions puts each instruction set's indexed files, known before it runs."""
+    return {name: str(out / "instructions" / name) for name in ("text", "code")}
+
+
 def build_instructions(out: Path, size: Size, tokenizer: Path, prose: Path) -> dict[str, str]:
     """text and code instruction JSONL and their indexed files (reused when current)."""
     from megatron_code.data.instructions import make_instructions
@@ -157,7 +203,7 @@ def build_instructions(out: Path, size: Size, tokenizer: Path, prose: Path) -> d
     folder.mkdir(parents=True, exist_ok=True)
     prefixes = {}
     for name, counts in (("text", size.text_instructions), ("code", size.code_instructions)):
-        path, prefix, marker = folder / f"{name}.jsonl", folder / name, folder / f"{name}.stage.json"
+        path, prefix, marker = folder / f"{name}.jsonl", Path(instruction_prefixes(out)[name]), folder / f"{name}.stage.json"
         inputs = {"generator": value_digest([counts, INSTRUCTION_SEED]), "prose": content_digest(prose)}
         if changed_inputs(read_marker(marker), inputs) or not path.is_file():
             write_jsonl(path, make_instructions(counts, INSTRUCTION_SEED, prose))
@@ -358,31 +404,46 @@ def run(argv: list[str] | None = None) -> dict:
     size, out = SIZES[args.size], args.out or Path("runs/study") / args.name / args.size
     recipes = {**{arm: recipe_file(recipe) for arm, recipe in PRETRAIN_ARMS.items()},
                **{arm: recipe_file(recipe) for arm, (recipe, _) in TUNE_ARMS.items()}}
-    out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
+    check_stages(args.device)
+
+    # Every arm's config is checked before the data is built: the paths are known in advance.
+    from megatron_code.config import ConfigError, load_config
+    from megatron_code.data.builtin import build_builtin_data, builtin_data_paths
+
+    tokenizer, corpus = builtin_data_paths(out)
+    pretrain = {arm: out / "pretrain" / arm for arm in PRETRAIN_ARMS}
+    tune = {arm: out / "tune" / arm for arm in TUNE_ARMS}
+    plans = {}  # arm -> (overrides, the dataset prefixes it reads)
+    for arm in PRETRAIN_ARMS:
+        sources, prefixes = _sources(recipes[arm], corpus)
+        plans[arm] = [sources, *_common(size, tokenizer, pretrain[arm], size.pretrain_steps, size.pretrain_lr,
+                                        progress, args.device)], prefixes
+    for arm, (_, base) in TUNE_ARMS.items():
+        sources, prefixes = _sources(recipes[arm], instruction_prefixes(out))
+        plans[arm] = [sources, "--train.epochs=0", f"--checkpoint.init_from={pretrain[base]}", *_common(
+            size, tokenizer, tune[arm], size.sft_steps, size.sft_lr, progress, args.device)], prefixes
+    for arm, (overrides, _) in plans.items():
+        try:
+            load_config(recipes[arm], overrides).validate()
+        except ConfigError as e:
+            raise SystemExit(f"error: arm {arm} ({recipes[arm]}): {e}; stopped before any work") from None
+
+    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-
-    from megatron_code.data.builtin import build_builtin_data
-
-    tokenizer, corpus = build_builtin_data(out, size.vocab_size, size.max_bytes, workers=2, progress=progress)
-    instructions = build_instructions(out, size, tokenizer, out / "corpus" / "text.jsonl")
+    build_builtin_data(out, size.vocab_size, size.max_bytes, workers=2, progress=progress)
+    build_instructions(out, size, tokenizer, out / "corpus" / "text.jsonl")
     tasks = build_eval_tasks(out, size)
 
     def data_digest(prefixes: list[str]) -> str:
         return content_digest(tokenizer, *(Path(p + suffix) for p in prefixes for suffix in (".bin", ".idx")))
 
-    pretrain = {arm: out / "pretrain" / arm for arm in PRETRAIN_ARMS}
-    for arm in PRETRAIN_ARMS:
-        sources, prefixes = _sources(recipes[arm], corpus)
-        train_arm(arm, recipes[arm], pretrain[arm], [sources, *_common(
-            size, tokenizer, pretrain[arm], size.pretrain_steps, size.pretrain_lr, progress, args.device)],
-            {"data": data_digest(prefixes)})
-    tune = {arm: out / "tune" / arm for arm in TUNE_ARMS}
+    for arm, run_dir in pretrain.items():
+        overrides, prefixes = plans[arm]
+        train_arm(arm, recipes[arm], run_dir, overrides, {"data": data_digest(prefixes)})
     for arm, (_, base) in TUNE_ARMS.items():
-        sources, prefixes = _sources(recipes[arm], instructions)
-        train_arm(arm, recipes[arm], tune[arm],
-                  [sources, "--train.epochs=0", f"--checkpoint.init_from={pretrain[base]}", *_common(
-                      size, tokenizer, tune[arm], size.sft_steps, size.sft_lr, progress, args.device)],
+        overrides, prefixes = plans[arm]
+        train_arm(arm, recipes[arm], tune[arm], overrides,
                   {"data": data_digest(prefixes), "base checkpoint": checkpoint_digest(pretrain[base])})
 
     runs = {**pretrain, **tune}
