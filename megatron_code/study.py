@@ -352,28 +352,35 @@ def _arm_table(runs: dict[str, Path]) -> str:
 
 
 def _plot_scores(results: dict[str, Path], path: Path) -> Path:
+    """A bar per arm and (task, metric), all on the 0-1 scale, with the 95% bootstrap interval of
+    the arm's mean over the items; the legend beside the axes, clear of the bars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from megatron_code.evaluation.results import RAW
+    from megatron_code.evaluation.results import RAW, SCORE_SCALE, bootstrap_interval, read_results
 
-    files = {name: json.loads(p.read_text()) for name, p in results.items()}
-    rows = {f"{name} ({f.get('prompt_format', RAW)})": {(r["task"], r["metric"]): r["value"] for r in f["results"]}
+    files = {name: read_results(p) for name, p in results.items()}
+    rows = {f"{name} ({f.get('prompt_format', RAW)})": {(r["task"], r["metric"]): f["items"][r["task"]]["values"][r["metric"]]
+                                                       for r in f["results"]}
             for name, f in files.items()}
     keys = list(dict.fromkeys(k for row in rows.values() for k in row))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)), 3.8))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)) + 2.5, 3.8))
     width = 0.8 / len(rows)
     for i, (name, row) in enumerate(rows.items()):
-        values = [row.get(k, 0.0) / (100 if k[1] == "bleu" else 1) for k in keys]
-        ax.bar([j + i * width for j in range(len(keys))], values, width, label=name)
+        intervals = [bootstrap_interval(row[k]) if row.get(k) else (0.0, 0.0, 0.0) for k in keys]
+        means = [mean for mean, _, _ in intervals]
+        errors = [[mean - low for mean, low, _ in intervals], [high - mean for mean, _, high in intervals]]
+        ax.bar([j + i * width for j in range(len(keys))], means, width, yerr=errors, capsize=2,
+               error_kw={"elinewidth": 0.8}, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [f"{t}\n{m}" for t, m in keys],
                   fontsize="x-small", rotation=20)
-    ax.set_ylabel("score (BLEU / 100)")
-    ax.set_title("evaluation by arm (tiny-scale)")
-    ax.legend(fontsize="x-small", ncol=2)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"score ({SCORE_SCALE}, BLEU included)")
+    ax.set_title("evaluation by arm (tiny-scale); bars: 95% bootstrap interval over items", fontsize="small")
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

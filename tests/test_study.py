@@ -141,7 +141,8 @@ def test_the_mini_study_runs_every_arm_and_resumes_an_interrupted_one(tmp_path, 
         group_arms = study.PRETRAIN_ARMS if group == "pretrained" else study.TUNE_ARMS
         assert all(f"| {arm}@" in lines[0] for arm in group_arms) and len(lines[0].split(" | ")) == 3 + 2 * len(
             group_arms) and not any(line.startswith("Note:") for line in lines)
-        cells = [line.split(" | ") for line in lines[2:]]
+        cells = [line.split(" | ") for line in lines[2:] if line.startswith("|")]
+        assert "Scores are fractions from 0 to 1 (accuracies, pass@1, and BLEU divided by 100)." in lines
         assert {("| arithmetic", "acc_ppl"), ("| logic", "acc"), ("| python_functions", "pass@1"),
                 ("| python_functions", "bleu")} <= {tuple(c[:2]) for c in cells}
         assert {c[3] for c in cells} == {prompt}
