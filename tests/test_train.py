@@ -53,6 +53,33 @@ def test_resume_is_exact(tiny_corpus, datasets, tmp_path):
             pytest.approx(line["loss"], rel=1e-5)
 
 
+def test_longer_runs_say_the_lr_is_replanned_and_wsd_extends_cleanly(tiny_corpus, datasets, tmp_path, capsys):
+    """Resuming with more train.steps re-plans the LR: the start-up says so with the LR the last
+    step ran at and the LR the new plan gives the next. wsd resumed from a checkpoint before its
+    decay continues exactly as a run planned that long (what the note offers)."""
+    from megatron_code.config import OptimConfig
+    from megatron_code.training.optim import lr_at
+
+    wsd = ["--optim.schedule=wsd", "--optim.decay_fraction=0.25", "--train.eval_interval=0"]
+    run(overrides(tiny_corpus, datasets, tmp_path / "short", "--train.steps=8", "--checkpoint.interval=6", *wsd))
+    capsys.readouterr()
+    _, clean = run(overrides(tiny_corpus, datasets, tmp_path / "clean", "--train.steps=16", *wsd,
+                             f"--checkpoint.load={tmp_path / 'short' / 'checkpoints' / 'step_0000006'}"))
+    assert "step 6 ran at LR 0.003, the new plan gives 0.003 at step 7" in capsys.readouterr().out
+    _, planned = run(overrides(tiny_corpus, datasets, tmp_path / "planned", "--train.steps=16", *wsd))
+    assert clean.losses == planned.losses[6:]  # bit-identical on CPU: as if planned for 16 steps
+
+    _, extended = run(overrides(tiny_corpus, datasets, tmp_path / "short", "--train.steps=16", *wsd))
+    optim = OptimConfig(lr=3e-3, warmup_steps=2, schedule="wsd", decay_fraction=0.25)  # as `overrides` + wsd
+    assert (f"note: the LR schedule is re-planned from step 8 (train.steps 8 -> 16): step 8 ran at LR "
+            f"{lr_at(7, 8, optim):.3g}, the new plan gives {lr_at(8, 16, optim):.3g} at step 9; this checkpoint is "
+            "inside the old plan's decay (from step 6): resume (--load) from a checkpoint at or before that step "
+            "to extend without raising the LR again") in capsys.readouterr().out
+    assert lr_at(8, 16, optim) > lr_at(7, 8, optim) and len(extended.losses) == 8
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == [lr_at(s, 16, optim) for s in range(6, 16)]
+
+
 def test_checkpoints_keep_last_and_atomic(tiny_corpus, datasets, tmp_path):
     run(overrides(tiny_corpus, datasets, tmp_path, "--train.steps=6", "--checkpoint.interval=2",
                   "--checkpoint.keep_last=2", "--train.eval_interval=0"))

@@ -25,7 +25,7 @@ from megatron_code.training.checkpoint import (Checkpointer, TrainState, check_c
                                                starting_point, tokenizer_record)
 from megatron_code.training.loss import LossTotals
 from megatron_code.training.metrics import MetricsLogger, flops_per_token, peak_flops
-from megatron_code.training.optim import Optimizers, lr_at
+from megatron_code.training.optim import Optimizers, lr_at, lr_plan_notes
 
 
 @dataclass
@@ -57,8 +57,8 @@ class Trainer:
         ckpt = config.checkpoint
         self.run_dir = Path(config.train.output_dir)
         start_from, weights_only = starting_point(ckpt.load, ckpt.init_from, self.run_dir)
-        if start_from is not None:
-            saved = read_trainer_state(start_from)
+        saved = read_trainer_state(start_from) if start_from is not None else None
+        if saved is not None:
             check_checkpoint_matches(saved, config.model, self.tokenizer, config.data.tokenizer, start_from)
             weights_only = weights_only or saved.get("weights_only", False)
             if not weights_only and "data" in saved:
@@ -98,6 +98,8 @@ class Trainer:
                                      start_step=self.step)
         if main:
             (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+            for note in lr_plan_notes(config.optim, config.train.steps, self.step, saved and saved["config"]):
+                print(note)
 
     def _set_vocab_size(self, main: bool) -> None:
         model, T, tokens = self.config.model, self.config.parallel.tensor, self.tokenizer.vocab_size
