@@ -21,8 +21,8 @@ Each stage reuses what an earlier run built from the same inputs: its marker rec
 each input (the config, the data and tokenizer, the checkpoint it starts from or evaluates), so
 a changed pretraining arm has its tuned arms trained and every affected arm evaluated again; an
 interrupted training run continues from its latest checkpoint. What would stop a later stage (its
-imports, the device, the code sandbox, an arm's config) is checked before any work. `--size default` takes about 11
-minutes on 2 quiet CPU cores (up to 30 on a loaded machine), `--size ci` under a minute. The
+imports, the device, the code sandbox, an arm's config) is checked before any work. `--size default`
+takes about 11 minutes on 2 quiet CPU cores (up to 30 on a loaded machine), `--size ci` under a minute. The
 numbers are tiny-scale: they show the pipeline runs, not what code data does to a large model.
 """
 from __future__ import annotations
@@ -203,7 +203,8 @@ def build_instructions(out: Path, size: Size, tokenizer: Path, prose: Path) -> d
     folder.mkdir(parents=True, exist_ok=True)
     prefixes = {}
     for name, counts in (("text", size.text_instructions), ("code", size.code_instructions)):
-        path, prefix, marker = folder / f"{name}.jsonl", Path(instruction_prefixes(out)[name]), folder / f"{name}.stage.json"
+        path, marker = folder / f"{name}.jsonl", folder / f"{name}.stage.json"
+        prefix = Path(instruction_prefixes(out)[name])
         inputs = {"generator": value_digest([counts, INSTRUCTION_SEED]), "prose": content_digest(prose)}
         if changed_inputs(read_marker(marker), inputs) or not path.is_file():
             write_jsonl(path, make_instructions(counts, INSTRUCTION_SEED, prose))
@@ -361,9 +362,9 @@ def _plot_scores(results: dict[str, Path], path: Path) -> Path:
     from megatron_code.evaluation.results import RAW, SCORE_SCALE, bootstrap_interval, read_results
 
     files = {name: read_results(p) for name, p in results.items()}
-    rows = {f"{name} ({f.get('prompt_format', RAW)})": {(r["task"], r["metric"]): f["items"][r["task"]]["values"][r["metric"]]
-                                                       for r in f["results"]}
-            for name, f in files.items()}
+    rows = {f"{name} ({f.get('prompt_format', RAW)})": {
+        (r["task"], r["metric"]): f["items"][r["task"]]["values"][r["metric"]] for r in f["results"]}
+        for name, f in files.items()}
     keys = list(dict.fromkeys(k for row in rows.values() for k in row))
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)) + 2.5, 3.8))
     width = 0.8 / len(rows)

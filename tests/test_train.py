@@ -140,7 +140,8 @@ def test_quickstart_tiny(tmp_path, capsys):
     assert further["result"].step == 44 and len(further["result"].losses) == 4
     replanned = 2e-4 + 0.5 * 1.8e-3 * (1 + math.cos(math.pi * (40 - 4 + 1) / 40))  # warmup 4, lr 2e-3 -> 2e-4
     assert (f"note: the LR schedule is re-planned from step 40 (train.steps 40 -> 44): step 40 ran at LR 0.0002, "
-            f"the new plan gives {replanned:.3g} at step 41; optim.schedule=wsd extends cleanly") in capsys.readouterr().out
+            f"the new plan gives {replanned:.3g} at step 41; optim.schedule=wsd extends cleanly"
+            ) in capsys.readouterr().out
     other = quickstart([*args, "--size", "quickstart", "--steps", "1"])  # another size: a fresh run, not tiny's
     assert other["result"].step == 1 and other["result"].checkpoint.parent.parent == tmp_path / "train"
 
