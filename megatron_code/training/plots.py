@@ -50,7 +50,7 @@ def _figure(runs: dict[str, list[dict]], prefix: str, title: str, ylabel: str, p
         ax.set_title(f"{title}: {source}")
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
