@@ -1,6 +1,9 @@
 """Training end to end on real data: exact resume, start-up errors, and the quickstart."""
 import json
 import math
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +82,35 @@ def test_longer_runs_say_the_lr_is_replanned_and_wsd_extends_cleanly(tiny_corpus
     assert lr_at(8, 16, optim) > lr_at(7, 8, optim) and len(extended.losses) == 8
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()]
     assert lrs == [lr_at(s, 16, optim) for s in range(6, 16)]
+
+
+def _readme_training_commands() -> list[list[str]]:
+    """The arguments of every README command that trains (`megatron_code.train`, directly, under
+    torchrun or through a launcher) from a config file of the checkout."""
+    root = Path(__file__).resolve().parent.parent
+    blocks = re.findall(r"```bash\n(.*?)```", (root / "README.md").read_text(), re.S)
+    text = "\n".join(line for block in blocks for line in block.splitlines() if not line.startswith("#"))
+    commands = [shlex.split(command, comments=True) for command in text.replace("\\\n", " ").splitlines()]
+    out = []
+    for words in commands:
+        start = next((i + 1 for i, w in enumerate(words) if w == "megatron_code.train" or w.endswith(".sh")), None)
+        if start is not None and "--config" in words and (root / words[words.index("--config") + 1]).is_file():
+            out.append(words[start:])
+    return out
+
+
+def test_readme_training_commands_finish_their_warmup(monkeypatch):
+    """Every training command the README shows leaves warmup before its last step: the 125M
+    recipe shrunk to 30 steps used to keep its 500 warmup steps and never learn."""
+    from megatron_code.train import parse_args
+    from megatron_code.training.optim import lr_plan_notes
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    commands = _readme_training_commands()
+    assert len(commands) >= 5 and any("--train.steps=30" in c for c in commands)
+    for argv in commands:
+        config = load_config(*parse_args(argv))
+        assert lr_plan_notes(config.optim, config.train.steps, 0, None) == [], argv
 
 
 def test_checkpoints_keep_last_and_atomic(tiny_corpus, datasets, tmp_path):
