@@ -22,14 +22,16 @@ functions, standard-library functions; 5:3 text:code by count).
 Each stage reuses what an earlier run built from the same inputs: its marker records a digest of
 each input (the config, the data and tokenizer, the checkpoint it starts from or evaluates), so
 a changed pretraining arm has its tuned arms trained and every affected arm evaluated again; an
-interrupted training run continues from its latest checkpoint. `--size default` takes about 11
-minutes on 2 quiet CPU cores (up to 30 on a loaded machine), `--size ci` under a minute. The
+interrupted training run continues from its latest checkpoint. What would stop a later stage (its
+imports, the device, the code sandbox, an arm's config) is checked before any work. `--size default`
+takes about 11 minutes on 2 quiet CPU cores (up to 30 on a loaded machine), `--size ci` under a minute. The
 numbers are tiny-scale: they show the pipeline runs, not what code data does to a large model.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import importlib.resources
 import json
 import shutil
@@ -86,6 +88,20 @@ SIZES = {
 INSTRUCTION_SEED = 1
 """Seeds the instruction sets (the evaluation items come from the other split of the same
 generators, whatever the seed)."""
+STAGE_IMPORTS = {
+    "data": ("megatron_code.data.builtin", "megatron_code.data.corpus", "megatron_code.data.tokenizer",
+             "megatron_code.data.preprocess", "megatron_code.data.instructions", "megatron_code.data.sft",
+             "megatron_code.evaluation.synthetic", "megatron_code.evaluation.tasks"),
+    "training": ("megatron_code.config", "megatron_code.training.trainer", "megatron_code.training.checkpoint",
+                 "torch"),
+    "evaluation": ("megatron_code.evaluation.lm", "megatron_code.evaluation.score", "megatron_code.evaluation.results",
+                   "megatron_code.model.hf", "transformers:LlamaForCausalLM", "transformers:GPT2LMHeadModel",
+                   "transformers:StoppingCriteriaList"),
+    "report": ("megatron_code.training.plots", "megatron_code.training.run_summary", "matplotlib.pyplot"),
+}
+"""What each stage imports (`module:name` for a name a module loads lazily, as transformers does its
+models), all imported at start-up: a missing or broken dependency stops the study before any work,
+not after the training it would have thrown away."""
 
 
 def _log(text: str) -> None:
@@ -103,6 +119,31 @@ def recipe_file(name: str) -> Path:
     if not path.is_file():
         raise SystemExit(f"error: recipe {name}.yaml is missing from {folder}: reinstall megatron_code")
     return Path(str(path))
+
+
+def check_stages(device: str) -> None:
+    """What would stop a stage, checked before any work: every stage's imports (STAGE_IMPORTS), the
+    device, and that generated code can run contained here (the evaluation's sandbox)."""
+    for stage, needs in STAGE_IMPORTS.items():
+        for need in needs:
+            module, _, name = need.partition(":")
+            try:
+                loaded = importlib.import_module(module)
+                if name:
+                    getattr(loaded, name)
+            except Exception as e:  # a broken install raises more than ImportError (version checks, shadowing)
+                why = (str(e).splitlines() or [""])[0]
+                raise SystemExit(f"error: the study's {stage} stage needs {need.replace(':', '.')}, which does not "
+                                 f"import here ({type(e).__name__}: {why}); stopped before any work") from None
+    from megatron_code.config import ConfigError
+    from megatron_code.evaluation.sandbox import SandboxUnavailable, sandbox_features
+    from megatron_code.parallel.distributed import pick_device
+
+    try:
+        pick_device(device)
+        sandbox_features()
+    except (ConfigError, SandboxUnavailable) as e:
+        raise SystemExit(f"error: {e}; stopped before any work") from None
 
 
 # --------------------------------------------------------------------------------- stage markers
@@ -148,6 +189,11 @@ def write_marker(marker: Path, inputs: dict[str, str], done: bool) -> None:
 # ------------------------------------------------------------------------------------- data
 
 
+def instruction_prefixes(out: Path) -> dict[str, str]:
+    """Where build_instructions puts each instruction set's indexed files, known before it runs."""
+    return {name: str(out / "instructions" / name) for name in ("text", "code")}
+
+
 def build_instructions(out: Path, size: Size, tokenizer: Path, prose: Path) -> dict[str, str]:
     """text and code instruction JSONL and their indexed files (reused when current)."""
     from megatron_code.data.corpus import write_jsonl
@@ -159,7 +205,8 @@ def build_instructions(out: Path, size: Size, tokenizer: Path, prose: Path) -> d
     folder.mkdir(parents=True, exist_ok=True)
     prefixes = {}
     for name, counts in (("text", size.text_instructions), ("code", size.code_instructions)):
-        path, prefix, marker = folder / f"{name}.jsonl", folder / name, folder / f"{name}.stage.json"
+        path, marker = folder / f"{name}.jsonl", folder / f"{name}.stage.json"
+        prefix = Path(instruction_prefixes(out)[name])
         inputs = {"generator": value_digest([counts, INSTRUCTION_SEED]), "prose": content_digest(prose)}
         if changed_inputs(read_marker(marker), inputs) or not path.is_file():
             write_jsonl(path, make_instructions(counts, INSTRUCTION_SEED, prose))
@@ -308,28 +355,35 @@ def _arm_table(runs: dict[str, Path]) -> str:
 
 
 def _plot_scores(results: dict[str, Path], path: Path) -> Path:
+    """A bar per arm and (task, metric), all on the 0-1 scale, with the 95% bootstrap interval of
+    the arm's mean over the items; the legend beside the axes, clear of the bars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from megatron_code.evaluation.results import RAW
+    from megatron_code.evaluation.results import RAW, SCORE_SCALE, bootstrap_interval, read_results
 
-    files = {name: json.loads(p.read_text()) for name, p in results.items()}
-    rows = {f"{name} ({f.get('prompt_format', RAW)})": {(r["task"], r["metric"]): r["value"] for r in f["results"]}
-            for name, f in files.items()}
+    files = {name: read_results(p) for name, p in results.items()}
+    rows = {f"{name} ({f.get('prompt_format', RAW)})": {
+        (r["task"], r["metric"]): f["items"][r["task"]]["values"][r["metric"]] for r in f["results"]}
+        for name, f in files.items()}
     keys = list(dict.fromkeys(k for row in rows.values() for k in row))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)), 3.8))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)) + 2.5, 3.8))
     width = 0.8 / len(rows)
     for i, (name, row) in enumerate(rows.items()):
-        values = [row.get(k, 0.0) / (100 if k[1] == "bleu" else 1) for k in keys]
-        ax.bar([j + i * width for j in range(len(keys))], values, width, label=name)
+        intervals = [bootstrap_interval(row[k]) if row.get(k) else (0.0, 0.0, 0.0) for k in keys]
+        means = [mean for mean, _, _ in intervals]
+        errors = [[mean - low for mean, low, _ in intervals], [high - mean for mean, _, high in intervals]]
+        ax.bar([j + i * width for j in range(len(keys))], means, width, yerr=errors, capsize=2,
+               error_kw={"elinewidth": 0.8}, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [f"{t}\n{m}" for t, m in keys],
                   fontsize="x-small", rotation=20)
-    ax.set_ylabel("score (BLEU / 100)")
-    ax.set_title("evaluation by arm (tiny-scale)")
-    ax.legend(fontsize="x-small", ncol=2)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"score ({SCORE_SCALE}, BLEU included)")
+    ax.set_title("evaluation by arm (tiny-scale); bars: 95% bootstrap interval over items", fontsize="small")
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -360,31 +414,46 @@ def run(argv: list[str] | None = None) -> dict:
     size, out = SIZES[args.size], args.out or Path("runs/study") / args.name / args.size
     recipes = {**{arm: recipe_file(recipe) for arm, recipe in PRETRAIN_ARMS.items()},
                **{arm: recipe_file(recipe) for arm, (recipe, _) in TUNE_ARMS.items()}}
-    out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
+    check_stages(args.device)
+
+    # Every arm's config is checked before the data is built: the paths are known in advance.
+    from megatron_code.config import ConfigError, load_config
+    from megatron_code.data.builtin import build_builtin_data, builtin_data_paths
+
+    tokenizer, corpus = builtin_data_paths(out)
+    pretrain = {arm: out / "pretrain" / arm for arm in PRETRAIN_ARMS}
+    tune = {arm: out / "tune" / arm for arm in TUNE_ARMS}
+    plans = {}  # arm -> (overrides, the dataset prefixes it reads)
+    for arm in PRETRAIN_ARMS:
+        sources, prefixes = _sources(recipes[arm], corpus)
+        plans[arm] = [sources, *_common(size, tokenizer, pretrain[arm], size.pretrain_steps, size.pretrain_lr,
+                                        progress, args.device)], prefixes
+    for arm, (_, base) in TUNE_ARMS.items():
+        sources, prefixes = _sources(recipes[arm], instruction_prefixes(out))
+        plans[arm] = [sources, "--train.epochs=0", f"--checkpoint.init_from={pretrain[base]}", *_common(
+            size, tokenizer, tune[arm], size.sft_steps, size.sft_lr, progress, args.device)], prefixes
+    for arm, (overrides, _) in plans.items():
+        try:
+            load_config(recipes[arm], overrides).validate()
+        except ConfigError as e:
+            raise SystemExit(f"error: arm {arm} ({recipes[arm]}): {e}; stopped before any work") from None
+
+    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-
-    from megatron_code.data.builtin import build_builtin_data
-
-    tokenizer, corpus = build_builtin_data(out, size.vocab_size, size.max_bytes, workers=2, progress=progress)
-    instructions = build_instructions(out, size, tokenizer, out / "corpus" / "text.jsonl")
+    build_builtin_data(out, size.vocab_size, size.max_bytes, workers=2, progress=progress)
+    build_instructions(out, size, tokenizer, out / "corpus" / "text.jsonl")
     tasks = build_eval_tasks(out, size)
 
     def data_digest(prefixes: list[str]) -> str:
         return content_digest(tokenizer, *(Path(p + suffix) for p in prefixes for suffix in (".bin", ".idx")))
 
-    pretrain = {arm: out / "pretrain" / arm for arm in PRETRAIN_ARMS}
-    for arm in PRETRAIN_ARMS:
-        sources, prefixes = _sources(recipes[arm], corpus)
-        train_arm(arm, recipes[arm], pretrain[arm], [sources, *_common(
-            size, tokenizer, pretrain[arm], size.pretrain_steps, size.pretrain_lr, progress, args.device)],
-            {"data": data_digest(prefixes)})
-    tune = {arm: out / "tune" / arm for arm in TUNE_ARMS}
+    for arm, run_dir in pretrain.items():
+        overrides, prefixes = plans[arm]
+        train_arm(arm, recipes[arm], run_dir, overrides, {"data": data_digest(prefixes)})
     for arm, (_, base) in TUNE_ARMS.items():
-        sources, prefixes = _sources(recipes[arm], instructions)
-        train_arm(arm, recipes[arm], tune[arm],
-                  [sources, "--train.epochs=0", f"--checkpoint.init_from={pretrain[base]}", *_common(
-                      size, tokenizer, tune[arm], size.sft_steps, size.sft_lr, progress, args.device)],
+        overrides, prefixes = plans[arm]
+        train_arm(arm, recipes[arm], tune[arm], overrides,
                   {"data": data_digest(prefixes), "base checkpoint": checkpoint_digest(pretrain[base])})
 
     runs = {**pretrain, **tune}

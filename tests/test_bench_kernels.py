@@ -29,11 +29,19 @@ def load_tool():
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
+    """The dry run from a folder standing in for the repository root, with the default --out-dir."""
+    root = tmp_path_factory.mktemp("root")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(TOOL), "--dry-run", "--out-dir", str(out)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, str(TOOL), "--dry-run"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
-    return proc, out
+    return proc, root / "runs" / "bench"
+
+
+def test_results_go_under_runs_not_where_it_was_started(dry_run):
+    proc, out = dry_run
+    assert sorted(p.name for p in out.parent.parent.iterdir()) == ["runs"]  # nothing beside it in the "root"
+    assert sorted(p.name for p in out.iterdir()) == ["bench_kernels.csv", "bench_kernels.json"]
+    assert f"wrote {out.relative_to(out.parent.parent)}/bench_kernels.json" in proc.stdout
 
 
 def test_dry_run_exits_zero_and_prints_the_table(dry_run):

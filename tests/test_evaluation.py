@@ -3,6 +3,7 @@ synthetic tasks, BLEU against sacrebleu, the bootstrap against scipy, our multip
 against lm-evaluation-harness on the exported model, chat-template prompts against the ids tools/preprocess_sft.py writes, in-training task scores,
 and tools/evaluate.py end to end."""
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,8 @@ import torch
 from megatron_code.evaluation.code import code_tokens, reply_code, sentence_bleu, truncate_completion
 from megatron_code.evaluation.lm import load_language_model
 from megatron_code.evaluation.multiple_choice import score_multiple_choice
-from megatron_code.evaluation.results import bootstrap_difference
+from megatron_code.evaluation.results import (TaskScores, bootstrap_difference, bootstrap_interval, compare,
+                                               write_results)
 from megatron_code.evaluation.sandbox import Limits, run_python
 from megatron_code.evaluation.score import score_tasks
 from megatron_code.data.synthetic import EVAL_SIZES, GENERATORS, generate, split_of
@@ -117,7 +119,7 @@ def test_bleu_matches_sacrebleu():
         hyp = list(rng.choice(vocab, rng.integers(0, 15)))
         ref = list(rng.choice(vocab, rng.integers(1, 15)))
         theirs = sacrebleu.sentence_bleu(" ".join(hyp), [" ".join(ref)], tokenize="none").score
-        assert sentence_bleu(hyp, ref) == pytest.approx(theirs, abs=1e-9)
+        assert sentence_bleu(hyp, ref) == pytest.approx(theirs / 100, abs=1e-11)  # 0-1, as every score here
     assert code_tokens("return a+b  # sum") == ["return", "a", "+", "b", "#", "sum"]
     assert truncate_completion("    return x\n\ndef g():\n    pass\nprint(g())\n") == "    return x\n\ndef g():\n    pass\n"
 
@@ -203,6 +205,51 @@ def test_bootstrap_matches_scipy():
     assert diff == pytest.approx(b.mean() - a.mean())
     assert low == pytest.approx(reference.low, abs=0.01) and high == pytest.approx(reference.high, abs=0.01)
     assert bootstrap_difference([1.0, 0.0] * 50, [1.0, 0.0] * 50, paired=True) == (0.0, 0.0, 0.0)
+
+
+def test_bootstrap_interval_of_one_arm_matches_scipy():
+    from scipy import stats as scipy_stats
+
+    values = (np.random.default_rng(2).random(200) < 0.3).astype(float)
+    mean, low, high = bootstrap_interval(list(values), resamples=4000)
+    reference = scipy_stats.bootstrap((values,), np.mean, n_resamples=4000, method="percentile",
+                                      random_state=0).confidence_interval
+    assert mean == pytest.approx(values.mean())
+    assert low == pytest.approx(reference.low, abs=0.01) and high == pytest.approx(reference.high, abs=0.01)
+
+
+def test_one_score_scale_and_old_results_files_compare_on_it(tmp_path, evaluate_tool, capsys):
+    """Every score is stored and tabled from 0 to 1; a file written when our BLEU was 0-100 (no
+    `score_scale`) compares correctly against a new one, and the table says so; a file of an
+    unknown scale is refused with one line."""
+    ids = [str(i) for i in range(30)]
+    bleu = np.random.default_rng(3).uniform(0, 1, 30).tolist()
+    passed = [float(i % 3 == 0) for i in range(30)]
+    new = write_results(tmp_path / "new.json", "runs/b/checkpoints/step_0000010", 10,
+                        [TaskScores.from_items("python_functions", "code", ids, {"pass@1": passed, "bleu": bleu})])
+    stored = json.loads(new.read_text())
+    assert stored["score_scale"] == "0-1"
+    assert {r["metric"]: r["value"] for r in stored["results"]}["bleu"] == pytest.approx(np.mean(bleu))
+    old = {**stored, "model": "runs/a/checkpoints/step_0000010"}
+    del old["score_scale"]
+    old["results"] = [{**r, "value": r["value"] * (100 if r["metric"] == "bleu" else 1)} for r in stored["results"]]
+    old["items"] = {"python_functions": {"ids": ids, "values": {"pass@1": passed, "bleu": [100 * v for v in bleu]}}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+
+    table = compare([tmp_path / "old.json", new]).splitlines()
+    row = next(line for line in table if line.startswith("| python_functions | bleu |"))
+    cells = row.split(" | ")
+    assert cells[4:6] == [f"{np.mean(bleu):.4f}"] * 2  # the old file's 0-100 BLEU read as the new file's 0-1
+    assert [float(x) for x in re.findall(r"[+-]\d+\.\d+", cells[6])] == [0.0, 0.0, 0.0]  # difference, 95% CI
+    assert "Scores are fractions from 0 to 1 (accuracies, pass@1, and BLEU divided by 100)." in table
+    assert any(line.startswith(f"Note: {tmp_path / 'old.json'} was written with BLEU from 0 to 100") for line in table)
+    assert not any(str(new) in line for line in table if line.startswith("Note:"))
+
+    (tmp_path / "odd.json").write_text(json.dumps({**stored, "score_scale": "0-100"}))
+    assert evaluate_tool.main(["compare", str(new), str(tmp_path / "odd.json")]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path / 'odd.json'}: scores on scale '0-100'; this version reads '0-1' (and files written "
+        "before the scale was recorded)"]
 
 
 def test_our_scorer_agrees_with_lm_eval(trained_run, exported, eval_task_dir, tmp_path):

@@ -5,6 +5,7 @@ the arms tuned from it and their evaluations again. The study runs from the inst
 alone."""
 import ast
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,64 @@ def test_the_study_needs_only_what_the_package_installs(tmp_path, monkeypatch):
         study.recipe_file("ma_nl")
 
 
+def test_a_stage_that_cannot_import_stops_the_study_before_any_work(tmp_path):
+    """As when the checkout's kernels/ shadowed PyPI's `kernels`: transformers, which only the
+    evaluation needs, fails to import. The study stops at start-up naming the stage and the module,
+    and builds nothing (it used to build the data and train all 7 arms, then die at evaluation)."""
+    broken = tmp_path / "site" / "transformers"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError(\"cannot import name 'CUDAProperties' from 'kernels'\")\n")
+    out = tmp_path / "study"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "megatron_code.study", "--name", "code_stage", "--size", "ci",
+                           "--out", str(out), "--no-progress"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 1 and done.stdout == "", done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stderr.splitlines() == [
+        "error: the study's evaluation stage needs transformers.LlamaForCausalLM, which does not import here "
+        "(ImportError: cannot import name 'CUDAProperties' from 'kernels'); stopped before any work"]
+    assert not out.exists()
+
+
+def test_every_import_of_the_study_is_checked_at_start_up():
+    """The start-up check covers every module a stage of the study imports on its way."""
+    from megatron_code import study
+
+    checked = {need.partition(":")[0] for needs in study.STAGE_IMPORTS.values() for need in needs}
+    tree = ast.parse(Path(study.__file__).read_text())
+    lazy = set()
+    for function in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name != "check_stages"):
+        for node in ast.walk(function):
+            if isinstance(node, ast.ImportFrom):
+                lazy.add(node.module)
+            elif isinstance(node, ast.Import):
+                lazy.update(alias.name for alias in node.names)
+    assert {"megatron_code.training.trainer", "megatron_code.evaluation.lm", "matplotlib"} <= lazy
+    assert not {m for m in lazy if not any(c == m or c.startswith(m + ".") for c in checked)}
+
+
+def test_a_run_that_cannot_start_stops_before_building_anything(tmp_path, monkeypatch):
+    """A device that is not there, or an arm whose overridden recipe does not validate, stops the
+    study before the corpus, tokenizer or any arm is built."""
+    import torch
+
+    from megatron_code import study
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit, match="train.device=cuda but no CUDA device is visible.*stopped before any work"):
+        study.run(["--name", "code_stage", "--size", "ci", "--out", str(out), "--no-progress", "--device", "cuda"])
+    assert not out.exists()
+    recipes = tmp_path / "recipes"
+    shutil.copytree(study.recipe_file("ma_nl").parent, recipes)
+    (recipes / "sft" / "ma_sft_cc.yaml").write_text((recipes / "sft" / "ma_sft_cc.yaml").read_text()
+                                                   .replace("schedule: cosine", "schedule: cosine_typo"))
+    monkeypatch.setattr(study, "recipe_file", lambda name: recipes / f"{name}.yaml")
+    with pytest.raises(SystemExit, match=r"arm CC \(.*ma_sft_cc.yaml\): .*optim.schedule.*stopped before any work"):
+        study.run(["--name", "code_stage", "--size", "ci", "--out", str(out), "--no-progress"])
+    assert not out.exists()
+
+
 def test_the_mini_study_runs_every_arm_and_resumes_an_interrupted_one(tmp_path, capsys, monkeypatch):
     from megatron_code import study
 
@@ -82,7 +141,8 @@ def test_the_mini_study_runs_every_arm_and_resumes_an_interrupted_one(tmp_path, 
         group_arms = study.PRETRAIN_ARMS if group == "pretrained" else study.TUNE_ARMS
         assert all(f"| {arm}@" in lines[0] for arm in group_arms) and len(lines[0].split(" | ")) == 3 + 2 * len(
             group_arms) and not any(line.startswith("Note:") for line in lines)
-        cells = [line.split(" | ") for line in lines[2:]]
+        cells = [line.split(" | ") for line in lines[2:] if line.startswith("|")]
+        assert "Scores are fractions from 0 to 1 (accuracies, pass@1, and BLEU divided by 100)." in lines
         assert {("| arithmetic", "acc_ppl"), ("| logic", "acc"), ("| python_functions", "pass@1"),
                 ("| python_functions", "bleu")} <= {tuple(c[:2]) for c in cells}
         assert {c[3] for c in cells} == {prompt}

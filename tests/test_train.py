@@ -1,5 +1,9 @@
 """Training end to end on real data: exact resume, start-up errors, and the quickstart."""
 import json
+import math
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,6 +112,62 @@ def test_a_resume_drops_the_records_and_events_it_logs_again(tmp_path):
     assert kept == lines[:5]
 
 
+def test_longer_runs_say_the_lr_is_replanned_and_wsd_extends_cleanly(tiny_corpus, datasets, tmp_path, capsys):
+    """Resuming with more train.steps re-plans the LR: the start-up says so with the LR the last
+    step ran at and the LR the new plan gives the next. wsd resumed from a checkpoint before its
+    decay continues exactly as a run planned that long (what the note offers)."""
+    from megatron_code.config import OptimConfig
+    from megatron_code.training.optim import lr_at
+
+    wsd = ["--optim.schedule=wsd", "--optim.decay_fraction=0.25", "--train.eval_interval=0"]
+    run(overrides(tiny_corpus, datasets, tmp_path / "short", "--train.steps=8", "--checkpoint.interval=6", *wsd))
+    capsys.readouterr()
+    _, clean = run(overrides(tiny_corpus, datasets, tmp_path / "clean", "--train.steps=16", *wsd,
+                             f"--checkpoint.load={tmp_path / 'short' / 'checkpoints' / 'step_0000006'}"))
+    assert "step 6 ran at LR 0.003, the new plan gives 0.003 at step 7" in capsys.readouterr().out
+    _, planned = run(overrides(tiny_corpus, datasets, tmp_path / "planned", "--train.steps=16", *wsd))
+    assert clean.losses == planned.losses[6:]  # bit-identical on CPU: as if planned for 16 steps
+
+    _, extended = run(overrides(tiny_corpus, datasets, tmp_path / "short", "--train.steps=16", *wsd))
+    optim = OptimConfig(lr=3e-3, warmup_steps=2, schedule="wsd", decay_fraction=0.25)  # as `overrides` + wsd
+    assert (f"note: the LR schedule is re-planned from step 8 (train.steps 8 -> 16): step 8 ran at LR "
+            f"{lr_at(7, 8, optim):.3g}, the new plan gives {lr_at(8, 16, optim):.3g} at step 9; this checkpoint is "
+            "inside the old plan's decay (from step 6): resume (--load) from a checkpoint at or before that step "
+            "to extend without raising the LR again") in capsys.readouterr().out
+    assert lr_at(8, 16, optim) > lr_at(7, 8, optim) and len(extended.losses) == 8
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == [lr_at(s, 16, optim) for s in range(6, 16)]
+
+
+def _readme_training_commands() -> list[list[str]]:
+    """The arguments of every README command that trains (`megatron_code.train`, directly, under
+    torchrun or through a launcher) from a config file of the checkout."""
+    root = Path(__file__).resolve().parent.parent
+    blocks = re.findall(r"```bash\n(.*?)```", (root / "README.md").read_text(), re.S)
+    text = "\n".join(line for block in blocks for line in block.splitlines() if not line.startswith("#"))
+    commands = [shlex.split(command, comments=True) for command in text.replace("\\\n", " ").splitlines()]
+    out = []
+    for words in commands:
+        start = next((i + 1 for i, w in enumerate(words) if w == "megatron_code.train" or w.endswith(".sh")), None)
+        if start is not None and "--config" in words and (root / words[words.index("--config") + 1]).is_file():
+            out.append(words[start:])
+    return out
+
+
+def test_readme_training_commands_finish_their_warmup(monkeypatch):
+    """Every training command the README shows leaves warmup before its last step: the 125M
+    recipe shrunk to 30 steps used to keep its 500 warmup steps and never learn."""
+    from megatron_code.train import parse_args
+    from megatron_code.training.optim import lr_plan_notes
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    commands = _readme_training_commands()
+    assert len(commands) >= 5 and any("--train.steps=30" in c for c in commands)
+    for argv in commands:
+        config = load_config(*parse_args(argv))
+        assert lr_plan_notes(config.optim, config.train.steps, 0, None) == [], argv
+
+
 def test_checkpoints_keep_last_and_atomic(tiny_corpus, datasets, tmp_path):
     run(overrides(tiny_corpus, datasets, tmp_path, "--train.steps=6", "--checkpoint.interval=2",
                   "--checkpoint.keep_last=2", "--train.eval_interval=0"))
@@ -163,8 +223,12 @@ def test_quickstart_tiny(tmp_path, capsys):
     assert (f"to train further: python -m megatron_code.quickstart --out {tmp_path} --size tiny --vocab-size 1024 "
             "--max-bytes 200000 --seq-length 64 --no-progress --steps 80") in report.out
     assert f"train loss       {result.losses[0]:.3f} (step 1) -> {result.losses[-1]:.3f} (step 40)" in report.out
-    further = quickstart([*args, "--steps", "44"])  # trains on from the checkpoint
+    further = quickstart([*args, "--steps", "44"])  # trains on from the checkpoint, the cosine re-planned
     assert further["result"].step == 44 and len(further["result"].losses) == 4
+    replanned = 2e-4 + 0.5 * 1.8e-3 * (1 + math.cos(math.pi * (40 - 4 + 1) / 40))  # warmup 4, lr 2e-3 -> 2e-4
+    assert (f"note: the LR schedule is re-planned from step 40 (train.steps 40 -> 44): step 40 ran at LR 0.0002, "
+            f"the new plan gives {replanned:.3g} at step 41; optim.schedule=wsd extends cleanly"
+            ) in capsys.readouterr().out
     other = quickstart([*args, "--size", "quickstart", "--steps", "1"])  # another size: a fresh run, not tiny's
     assert other["result"].step == 1 and other["result"].checkpoint.parent.parent == tmp_path / "train"
 

@@ -8,8 +8,8 @@ time, achieved GB/s (memory-bound kernels) or TFLOP/s (attention and fused linea
 that as a % of the device's peak measured in the same run, and the speed ratios ours vs eager and
 ours vs compile (> 1: ours is faster). Each case also checks ours against the eager reference (outputs
 and input gradients) and records the peak memory of one forward+backward of each implementation.
-Results go to bench_kernels.json (with device, versions, date and git commit, ready to be committed
-under benchmarks/results/) and bench_kernels.csv.
+Results go to runs/bench/bench_kernels.json (with device, versions, date and git commit; copy it under
+benchmarks/results/ to commit it) and runs/bench/bench_kernels.csv, or to --out-dir.
 
 Run it:
     python tools/bench_kernels.py                         # default set, bf16, sized for ~6-8 min on an H100
@@ -665,6 +665,7 @@ def format_table(rows: list[dict]) -> str:
 
 def write_results(out_dir: Path, meta: dict, peaks: dict, checks: list[dict], rows: list[dict]) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / "bench_kernels.json", out_dir / "bench_kernels.csv"
     json_path.write_text(json.dumps({"meta": meta, "peaks": peaks, "checks": checks, "rows": rows}, indent=1) + "\n")
     with csv_path.open("w", newline="") as f:
@@ -687,7 +688,7 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="a smaller shape set (~2-3 min on an H100)")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny fp32 shapes, correctness asserted, perf_counter timings; runs on CPU")
-    p.add_argument("--out-dir", default=".", help="where bench_kernels.json and bench_kernels.csv go")
+    p.add_argument("--out-dir", default="runs/bench", help="where bench_kernels.json and bench_kernels.csv go")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend (default inductor; aot_eager in --dry-run)")

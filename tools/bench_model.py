@@ -19,7 +19,7 @@ default each model uses its own training path -- ours the per-token `ops.cross_e
 
 Run it:
     python tools/bench_model.py                       # quickstart: ~7M params, seq 256, batch 8
-    python tools/bench_model.py --preset tiny --rounds 10 --json bench.json
+    python tools/bench_model.py --preset tiny --rounds 10 --json runs/bench/tiny.json
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", default="auto", help="comma list of cpu,cuda; auto = cpu (+ cuda if present)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = the machine's core count")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--json", metavar="PATH", default="runs/bench/bench_model.json",
+                        help="where the results go as JSON (default: %(default)s)")
     args = parser.parse_args(argv)
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -176,15 +178,16 @@ def main(argv: list[str] | None = None) -> int:
           f"loss={args.loss} threads={torch.get_num_threads()} torch={torch.__version__}", flush=True)
     results = [bench_device(args, torch.device(d)) for d in devices]
     print_table(results)
-    if args.json:
-        import transformers
-        meta = {k: v for k, v in vars(args).items() if k != "json"}
-        meta.update(threads=torch.get_num_threads(), torch=torch.__version__,
-                    transformers=transformers.__version__, python=sys.version.split()[0],
-                    machine=platform.machine(), processor=platform.processor(),
-                    cuda_device=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-        with open(args.json, "w") as f:
-            json.dump({"config": meta, "results": results}, f, indent=2)
+    import transformers
+    meta = {k: v for k, v in vars(args).items() if k != "json"}
+    meta.update(threads=torch.get_num_threads(), torch=torch.__version__,
+                transformers=transformers.__version__, python=sys.version.split()[0],
+                machine=platform.machine(), processor=platform.processor(),
+                cuda_device=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": meta, "results": results}, indent=2))
+    print(f"results: {out}")
     return 0
 
 

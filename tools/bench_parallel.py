@@ -19,7 +19,7 @@ times the compute of one process, as N GPUs would: tokens/s per rank against one
 then the layout's parallel efficiency.
 
     python tools/bench_parallel.py                               # tiny: 1x1x1, TP 2, PP 2, DP 2 on CPU
-    python tools/bench_parallel.py --layouts 1x1x1 2x1x1 1x2x1 --preset quickstart --json out.json
+    python tools/bench_parallel.py --layouts 1x1x1 2x1x1 1x2x1 --preset quickstart --json runs/bench/layouts.json
     python tools/bench_parallel.py --layouts 1x4x1 --schedule interleaved_1f1b --virtual-stages 2
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -201,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per layout and round")
     parser.add_argument("--rounds", type=int, default=1, help="runs of every layout, in turns; the median counts")
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads in all")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--json", metavar="PATH", default="runs/bench/bench_parallel.json",
+                        help="where the results go as JSON (default: %(default)s)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layout", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -238,11 +240,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.mean(x['comm_share'] for x in ranks):>6.1%} "
               + (f"{r['theoretical_bubble']:>13.1%} {r['measured_idle']:>13.1%}" if r["measured_idle"] is not None
                  else f"{'':>13} {'':>13}"))
-    if args.json:
-        options = {k: v for k, v in vars(args).items() if k not in ("json", "worker", "layout", "out")}
-        with open(args.json, "w") as f:  # the machine is shared: its load says how noisy the numbers are
-            json.dump({"config": options, "torch": torch.__version__, "load_average_1min": os.getloadavg()[0],
-                       "results": results}, f, indent=2)
+    options = {k: v for k, v in vars(args).items() if k not in ("json", "worker", "layout", "out")}
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # the machine may be shared: its load says how noisy the numbers are
+    out.write_text(json.dumps({"config": options, "torch": torch.__version__, "load_average_1min": os.getloadavg()[0],
+                               "results": results}, indent=2))
+    print(f"results: {out}")
     return 0
 
 

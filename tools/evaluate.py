@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_code.data.errors import DataError
     from megatron_code.evaluation.harness import HarnessUnavailable
     from megatron_code.evaluation.lm import is_hf_folder
+    from megatron_code.evaluation.results import ResultsError
     from megatron_code.evaluation.sandbox import SandboxUnavailable
     from megatron_code.evaluation.tasks import TaskError
     from megatron_code.training.checkpoint import CheckpointError
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             from megatron_code.evaluation.results import compare as compare_arms
             print(compare_arms(args.arms, args.resamples))
     except (TaskError, CheckpointError, DataError, ConfigError, SandboxUnavailable, HarnessUnavailable,
-            FileNotFoundError) as e:
+            ResultsError, FileNotFoundError) as e:
         return user_error(e)
     return 0
 

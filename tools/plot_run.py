@@ -1,7 +1,7 @@
 """Plot one or more training runs: scheduled vs actual mixture, per-source training and validation
 loss, and a markdown summary (see megatron_code/training/plots.py).
 
-    python tools/plot_run.py RUN_DIR [RUN_DIR ...] [--out DIR]
+    python tools/plot_run.py RUN_DIR [RUN_DIR ...] [--out DIR]   (several runs: runs/plots/A-vs-B/ by default)
 """
 import sys
 from pathlib import Path

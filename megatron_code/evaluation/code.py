@@ -1,6 +1,6 @@
 """Code generation: greedy completion of each prompt, scored by pass@1 (the program and its test
 asserts run in the sandbox) and by BLEU against the reference solution (Ma et al. score MBPP by
-BLEU; it still moves when a small model passes nothing).
+BLEU; it still moves when a small model passes nothing), both from 0 to 1.
 
 A completion ends at the first line that starts in column 0 and does not begin another
 definition (`def`, `class`, `import`, `from`, a decorator): for a prompt that opens a function,
@@ -44,7 +44,8 @@ def code_tokens(text: str) -> list[str]:
 
 
 def sentence_bleu(hypothesis: list[str], reference: list[str], max_order: int = 4) -> float:
-    """BLEU (0-100) of one tokenized hypothesis against one reference, for sentence-level use:
+    """BLEU of one tokenized hypothesis against one reference as a fraction from 0 to 1 (the
+    usual 0-100 figure divided by 100, the scale of every score here), for sentence-level use:
     orders with no n-grams in the hypothesis are left out, and a zero n-gram match count is
     smoothed geometrically (the NIST mteval rule, method 3 of Chen and Cherry 2014)."""
     if not hypothesis or not reference:
@@ -65,7 +66,7 @@ def sentence_bleu(hypothesis: list[str], reference: list[str], max_order: int = 
         else:
             log_precisions.append(math.log(matches / total))
     brevity = min(0.0, 1 - len(reference) / len(hypothesis))
-    return 100 * math.exp(brevity + sum(log_precisions) / len(log_precisions))
+    return math.exp(brevity + sum(log_precisions) / len(log_precisions))
 
 
 def reply_code(reply: str, prompt: str) -> str:

@@ -13,6 +13,11 @@ The prompt format is `raw` (the task's text as written) or `chat:<kind>` (the te
 turn of a chat template of that kind: role_tokens, hf or text; see score.py); files written
 before formats were recorded were raw.
 
+Every score is on one scale, 0 to 1 (SCORE_SCALE, recorded in the file as `score_scale`):
+accuracies, pass@1, and BLEU as a fraction (the usual 0-100 figure divided by 100). Files written
+before the scale was recorded held our BLEU on 0-100: `read_results` divides it by 100 and says
+so; a file of another scale is refused.
+
 `compare` prints a markdown table of arms by task and metric: each arm's value, and for every
 arm after the first its difference from the first with a 95% bootstrap confidence interval
 (paired over items when both arms scored the same items, else resampled independently). Each
@@ -32,6 +37,13 @@ from megatron_code.data.chat import ChatTemplate
 
 
 RAW = "raw"
+SCORE_SCALE = "0-1"
+"""The scale of every score we print, table, plot and store (BLEU divided by 100)."""
+SCALE_NOTE = "Scores are fractions from 0 to 1 (accuracies, pass@1, and BLEU divided by 100)."
+
+
+class ResultsError(ValueError):
+    """A results file this version cannot read as it was meant; the message names it."""
 
 
 def prompt_format(template: ChatTemplate | None) -> str:
@@ -47,7 +59,7 @@ class TaskScores:
     metrics: dict[str, float]
     ids: list[str]
     per_item: dict[str, list[float]]
-    """metric -> one value per item (0/1 for accuracies, a score for BLEU)."""
+    """metric -> one value per item (0/1 for accuracies, BLEU from 0 to 1)."""
     source: str = "megatron_code"
     """Who scored it: megatron_code or lm-eval."""
     samples: list[dict] = field(default_factory=list)
@@ -65,7 +77,7 @@ def write_results(path: str | Path, model: str, step: int | None, scores: list[T
                   extra: dict | None = None) -> Path:
     path = Path(path)
     results = {
-        "model": model, "step": step,
+        "model": model, "step": step, "score_scale": SCORE_SCALE,
         "results": [{"task": s.task, "metric": m, "value": v, "n": s.n, "source": s.source,
                      "prompt_format": s.prompt_format} for s in scores for m, v in s.metrics.items()],
         "items": {s.task: {"ids": s.ids, "values": s.per_item} for s in scores},
@@ -95,6 +107,28 @@ def find_results(path: str | Path) -> Path:
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
+def read_results(path: Path) -> dict:
+    """A results file with every score on SCORE_SCALE. A file without `score_scale` was written
+    when our BLEU was on 0-100: its BLEU rows and per-item values are divided by 100, and the
+    returned dict's `rescaled` lists the tasks that had them."""
+    results = json.loads(Path(path).read_text())
+    scale = results.get("score_scale")
+    if scale not in (None, SCORE_SCALE):
+        raise ResultsError(f"{path}: scores on scale {scale!r}; this version reads {SCORE_SCALE!r} (and files "
+                           "written before the scale was recorded)")
+    results["rescaled"] = []
+    if scale is None:
+        for row in results["results"]:
+            if row["metric"] == "bleu" and row.get("source", "megatron_code") == "megatron_code":
+                row["value"] /= 100
+                values = results["items"].get(row["task"], {}).get("values", {})
+                if "bleu" in values:
+                    values["bleu"] = [v / 100 for v in values["bleu"]]
+                results["rescaled"].append(row["task"])
+        results["score_scale"] = SCORE_SCALE
+    return results
+
+
 def bootstrap_difference(a: list[float], b: list[float], paired: bool, resamples: int = 2000,
                          seed: int = 0) -> tuple[float, float, float]:
     """(mean(b) - mean(a), 2.5th and 97.5th percentiles of that difference over resamples)."""
@@ -110,6 +144,12 @@ def bootstrap_difference(a: list[float], b: list[float], paired: bool, resamples
     return float(b_values.mean() - a_values.mean()), float(low), float(high)
 
 
+def bootstrap_interval(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, 2.5th and 97.5th percentiles of the mean over resamples of the items): the 95%
+    interval of one arm's score, by the resampling `compare` uses for differences."""
+    return bootstrap_difference([0.0] * len(values), values, paired=True, resamples=resamples, seed=seed)
+
+
 def _label(results: dict, path: Path) -> str:
     model = Path(results["model"])
     run = model.parent.parent.name if model.parent.name == "checkpoints" else model.name
@@ -119,7 +159,7 @@ def _label(results: dict, path: Path) -> str:
 def compare(paths: list[str | Path], resamples: int = 2000) -> str:
     """The markdown table of arms (the first is the baseline) by task and metric."""
     files = [find_results(p) for p in paths]
-    arms = [json.loads(f.read_text()) for f in files]
+    arms = [read_results(f) for f in files]
     labels = [_label(r, f) for r, f in zip(arms, files)]
     header = ["task", "metric", "n", "prompt"] + labels + [f"{label} - {labels[0]} [95% CI]" for label in labels[1:]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -142,6 +182,11 @@ def compare(paths: list[str | Path], resamples: int = 2000) -> str:
         n = "/".join(sorted({str(len(v)) for v in values if v}))
         prompt = scored.pop() if len(scored) == 1 else " / ".join(formats)
         lines.append("| " + " | ".join([task, metric, n, prompt] + cells) + " |")
+    lines += ["", SCALE_NOTE]
+    for f, arm in zip(files, arms):
+        if arm["rescaled"]:
+            lines.append(f"Note: {f} was written with BLEU from 0 to 100 (before results recorded their scale); "
+                         f"its BLEU ({', '.join(arm['rescaled'])}) is read here divided by 100.")
     if mixed:
         lines += ["", f"Note: on {mixed} of {len(keys)} rows the arms were fed different prompt formats (the "
                   "prompt column lists each arm's, in column order): a difference between two of them mixes the "

@@ -27,7 +27,7 @@ from megatron_code.data.tokenizer import HFTokenizer
 from megatron_code.evaluation.code import score_code
 from megatron_code.evaluation.lm import LanguageModel
 from megatron_code.evaluation.multiple_choice import score_multiple_choice
-from megatron_code.evaluation.results import TaskScores, prompt_format
+from megatron_code.evaluation.results import SCALE_NOTE, TaskScores, prompt_format
 from megatron_code.evaluation.sandbox import Limits, sandbox_features
 from megatron_code.evaluation.tasks import MULTIPLE_CHOICE, Task
 
@@ -77,7 +77,7 @@ def score_tasks(model: LanguageModel, tasks: list[Task], chat_template: str = "n
     run in the sandbox), one line logged per task; and what a results file records beside the
     scores: the prompt format (and the chat template) and, when code ran, the sandbox."""
     template = chat_template_for(model, chat_template)
-    log(f"prompt format: {prompt_format(template)}")
+    log(f"prompt format: {prompt_format(template)}; {SCALE_NOTE[0].lower()}{SCALE_NOTE[1:]}")
     scores = []
     for task in tasks:
         if task.kind == MULTIPLE_CHOICE:

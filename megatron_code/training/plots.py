@@ -3,14 +3,16 @@ is tools/plot_run.py; the studies call `plot_runs`).
 
     python tools/plot_run.py RUN_DIR [RUN_DIR ...] [--out DIR]
 
-Writes into --out (default: the first run's `plots/`):
+Writes into --out (default: one run's own `plots/`; a comparison of several runs goes to a new
+folder, runs/plots/RUN_A-vs-RUN_B..., never into a run's own plots):
   mixture.png      scheduled weight (dashed) vs the share of each global batch (solid) per source,
                    in the unit the run mixes by (data.mix_by); schedule changes marked at their
                    step (accepted: solid vertical line, rejected: dotted)
   train_loss.png   training loss per source (the batch loss split by each sample's source)
   valid_loss.png   validation loss per source
   summary.md       per run: steps, tokens per source, first/last loss, last validation loss, schedule
-Several runs share each axis, one colour per run.
+Several runs share each axis, one colour per run; a panel lists only the runs that have a line
+in it, and the legends sit below the panels, clear of the lines.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ def _figure(runs: dict[str, list[dict]], prefix: str, title: str, ylabel: str, p
         for colour, (label, records) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 8, runs.items()):
             unit = records[0].get("mix_by", "samples") if scheduled and records else prefix
             steps, values = series(records, unit).get(source, ([], []))
+            if not steps:  # this run has no such source (NL has no code): no line, no legend entry
+                continue
             if scheduled:
                 totals = {r["step"]: sum(v for k, v in r.items() if k.startswith(unit + "/")) for r in records}
                 values = [v / max(totals[s], 1) for s, v in zip(steps, values)]
@@ -54,9 +58,9 @@ def _figure(runs: dict[str, list[dict]], prefix: str, title: str, ylabel: str, p
         ax.set_title(f"{title}: {source}")
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -78,13 +82,26 @@ def _markdown(summaries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _labels(run_dirs: list[Path]) -> list[str]:
+    """Each run's folder name, or its whole path where two runs share a name."""
+    return [d.name if [r.name for r in run_dirs].count(d.name) == 1 else str(d) for d in run_dirs]
+
+
+def default_out(run_dirs: list[Path]) -> Path:
+    """One run: its own plots/. Several: a folder of their own under runs/plots/, named by the runs,
+    so a comparison never replaces a run's own plots."""
+    if len(run_dirs) == 1:
+        return run_dirs[0] / "plots"
+    name = "-vs-".join(label.strip("/").replace("/", "_") for label in _labels(run_dirs))
+    return Path("runs") / "plots" / name
+
+
 def plot_runs(run_dirs: list[Path], out: Path) -> list[Path]:
     runs, events = {}, {}
-    for run_dir in run_dirs:
+    for run_dir, label in zip(run_dirs, _labels(run_dirs)):
         records = read_metrics(run_dir)
         if not records:
             raise SystemExit(f"error: {run_dir}/metrics.jsonl is missing or empty: not a training run directory")
-        label = run_dir.name if [d.name for d in run_dirs].count(run_dir.name) == 1 else str(run_dir)
         runs[label], events[label] = records, read_events(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     longest = max(len(r) for r in runs.values())
@@ -101,8 +118,11 @@ def plot_runs(run_dirs: list[Path], out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/plots of the first run)")
+    parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/plots for one run; "
+                                                   "runs/plots/RUN_A-vs-RUN_B... for several)")
     args = parser.parse_args(argv)
-    for path in plot_runs(args.run_dirs, args.out or args.run_dirs[0] / "plots"):
-        print(path)
+    out = args.out or default_out(args.run_dirs)
+    written = plot_runs(args.run_dirs, out)
+    what = "plots of " + (str(args.run_dirs[0]) if len(args.run_dirs) == 1 else f"{len(args.run_dirs)} runs compared")
+    print(f"{what} written to {out}/: " + ", ".join(p.name for p in written))
 

@@ -27,7 +27,7 @@ from megatron_code.training.guard import NonFiniteError, StepGuard, StopRequests
 from megatron_code.training.integrity import write_durably
 from megatron_code.training.loss import LossTotals
 from megatron_code.training.metrics import MetricsLogger, flops_per_token, hardware_flops_per_token, peak_flops
-from megatron_code.training.optim import Optimizers, lr_at
+from megatron_code.training.optim import Optimizers, lr_at, lr_plan_notes
 from megatron_code.training.precision import pick_precision
 
 
@@ -105,6 +105,9 @@ class Trainer:
                                      start_step=self.step)
         if main:
             write_durably(self.run_dir / "config.json", json.dumps(config.to_dict(), indent=1))
+            saved_config = start.saved["config"] if start.saved else None
+            for note in lr_plan_notes(config.optim, config.train.steps, self.step, saved_config):
+                print(note)
 
     def _check_fit(self, path: Path, saved: dict, weights_only: bool) -> None:
         """Stop before any work when a checkpoint cannot start this run (its trainer_state.json alone)."""
