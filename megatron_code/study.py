@@ -91,7 +91,7 @@ generators, whatever the seed)."""
 STAGE_IMPORTS = {
     "data": ("megatron_code.data.builtin", "megatron_code.data.corpus", "megatron_code.data.tokenizer",
              "megatron_code.data.preprocess", "megatron_code.data.instructions", "megatron_code.data.sft",
-             "megatron_code.evaluation.synthetic", "megatron_code.evaluation.tasks"),
+             "megatron_code.data.synthetic", "megatron_code.evaluation.tasks"),
     "training": ("megatron_code.config", "megatron_code.training.trainer", "megatron_code.training.checkpoint",
                  "torch"),
     "evaluation": ("megatron_code.evaluation.lm", "megatron_code.evaluation.score", "megatron_code.evaluation.results",

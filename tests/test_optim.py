@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 from megatron_code.config import OptimConfig, PRESETS, ModelConfig
 from megatron_code.model import GPT
