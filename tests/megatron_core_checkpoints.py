@@ -172,31 +172,31 @@ def save_rank(rank: int, world_size: int, out: str, args: argparse.Namespace, to
     return logits
 
 
-def load_rank(rank: int, world_size: int, save_dir: str, ckpt_format: str, args: argparse.Namespace,
-              tokens: torch.Tensor) -> torch.Tensor:
-    """megatron-core's model at `args`' layout loading a Megatron-LM save folder the way
+def load_rank(rank: int, world_size: int, saves: list[tuple[str, str]], args: argparse.Namespace,
+              tokens: torch.Tensor) -> list[torch.Tensor]:
+    """megatron-core's model at `args`' layout loading each (save folder, format) the way
     Megatron-LM does (per-rank `load_state_dict(strict=True)` of the legacy file, or
-    `dist_checkpointing.load` of its sharded state dict); returns its logits."""
+    `dist_checkpointing.load` of its sharded state dict); returns its logits for each."""
     from megatron.core import dist_checkpointing, parallel_state
 
+    results = []
     with cpu_shims():
         models = build_models(args, seed=1)  # other weights than any export: everything must come from the files
         tp, pp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
-        iteration = int((Path(save_dir) / "latest_checkpointed_iteration.txt").read_text())
-        folder = Path(save_dir) / f"iter_{iteration:07d}"
         names = ["model"] if len(models) == 1 else [f"model{v}" for v in range(len(models))]
-        if ckpt_format == "torch":
-            rank_dir = f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if args.pipeline_model_parallel_size > 1 else "")
-            stored = torch.load(folder / rank_dir / "model_optim_rng.pt", weights_only=False)
+        for save_dir, ckpt_format in saves:
+            iteration = int((Path(save_dir) / "latest_checkpointed_iteration.txt").read_text())
+            folder = Path(save_dir) / f"iter_{iteration:07d}"
+            if ckpt_format == "torch":
+                rank_dir = f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if args.pipeline_model_parallel_size > 1 else "")
+                stored = torch.load(folder / rank_dir / "model_optim_rng.pt", weights_only=False)
+            else:
+                stored = dist_checkpointing.load({n: m.sharded_state_dict() for n, m in zip(names, models)}, str(folder))
             for name, model in zip(names, models):
                 model.load_state_dict(stored[name], strict=True)
-        else:
-            loaded = dist_checkpointing.load({n: m.sharded_state_dict() for n, m in zip(names, models)}, str(folder))
-            for name, model in zip(names, models):
-                model.load_state_dict(loaded[name], strict=True)
-        logits = forward(models, args, tokens)
+            results.append(forward(models, args, tokens))
         parallel_state.destroy_model_parallel()
-    return logits
+    return results
 
 
 def run_in_this_process(func, *args):

@@ -4,6 +4,7 @@ logits at their layout and go on to transformers; our checkpoints export to Mega
 into megatron-core at another layout with our logits; round trips give identical tensors; what
 we cannot express is refused by name."""
 import argparse
+import contextlib
 import io
 import re
 import shutil
@@ -138,12 +139,15 @@ def test_megatron_to_ours_to_megatron_is_identical(case, request, convert_tool, 
 @pytest.fixture(scope="module")
 def exported_for_megatron(trained_run, convert_tool, tmp_path_factory):
     """`trained_run` (2 layers, tied embeddings, GQA, 1100 rows) exported at tensor 2 x pipeline 2,
-    both formats (legacy with the local spec's names)."""
+    both formats (legacy with the local spec's names); the tool's own check passed."""
     out = tmp_path_factory.mktemp("to_megatron")
     for fmt in ("torch", "torch_dist"):
-        assert convert_tool.main(["export", "--format", "megatron-lm", "--load", str(trained_run), "--out",
-                                  str(out / fmt), "--tensor", "2", "--pipeline", "2", "--ckpt-format", fmt,
-                                  "--transformer-impl", "local"]) == 0
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert convert_tool.main(["export", "--format", "megatron-lm", "--load", str(trained_run), "--out",
+                                      str(out / fmt), "--tensor", "2", "--pipeline", "2", "--ckpt-format", fmt,
+                                      "--transformer-impl", "local"]) == 0
+        assert "greedy 32 tokens: identical" in printed.getvalue(), printed.getvalue()
     return out
 
 
@@ -153,16 +157,17 @@ def test_export_loads_into_megatron_core_with_our_logits(exported_for_megatron, 
     from distributed_utils import run_distributed
 
     tokens = tokens_for_reference()
+    folder = exported_for_megatron / "torch" / f"iter_{16:07d}"
+    args = load_pickle(folder / "mp_rank_00_000" / "model_optim_rng.pt")["args"]
+    dist_args = load_pickle(exported_for_megatron / "torch_dist" / f"iter_{16:07d}" / "common.pt")["args"]
+    assert vars(dist_args) == {**vars(args), "ckpt_format": "torch_dist"}
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.padded_vocab_size) == (2, 2, 1100)
+    saves = [(str(exported_for_megatron / fmt), fmt) for fmt in ("torch", "torch_dist")]
+    logits = run_distributed(load_rank, world_size=4, timeout_s=600, args=(saves, args, tokens))
     ours = our_logits(trained_run, tokens)
-    for fmt in ("torch", "torch_dist"):
-        save = exported_for_megatron / fmt
-        folder = save / f"iter_{16:07d}"
-        args = (load_pickle(folder / "mp_rank_00_000" / "model_optim_rng.pt")["args"] if fmt == "torch"
-                else load_pickle(folder / "common.pt")["args"])
-        assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.padded_vocab_size) == (2, 2, 1100)
-        logits = run_distributed(load_rank, world_size=4, timeout_s=600, args=(str(save), fmt, args, tokens))
-        for rank_logits in logits:
-            assert (rank_logits - ours).abs().max() <= TOLERANCE, fmt
+    for rank_logits in logits:
+        for fmt, fmt_logits in zip(("torch", "torch_dist"), rank_logits):
+            assert (fmt_logits - ours).abs().max() <= TOLERANCE, fmt
 
 
 def test_transformer_engine_names_are_megatron_cores(megatron_tp1layernorm, convert_tool, tiny_corpus, tmp_path, capsys):
@@ -363,7 +368,7 @@ def test_reader_agrees_with_megatron_cores_own_dist_checkpointing(megatron_tp2pp
     for name, tensor in legacy.state.items():
         assert torch.equal(sharded.state[name], tensor), name
     folder = str(save / "torch_dist" / f"iter_{ITERATION:07d}")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):  # as Megatron-LM allows
         warnings.simplefilter("ignore")
         plain = run_in_this_process(lambda rank, world: dist_checkpointing.load_plain_tensors(folder))
     stacked = layout.to_sharded(legacy.state, legacy.config)
