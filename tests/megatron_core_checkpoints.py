@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -139,9 +140,10 @@ def forward(models: list, args: argparse.Namespace, tokens: torch.Tensor) -> tor
 
 
 def save_rank(rank: int, world_size: int, out: str, args: argparse.Namespace, tokens: torch.Tensor,
-              formats: tuple[str, ...] = ("torch",)) -> torch.Tensor:
+              formats: tuple[str, ...] = ("torch",)) -> np.ndarray:
     """Build, save (legacy files under out/torch, torch_dist under out/torch_dist) and return the
-    reference logits."""
+    reference logits (as numpy: a tensor would travel to the parent through a file descriptor of
+    this process, which may have exited when the parent reads it)."""
     from megatron.core import dist_checkpointing, parallel_state
 
     with cpu_shims():
@@ -169,11 +171,11 @@ def save_rank(rank: int, world_size: int, out: str, args: argparse.Namespace, to
                 (Path(out) / fmt / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
         logits = forward(models, args, tokens)
         parallel_state.destroy_model_parallel()
-    return logits
+    return logits.numpy()
 
 
 def load_rank(rank: int, world_size: int, saves: list[tuple[str, str]], args: argparse.Namespace,
-              tokens: torch.Tensor) -> list[torch.Tensor]:
+              tokens: torch.Tensor) -> list[np.ndarray]:
     """megatron-core's model at `args`' layout loading each (save folder, format) the way
     Megatron-LM does (per-rank `load_state_dict(strict=True)` of the legacy file, or
     `dist_checkpointing.load` of its sharded state dict); returns its logits for each."""
@@ -194,7 +196,7 @@ def load_rank(rank: int, world_size: int, saves: list[tuple[str, str]], args: ar
                 stored = dist_checkpointing.load({n: m.sharded_state_dict() for n, m in zip(names, models)}, str(folder))
             for name, model in zip(names, models):
                 model.load_state_dict(stored[name], strict=True)
-            results.append(forward(models, args, tokens))
+            results.append(forward(models, args, tokens).numpy())
         parallel_state.destroy_model_parallel()
     return results
 

@@ -362,7 +362,7 @@ def verify_with_megatron_core(ours: GPT, args, state: dict[str, torch.Tensor], z
                               tokenizer: Tokenizer, what: str) -> None:
     """Our model against megatron-core's GPTModel built from Megatron-LM `args` holding `state`
     (canonical tensors; norms stored as w - 1 when `zero_centered`), as the transformers check."""
-    state = {k: v.float() + (1 if zero_centered and megatron_lm._is_norm_weight(k) else 0) for k, v in state.items()}
+    state = {k: v.float() + (1 if zero_centered and megatron_lm.is_norm_weight(k) else 0) for k, v in state.items()}
     if zero_centered:  # megatron-core's CPU norms have no zero-centered option: the same math with w stored
         args = argparse.Namespace(**{**vars(args), "layernorm_zero_centered_gamma": False, "apply_layernorm_1p": False})
         print("verify: megatron-core's CPU norms lack --apply-layernorm-1p; its model holds the norms as w = stored + 1")
@@ -398,10 +398,10 @@ def _megatron_tokenizer(args, override: str | None) -> Path:
         path = Path(override).expanduser()
         where = "--tokenizer"
     else:
-        model = megatron_lm._get(args, "tokenizer_model")
+        model = megatron_lm.arg(args, "tokenizer_model")
         if model is None:
             raise DataError(f"pass --tokenizer FILE_OR_DIR: the run's args name no tokenizer_model (tokenizer_type="
-                            f"{megatron_lm._get(args, 'tokenizer_type')})")
+                            f"{megatron_lm.arg(args, 'tokenizer_type')})")
         path, where = Path(model).expanduser(), "the run's --tokenizer-model"
     if not path.exists():
         raise DataError(f"{where}={path}: no such tokenizer file or folder (pass --tokenizer FILE_OR_DIR)")
@@ -419,7 +419,7 @@ def import_megatron_lm(save_dir: str | Path, out: str | Path, tokenizer: str | N
     print(f"import: {checkpoint.path} ({checkpoint.format}, iteration {checkpoint.iteration}, tensor "
           f"{checkpoint.tensor} x pipeline {checkpoint.pipeline}"
           + (f" x {checkpoint.virtual} virtual stages" if checkpoint.virtual > 1 else "") + f", {'/'.join(dtypes)}) -> {out}")
-    dropout = {name: megatron_lm._get(args, name, 0.0) for name in ("hidden_dropout", "attention_dropout")}
+    dropout = {name: megatron_lm.arg(args, name, 0.0) for name in ("hidden_dropout", "attention_dropout")}
     if any(dropout.values()):
         print("import: note: the run trained with " + ", ".join(f"{k}={v}" for k, v in dropout.items())
               + "; our model has no dropout")
@@ -435,7 +435,7 @@ def import_megatron_lm(save_dir: str | Path, out: str | Path, tokenizer: str | N
         run_config = Config(model=config)
         run_config.data.tokenizer = str(tokenizer_path)
         step_dir = write_weights_only(tmp, state, run_config, tok)
-        seq_length = megatron_lm._get(args, "seq_length", config.max_seq_len)
+        seq_length = megatron_lm.arg(args, "seq_length", config.max_seq_len)
         _write_run_config(tmp, run_config, **({"seq_length": seq_length} if seq_length <= config.max_seq_len else {}))
         print(f"import: wrote {len(state)} tensors to {out / 'checkpoints' / step_dir.name} (weights only)")
         if verify_result:
@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="megatron-lm: the legacy per-rank files (torch) or dist_checkpointing (torch_dist)")
     export.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default="transformer_engine",
                         help="megatron-lm, torch format: the layer names of the Megatron-LM run that loads it "
-                             "(its --transformer-impl; torch_dist fits both)")
+                             "(its --transformer-impl; torch_dist names are the same for both)")
     imp = commands.add_parser("import", help="transformers Llama-architecture folder or Megatron-LM checkpoint -> "
                                              "weights-only checkpoint")
     source = imp.add_mutually_exclusive_group(required=True)

@@ -17,7 +17,7 @@ from unittest import mock
 
 import torch
 
-from megatron_code.model.megatron_lm import _get
+from megatron_code.model.megatron_lm import arg
 
 
 class ReferenceUnavailable(RuntimeError):
@@ -31,16 +31,16 @@ def transformer_config(args):
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
-    gated = bool(_get(args, "swiglu", False))
+    gated = bool(arg(args, "swiglu", False))
     return TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
-        num_query_groups=_get(args, "num_query_groups") if _get(args, "group_query_attention", False) else None,
-        ffn_hidden_size=_get(args, "ffn_hidden_size"), kv_channels=_get(args, "kv_channels"),
-        normalization=_get(args, "normalization", "LayerNorm"),
-        layernorm_epsilon=_get(args, "layernorm_epsilon", _get(args, "norm_epsilon", 1e-5)),
-        add_bias_linear=_get(args, "add_bias_linear", True), add_qkv_bias=_get(args, "add_qkv_bias", False),
+        num_query_groups=arg(args, "num_query_groups") if arg(args, "group_query_attention", False) else None,
+        ffn_hidden_size=arg(args, "ffn_hidden_size"), kv_channels=arg(args, "kv_channels"),
+        normalization=arg(args, "normalization", "LayerNorm"),
+        layernorm_epsilon=arg(args, "layernorm_epsilon", arg(args, "norm_epsilon", 1e-5)),
+        add_bias_linear=arg(args, "add_bias_linear", True), add_qkv_bias=arg(args, "add_qkv_bias", False),
         gated_linear_unit=gated, activation_func=F.silu if gated else F.gelu,
-        init_method_std=_get(args, "init_method_std", 0.02),
+        init_method_std=arg(args, "init_method_std", 0.02),
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, perform_initialization=False,
         params_dtype=torch.float32, masked_softmax_fusion=False, bias_activation_fusion=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
@@ -118,12 +118,12 @@ def megatron_core_reference(args, state: dict[str, torch.Tensor], vocab_size: in
             warnings.simplefilter("ignore")
             try:
                 model = GPTModel(
-                    transformer_config(args), get_gpt_layer_local_spec(normalization=_get(args, "normalization")),
+                    transformer_config(args), get_gpt_layer_local_spec(normalization=arg(args, "normalization")),
                     vocab_size=args.padded_vocab_size,
-                    max_sequence_length=_get(args, "max_position_embeddings", args.seq_length),
-                    position_embedding_type=_get(args, "position_embedding_type", "learned_absolute"),
-                    rotary_percent=_get(args, "rotary_percent", 1.0), rotary_base=_get(args, "rotary_base", 10000),
-                    share_embeddings_and_output_weights=not _get(args, "untie_embeddings_and_output_weights", False))
+                    max_sequence_length=arg(args, "max_position_embeddings", args.seq_length),
+                    position_embedding_type=arg(args, "position_embedding_type", "learned_absolute"),
+                    rotary_percent=arg(args, "rotary_percent", 1.0), rotary_base=arg(args, "rotary_base", 10000),
+                    share_embeddings_and_output_weights=not arg(args, "untie_embeddings_and_output_weights", False))
             except (AssertionError, ValueError, RuntimeError) as e:
                 raise ReferenceUnavailable(f"megatron-core cannot build this model on CPU ({type(e).__name__}: {e})") from None
         model.load_state_dict(state, strict=True)

@@ -57,7 +57,8 @@ IGNORED_SUFFIXES = ("_extra_state",)
 # ------------------------------------------------------------------------------------------ arguments
 
 
-def _get(args, name: str, default=None):
+def arg(args, name: str, default=None):
+    """Megatron-LM argument `name`, `default` when absent or None (older runs lack newer arguments)."""
     value = getattr(args, name, default)
     return default if value is None else value
 
@@ -104,50 +105,50 @@ def config_from_args(args, embedding_rows: int) -> tuple[ModelConfig, bool]:
         ("mrope_section", "--mrope-section", "multimodal RoPE"),
     ]
     for name, flag, why in unsupported:
-        if _get(args, name):
+        if arg(args, name):
             refuse(f"{flag} (args.{name}={getattr(args, name)!r})", why)
-    if _get(args, "add_bias_linear", True):
+    if arg(args, "add_bias_linear", True):
         refuse("args.add_bias_linear=True (Megatron-LM's default; --disable-bias-linear turns it off)",
                "our linear layers have no biases")
-    if _get(args, "softmax_type", "vanilla") != "vanilla":
+    if arg(args, "softmax_type", "vanilla") != "vanilla":
         refuse(f"--softmax-type {args.softmax_type}", "our attention is the plain softmax")
-    if not any(_get(args, name, False) for name in ("swiglu", "squared_relu", "quick_geglu")):
+    if not any(arg(args, name, False) for name in ("swiglu", "squared_relu", "quick_geglu")):
         refuse("no --swiglu (args.swiglu=False)", "megatron-core's MLP is then the exact (erf) GELU; ours is SwiGLU "
                "or the tanh-approximated GELU")
-    normalization = _get(args, "normalization", "LayerNorm")
+    normalization = arg(args, "normalization", "LayerNorm")
     if normalization not in ("LayerNorm", "RMSNorm"):
         refuse(f"--normalization {normalization}", "ours is LayerNorm or RMSNorm")
-    positions = _get(args, "position_embedding_type", "learned_absolute")
+    positions = arg(args, "position_embedding_type", "learned_absolute")
     if positions not in ("rope", "learned_absolute"):
         refuse(f"--position-embedding-type {positions}", "ours are RoPE or learned absolute positions")
-    if _get(args, "rope_type", "rope") != "rope":
+    if arg(args, "rope_type", "rope") != "rope":
         refuse(f"--rope-type {args.rope_type}", "only the plain RoPE is implemented here")
-    if positions == "rope" and _get(args, "rotary_percent", 1.0) != 1.0:
+    if positions == "rope" and arg(args, "rotary_percent", 1.0) != 1.0:
         refuse(f"--rotary-percent {args.rotary_percent}", "our RoPE rotates the whole head")
     hidden, heads = args.hidden_size, args.num_attention_heads
-    kv_channels = _get(args, "kv_channels", hidden // heads)
+    kv_channels = arg(args, "kv_channels", hidden // heads)
     if hidden % heads or kv_channels != hidden // heads:
         refuse(f"--kv-channels {kv_channels}", f"our head size is hidden_size / num_attention_heads = {hidden}/{heads}")
     if problems:  # one line per problem
         raise ConversionError("the Megatron-LM model cannot be imported exactly:" + ("\n  " if len(problems) > 1 else " ")
                               + "\n  ".join(problems))
 
-    groups = _get(args, "num_query_groups", heads) if _get(args, "group_query_attention", False) else heads
-    max_positions = _get(args, "max_position_embeddings", args.seq_length)
+    groups = arg(args, "num_query_groups", heads) if arg(args, "group_query_attention", False) else heads
+    max_positions = arg(args, "max_position_embeddings", args.seq_length)
     config = ModelConfig(
-        vocab_size=_get(args, "padded_vocab_size", embedding_rows),
-        pad_vocab_to_multiple_of=_get(args, "make_vocab_size_divisible_by", 128),
+        vocab_size=arg(args, "padded_vocab_size", embedding_rows),
+        pad_vocab_to_multiple_of=arg(args, "make_vocab_size_divisible_by", 128),
         hidden_size=hidden, num_layers=args.num_layers, num_heads=heads, num_kv_heads=groups,
-        ffn_hidden_size=_get(args, "ffn_hidden_size", 4 * hidden),
-        max_seq_len=max_positions if positions == "learned_absolute" else max(max_positions, _get(args, "seq_length", 0)),
+        ffn_hidden_size=arg(args, "ffn_hidden_size", 4 * hidden),
+        max_seq_len=max_positions if positions == "learned_absolute" else max(max_positions, arg(args, "seq_length", 0)),
         norm="rmsnorm" if normalization == "RMSNorm" else "layernorm",
-        norm_eps=float(_get(args, "layernorm_epsilon", _get(args, "norm_epsilon", 1e-5))),
+        norm_eps=float(arg(args, "layernorm_epsilon", arg(args, "norm_epsilon", 1e-5))),
         activation="swiglu", position_embedding="rope" if positions == "rope" else "learned",
-        rope_theta=float(_get(args, "rotary_base", 10000)),
-        tie_embeddings=not _get(args, "untie_embeddings_and_output_weights", False),
-        init_std=float(_get(args, "init_method_std", 0.02)))
+        rope_theta=float(arg(args, "rotary_base", 10000)),
+        tie_embeddings=not arg(args, "untie_embeddings_and_output_weights", False),
+        init_std=float(arg(args, "init_method_std", 0.02)))
     config.validate()
-    zero_centered = bool(_get(args, "layernorm_zero_centered_gamma", False) or _get(args, "apply_layernorm_1p", False))
+    zero_centered = bool(arg(args, "layernorm_zero_centered_gamma", False) or arg(args, "apply_layernorm_1p", False))
     return config, zero_centered
 
 
@@ -208,7 +209,7 @@ def canonical_names(config: ModelConfig) -> dict[str, str]:
     return names
 
 
-def _is_norm_weight(name: str) -> bool:
+def is_norm_weight(name: str) -> bool:
     return name.endswith("layernorm.weight")
 
 
@@ -227,7 +228,7 @@ def to_ours(state: dict[str, torch.Tensor], config: ModelConfig, zero_centered: 
     ours = {}
     for name, our_name in names.items():
         tensor = state[name]
-        if zero_centered and _is_norm_weight(name):
+        if zero_centered and is_norm_weight(name):
             tensor = tensor + 1
         if our_name.endswith("mlp.up.weight") and config.activation == "swiglu":
             tensor = tensor.view(2, config.ffn_size, config.hidden_size)

@@ -180,7 +180,7 @@ def _rank_files(path: Path) -> dict[tuple[int, int], Path]:
 
 
 def _check_layout(path: Path, args, tensor: int, pipeline: int) -> None:
-    saved = (layout._get(args, "tensor_model_parallel_size", 1), layout._get(args, "pipeline_model_parallel_size", 1))
+    saved = (layout.arg(args, "tensor_model_parallel_size", 1), layout.arg(args, "pipeline_model_parallel_size", 1))
     if saved != (tensor, pipeline):
         raise ConversionError(f"{path} holds {tensor} x {pipeline} (tensor x pipeline) rank files but its args say "
                               f"tensor_model_parallel_size={saved[0]}, pipeline_model_parallel_size={saved[1]}")
@@ -226,6 +226,12 @@ def _read_legacy(path: Path, iteration: int) -> MegatronCheckpoint:
                               tensor, pipeline, virtual, state)
 
 
+def _dcp_rows(path: Path, name: str) -> int:
+    """The first dimension of tensor `name` in a DCP checkpoint (0 when absent), from its metadata."""
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata.get(name)
+    return metadata.size[0] if isinstance(metadata, TensorStorageMetadata) else 0
+
+
 def _read_dcp_tensors(path: Path, keep) -> dict[str, torch.Tensor]:
     reader = dcp.FileSystemReader(path)
     metadata = reader.read_metadata().state_dict_metadata
@@ -242,15 +248,15 @@ def _read_torch_dist(path: Path, iteration: int) -> MegatronCheckpoint:
         raise ConversionError(f"{path}/common.pt: no such file (it holds the run's args)")
     common = load_pickle(path / "common.pt")
     args = _model_args(f"{path}/common.pt", common)
-    config, zero_centered = layout.config_from_args(args, 0)
+    config, zero_centered = layout.config_from_args(args, _dcp_rows(path, layout.EMBEDDING))
     stored = _read_dcp_tensors(path, lambda k: not k.startswith(("optimizer.", "rng_state", "rerun_state")))
     state = layout.from_sharded(stored, config)
     if config.tie_embeddings:
         state.pop(layout.OUTPUT, None)
     return MegatronCheckpoint(path, "torch_dist", int(common.get("iteration", iteration)), args, config, zero_centered,
-                              layout._get(args, "tensor_model_parallel_size", 1),
-                              layout._get(args, "pipeline_model_parallel_size", 1),
-                              layout._get(args, "virtual_pipeline_model_parallel_size", 1), state)
+                              layout.arg(args, "tensor_model_parallel_size", 1),
+                              layout.arg(args, "pipeline_model_parallel_size", 1),
+                              layout.arg(args, "virtual_pipeline_model_parallel_size", 1), state)
 
 
 class _PlainDataLoadPlanner(DefaultLoadPlanner):
@@ -272,11 +278,11 @@ def _read_torch_dcp(path: Path, iteration: int) -> MegatronCheckpoint:
                  no_dist=True)
     header = planner.objects
     args = _model_args(f"{path}/.metadata", header)
-    tensor, pipeline = (layout._get(args, "tensor_model_parallel_size", 1), layout._get(args, "pipeline_model_parallel_size", 1))
+    tensor, pipeline = (layout.arg(args, "tensor_model_parallel_size", 1), layout.arg(args, "pipeline_model_parallel_size", 1))
     if (tensor, pipeline) != (1, 1):
         raise ConversionError(f"{path}: a torch_dcp checkpoint of tensor_model_parallel_size={tensor}, "
                               f"pipeline_model_parallel_size={pipeline}; import reads torch_dcp at 1 x 1 only")
-    config, zero_centered = layout.config_from_args(args, 0)
+    config, zero_centered = layout.config_from_args(args, _dcp_rows(path, "model." + layout.EMBEDDING))
     stored = _read_dcp_tensors(path, lambda k: k.startswith("model."))
     state = layout.from_te_names({k[len("model."):]: v for k, v in stored.items()})
     return MegatronCheckpoint(path, "torch_dcp", int(header.get("iteration") or iteration), args, config, zero_centered,
@@ -321,10 +327,13 @@ def _write_legacy(path: Path, state, config, header: dict, tensor: int, pipeline
 
 def _write_torch_dist(path: Path, state, config, header: dict) -> None:
     """DCP of the sharded tensors, each whole; megatron-core reads any rank's slices of them. The
-    `_extra_state` objects megatron-core's local-spec layers ask for are saved empty (None)."""
+    `_extra_state` objects megatron-core's layers ask for are saved empty (None, what its local
+    spec saves): those of the local spec, and Transformer Engine's attention's, which a local
+    model does not ask for (loading into Transformer Engine layers is not tested here)."""
     path.mkdir(parents=True)
     sharded: dict[str, object] = {k: v.contiguous() for k, v in layout.to_sharded(state, config).items()}
-    for module in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"):
+    for module in ("self_attention.linear_qkv", "self_attention.linear_proj", "self_attention.core_attention",
+                   "mlp.linear_fc1", "mlp.linear_fc2"):
         for i in range(config.num_layers):  # a sharded object's key: <key>/shard_<offset>_<global shape>
             sharded[f"{layout.LAYERS}{module}._extra_state/shard_{i}_{config.num_layers}"] = [None]
     with warnings.catch_warnings():
