@@ -201,6 +201,12 @@ def load_rank(rank: int, world_size: int, saves: list[tuple[str, str]], args: ar
     return results
 
 
+def save_and_load_rank(rank: int, world_size: int, save: tuple, load: tuple) -> tuple[np.ndarray, list[np.ndarray]]:
+    """save_rank(*save) then load_rank(*load) on the same ranks: one spawn for both directions
+    (starting megatron-core on a rank costs more than the work it does here)."""
+    return save_rank(rank, world_size, *save), load_rank(rank, world_size, *load)
+
+
 def run_in_this_process(func, *args):
     """func(0, 1, *args) in this process, in its one-rank group (a gloo group made for the call
     and destroyed after it when the process has none)."""
