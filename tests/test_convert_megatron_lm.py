@@ -225,9 +225,12 @@ def test_training_continues_from_a_megatron_import(megatron_tp1layernorm, conver
     run = tmp_path / "imported"
     assert convert_tool.main(["import", "--megatron-lm", str(megatron_tp1layernorm[0] / "torch"), "--tokenizer",
                               str(tiny_corpus.tokenizer), "--out", str(run), "--no-verify"]) == 0
-    trainer = Trainer(load_config(run / "config.yaml", train_args(tmp_path / "continued", "--train.steps=2",
-                                                                  f"--checkpoint.init_from={run}")))
+    # as the README runs it: the model and tokenizer come from the import's config.yaml alone
+    overrides = [a for a in train_args(tmp_path / "continued", "--train.steps=2", f"--checkpoint.init_from={run}")
+                 if not a.startswith(("--model.preset=", "--data.tokenizer="))]
+    trainer = Trainer(load_config(run / "config.yaml", overrides))
     assert trainer.config.model.norm == "layernorm" and trainer.config.model.position_embedding == "learned"
+    assert Path(trainer.config.data.tokenizer).is_relative_to(run)
     model = trainer.model.state_dict()
     for name, value in read_checkpoint(run).state.items():
         assert torch.equal(model[name], value), name
