@@ -40,15 +40,17 @@ def _run_rank(func: Callable, rank: int, world_size: int, backend: str, port: in
 
 
 def run_distributed(func: Callable, world_size: int = 2, backend: str = "gloo", timeout_s: float = 120.0,
-                    args: tuple = ()) -> list[Any]:
+                    args: tuple = (), child_processes: bool = False) -> list[Any]:
     """func(rank, world_size, *args) must be module-level (picklable) and return a picklable value.
     Returns the values in rank order; raises RuntimeError if a rank fails or dies, TimeoutError
-    after `timeout_s`."""
+    after `timeout_s`. `child_processes`: the ranks may start processes of their own (as
+    megatron-core's checkpoint writer does), so they are not daemonic; they are still killed
+    when they outlive the call."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = find_free_port()
     procs = [ctx.Process(target=_run_rank, args=(func, rank, world_size, backend, port, timeout_s, results, args),
-                         daemon=True)
+                         daemon=not child_processes)
              for rank in range(world_size)]
     for proc in procs:
         proc.start()

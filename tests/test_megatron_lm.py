@@ -1,5 +1,8 @@
 """Byte identity with Megatron-LM's own tools/preprocess_data.py, run as a subprocess on the
-same documents with the same flags, over every tokenizer kind it accepts offline.
+same documents with the same flags, over every tokenizer kind it accepts offline; and checkpoints
+both ways: what Megatron-LM's save_checkpoint writes (torch, torch_dist, torch_dcp) imports with
+its logits, and Megatron-LM's load_checkpoint reads our exports with ours
+(tests/megatron_lm_driver.py drives its checkpointing on one CPU process).
 
 Opt-in, because it needs a Megatron-LM checkout (branch core_r0.16.0):
 
@@ -17,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizer_zoo import LONE_SURROGATE, corpus_rows, write_jsonl, write_punkt_model, zoo  # noqa: F401
 from tool_modules import load_tool
 
@@ -137,3 +141,85 @@ def test_split_sentences_same_bytes(megatron_lm, zoo, tiny_corpus, tmp_path: Pat
     argv = ["--input", str(jsonl), "--append-eod", "--workers", "2", "--split-sentences",
             *flags(zoo, "SentencePieceTokenizer:llama"), *extra]
     assert_same_bytes(megatron_lm, tmp_path, argv, level="sentence", megatron_runs=1 if "--partitions" in extra else 2)
+
+
+# ------------------------------------------------------------------------- checkpoints, both ways
+
+DRIVER = Path(__file__).resolve().parent / "megatron_lm_driver.py"
+# Megatron-LM flags of a small Llama-style GPT on CPU: no fused kernels, no dropout, fp32
+RUN_FLAGS = ["--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "10",
+             "--lr", "1e-4", "--save-interval", "5", "--transformer-impl", "local", "--use-cpu-initialization",
+             "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
+             "--no-gradient-accumulation-fusion", "--tokenizer-type", "GPTSentencePieceTokenizer"]
+MODEL_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "96", "--num-attention-heads", "4",
+               "--group-query-attention", "--num-query-groups", "2", "--max-position-embeddings", "64",
+               "--position-embedding-type", "rope", "--rotary-base", "5000", "--normalization", "RMSNorm", "--swiglu",
+               "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--attention-dropout", "0",
+               "--hidden-dropout", "0", "--init-method-std", "0.1", "--make-vocab-size-divisible-by", "96"]
+
+
+def run_driver(root: Path, cwd: Path, mode: str, flags: list[str], env: dict | None = None) -> torch.Tensor:
+    """Megatron-LM's save_checkpoint or load_checkpoint through tests/megatron_lm_driver.py; its logits."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    done = subprocess.run([MEGATRON_LM_PYTHON, str(DRIVER), mode, "logits.pt", "tokens.pt", "--", *flags], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"Megatron-LM's {mode} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    assert "load_return" not in done.stdout, "Megatron-LM fell back to a non-strict load:\n" + done.stdout[-3000:]
+    return torch.load(cwd / "logits.pt")
+
+
+def our_logits(run: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from megatron_code.training.weights import load_model
+
+    model, _ = load_model(run)
+    with torch.no_grad():
+        return model(tokens)
+
+
+@pytest.fixture(scope="module")
+def saved_by_megatron_lm(megatron_lm, tiny_corpus, tmp_path_factory):
+    """A save folder per format written by Megatron-LM's own save_checkpoint, and its logits.
+    Megatron-LM validates --ckpt-format torch_dcp only with --use-torch-fsdp2, whose wrapper needs
+    CUDA: the driver switches the format after validation, so save_checkpoint's own torch_dcp
+    branch writes the unwrapped model, the full tensors FSDP2 saves at tensor-parallel size 1."""
+    work = tmp_path_factory.mktemp("megatron_lm_saves")
+    tokens = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(3))
+    torch.save(tokens, work / "tokens.pt")
+    logits = {}
+    for fmt in ("torch", "torch_dist", "torch_dcp"):
+        flags = [*RUN_FLAGS, *MODEL_FLAGS, "--tokenizer-model", str(tiny_corpus.tokenizer), "--save", str(work / fmt),
+                 "--ckpt-format", "torch" if fmt == "torch_dcp" else fmt, "--no-save-optim"]
+        logits[fmt] = run_driver(megatron_lm, work, "save", flags, {"DRIVER_CKPT_FORMAT": "torch_dcp"} if fmt == "torch_dcp" else {})
+    return work, tokens, logits
+
+
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist", "torch_dcp"])
+def test_import_of_megatron_lm_save_checkpoint(saved_by_megatron_lm, convert_tool, fmt, tmp_path, capsys):
+    """No --tokenizer: the run's own --tokenizer-model is taken."""
+    work, tokens, logits = saved_by_megatron_lm
+    assert convert_tool.main(["import", "--megatron-lm", str(work / fmt), "--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert f"({fmt}, iteration 5, tensor 1 x pipeline 1, float32)" in printed and "32 tokens: identical" in printed
+    assert (our_logits(tmp_path / "run", tokens) - logits[fmt]).abs().max() <= 1e-4
+
+
+def test_megatron_lm_loads_our_export(saved_by_megatron_lm, megatron_lm, convert_tool, tiny_corpus, tmp_path):
+    """Megatron-LM's load_checkpoint (strict) reads our legacy and torch_dist exports with our
+    logits, and with --use-checkpoint-args rebuilds the model from the args the export records."""
+    work, tokens, _ = saved_by_megatron_lm
+    convert = convert_tool
+    assert convert.main(["import", "--megatron-lm", str(work / "torch"), "--out", str(tmp_path / "run"),
+                         "--no-verify"]) == 0
+    ours = our_logits(tmp_path / "run", tokens)
+    torch.save(tokens, tmp_path / "tokens.pt")
+    load_flags = [*RUN_FLAGS, "--tokenizer-model", str(tiny_corpus.tokenizer), "--no-load-optim", "--no-load-rng",
+                  "--make-vocab-size-divisible-by", "96"]
+    for fmt in ("torch", "torch_dist"):
+        out = tmp_path / f"back_{fmt}"
+        assert convert.main(["export", "--format", "megatron-lm", "--load", str(tmp_path / "run"), "--out", str(out),
+                             "--ckpt-format", fmt, "--transformer-impl", "local"]) == 0
+        logits = run_driver(megatron_lm, tmp_path, "load", [*load_flags, *MODEL_FLAGS, "--load", str(out)])
+        assert (logits - ours).abs().max() <= 1e-4, fmt
+    logits = run_driver(megatron_lm, tmp_path, "load", [*load_flags, "--load", str(tmp_path / "back_torch"),
+                                                        "--use-checkpoint-args"])
+    assert (logits - ours).abs().max() <= 1e-4

@@ -41,10 +41,13 @@ from megatron_code.config import Config
 from megatron_code.data.errors import DataError
 from megatron_code.data.tokenizer import Tokenizer, export_hf_tokenizer, hf_tokenizer_dir, load_tokenizer
 from megatron_code.evaluation.lm import gpt_next_logits, greedy
+from megatron_code.evaluation.megatron_core import MegatronCoreReference, ReferenceUnavailable, megatron_core_reference
 from megatron_code.model import GPT
+from megatron_code.model import megatron_lm
 from megatron_code.model.hf import ConversionError, from_hf_config, from_hf_state, hf_config, to_hf_state
 from megatron_code.training.checkpoint import CheckpointError, check_tokenizer
 from megatron_code.training.integrity import safetensors_files
+from megatron_code.training.megatron_lm_checkpoint import read_megatron_lm, write_megatron_lm
 from megatron_code.training.weights import read_checkpoint, write_weights_only
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -101,11 +104,20 @@ def _first_output(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def locate_difference(ours: GPT, theirs, tokens: torch.Tensor) -> str:
-    """The first family (in forward order) whose output differs between the two models."""
+def _reference_modules(theirs) -> tuple[list, list, object, bool]:
+    """(layers, their attention modules, final norm, whether activations are sequence-first) of a
+    transformers model (Llama or GPT-2) or megatron-core's GPTModel."""
+    if isinstance(theirs, MegatronCoreReference):
+        decoder = theirs.model.decoder
+        return list(decoder.layers), [layer.self_attention for layer in decoder.layers], decoder.final_layernorm, True
     layers = theirs.model.layers if hasattr(theirs, "model") else theirs.transformer.h
     final_norm = theirs.model.norm if hasattr(theirs, "model") else theirs.transformer.ln_f
-    attention = [getattr(layer, "self_attn", None) or layer.attn for layer in layers]
+    return layers, [getattr(layer, "self_attn", None) or layer.attn for layer in layers], final_norm, False
+
+
+def locate_difference(ours: GPT, theirs, tokens: torch.Tensor) -> str:
+    """The first family (in forward order) whose output differs between the two models."""
+    layers, attention, final_norm, sequence_first = _reference_modules(theirs)
     points = [("embedding (token or position embedding)", ours.layers["0"], layers[0], True)]
     for i, layer in ours.layers.items():
         points += [(f"layers.{i}.attention (its norm, qkv split, RoPE or output projection)", layer.attention,
@@ -129,6 +141,7 @@ def locate_difference(ours: GPT, theirs, tokens: torch.Tensor) -> str:
             h.remove()
     for p, (name, *_) in enumerate(points):
         a, b = captured[(p, 0)], captured[(p, 1)]
+        b = b.transpose(0, 1) if sequence_first else b  # megatron-core's (sequence, batch, hidden)
         if (a - b).abs().max() > TOLERANCE * max(1.0, float(b.abs().max())):
             return name
     return "output head (lm_head / tied embedding rows)"
@@ -158,10 +171,10 @@ def _load_hf_model(folder: Path):
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def _finish_verification(result: Verification, what: str) -> None:
+def _finish_verification(result: Verification, what: str, reference: str = "transformers") -> None:
     print(result.report())
     if not result.ok:
-        raise VerificationFailed(f"{what}: transformers and our model disagree; suspect {result.suspect}")
+        raise VerificationFailed(f"{what}: {reference} and our model disagree; suspect {result.suspect}")
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -298,6 +311,14 @@ def _read_hf_state(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _write_run_config(run: Path, config: Config, **data) -> None:
+    """run/config.yaml: the model section and the tokenizer (and any other `data` fields), what a
+    run training from the imported weights needs beside its data sources."""
+    (run / "config.yaml").write_text(yaml.safe_dump(
+        {"model": {k: v for k, v in config.to_dict()["model"].items() if k != "preset"},
+         "data": {"tokenizer": config.data.tokenizer, **data}}, sort_keys=False))
+
+
 def import_checkpoint(hf: str | Path, out: str | Path, overwrite: bool = False, verify_result: bool = True) -> Path:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -321,9 +342,7 @@ def import_checkpoint(hf: str | Path, out: str | Path, overwrite: bool = False, 
         config = Config(model=model_config)
         config.data.tokenizer = str((out / "tokenizer").resolve())
         step_dir = write_weights_only(tmp, state, config, tok)
-        (tmp / "config.yaml").write_text(yaml.safe_dump(
-            {"model": {k: v for k, v in config.to_dict()["model"].items() if k != "preset"},
-             "data": {"tokenizer": config.data.tokenizer}}, sort_keys=False))
+        _write_run_config(tmp, config)
         print(f"import: wrote {len(state)} tensors to {out / 'checkpoints' / step_dir.name} (weights only)")
         if verify_result:
             written = read_checkpoint(tmp)  # read back through the checkpoint reader
@@ -336,6 +355,135 @@ def import_checkpoint(hf: str | Path, out: str | Path, overwrite: bool = False, 
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
+# ------------------------------------------------------------------------------------- Megatron-LM
+
+
+def verify_with_megatron_core(ours: GPT, args, state: dict[str, torch.Tensor], zero_centered: bool,
+                              tokenizer: Tokenizer, what: str) -> None:
+    """Our model against megatron-core's GPTModel built from Megatron-LM `args` holding `state`
+    (canonical tensors; norms stored as w - 1 when `zero_centered`), as the transformers check."""
+    state = {k: v.float() + (1 if zero_centered and megatron_lm.is_norm_weight(k) else 0) for k, v in state.items()}
+    if zero_centered:  # megatron-core's CPU norms have no zero-centered option: the same math with w stored
+        args = argparse.Namespace(**{**vars(args), "layernorm_zero_centered_gamma": False, "apply_layernorm_1p": False})
+        print("verify: megatron-core's CPU norms lack --apply-layernorm-1p; its model holds the norms as w = stored + 1")
+    tokens = verification_tokens(tokenizer, ours.config.max_seq_len)
+    try:
+        with megatron_core_reference(args, state, tokenizer.vocab_size) as theirs:
+            print("verify: against megatron-core's GPTModel (local spec, tensor parallel 1, CPU, fp32)")
+            result = verify(ours.eval(), theirs, tokens, tokenizer.vocab_size)
+    except ReferenceUnavailable as e:
+        print(f"verify: skipped: {e}")
+        return
+    _finish_verification(result, what, "megatron-core")
+
+
+def _import_tokenizer(source: Path, tmp: Path, out: Path) -> tuple[Path, Tokenizer]:
+    """The tokenizer copied into tmp/tokenizer; returns the path a run uses once tmp is `out`."""
+    from transformers import AutoTokenizer
+
+    tok = load_tokenizer(source)
+    folder = tmp / "tokenizer"
+    if source.is_file():  # a SentencePiece model, with the transformers files train_tokenizer writes beside it
+        folder.mkdir()
+        shutil.copy2(source, folder / source.name)
+        if hf_tokenizer_dir(source).is_dir():
+            shutil.copytree(hf_tokenizer_dir(source), folder / hf_tokenizer_dir(source).name)
+        return (out / "tokenizer" / source.name).resolve(), tok
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return (out / "tokenizer").resolve(), tok
+
+
+def _megatron_tokenizer(args, override: str | None) -> Path:
+    if override:
+        path = Path(override).expanduser()
+        where = "--tokenizer"
+    else:
+        model = megatron_lm.arg(args, "tokenizer_model")
+        if model is None:
+            raise DataError(f"pass --tokenizer FILE_OR_DIR: the run's args name no tokenizer_model (tokenizer_type="
+                            f"{megatron_lm.arg(args, 'tokenizer_type')})")
+        path, where = Path(model).expanduser(), "the run's --tokenizer-model"
+    if not path.exists():
+        raise DataError(f"{where}={path}: no such tokenizer file or folder (pass --tokenizer FILE_OR_DIR)")
+    return path
+
+
+def import_megatron_lm(save_dir: str | Path, out: str | Path, tokenizer: str | None = None,
+                       iteration: int | None = None, overwrite: bool = False, verify_result: bool = True) -> Path:
+    out = Path(out)
+    _refuse_existing(out, overwrite)
+    checkpoint = read_megatron_lm(save_dir, iteration)  # refuses what we cannot express before reading weights
+    config, args = checkpoint.config, checkpoint.args
+    source = _megatron_tokenizer(args, tokenizer)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in checkpoint.state.values()})
+    print(f"import: {checkpoint.path} ({checkpoint.format}, iteration {checkpoint.iteration}, tensor "
+          f"{checkpoint.tensor} x pipeline {checkpoint.pipeline}"
+          + (f" x {checkpoint.virtual} virtual stages" if checkpoint.virtual > 1 else "") + f", {'/'.join(dtypes)}) -> {out}")
+    dropout = {name: megatron_lm.arg(args, name, 0.0) for name in ("hidden_dropout", "attention_dropout")}
+    if any(dropout.values()):
+        print("import: note: the run trained with " + ", ".join(f"{k}={v}" for k, v in dropout.items())
+              + "; our model has no dropout")
+    tmp = _temporary_beside(out)
+    try:
+        tokenizer_path, tok = _import_tokenizer(source, tmp, out)
+        if tok.vocab_size > config.vocab_size:
+            raise ConversionError(f"the tokenizer {source} has {tok.vocab_size} tokens but the checkpoint's embedding "
+                                  f"has {config.vocab_size} rows: it is not this model's tokenizer")
+        config.tokenizer_vocab_size = tok.vocab_size
+        print(f"import: vocabulary: tokenizer {tok.vocab_size}, embedding {config.vocab_size} rows (padded_vocab_size)")
+        state = {k: v.float() for k, v in megatron_lm.to_ours(checkpoint.state, config, checkpoint.zero_centered_gamma).items()}
+        run_config = Config(model=config)
+        run_config.data.tokenizer = str(tokenizer_path)
+        step_dir = write_weights_only(tmp, state, run_config, tok)
+        seq_length = megatron_lm.arg(args, "seq_length", config.max_seq_len)
+        _write_run_config(tmp, run_config, **({"seq_length": seq_length} if seq_length <= config.max_seq_len else {}))
+        print(f"import: wrote {len(state)} tensors to {out / 'checkpoints' / step_dir.name} (weights only)")
+        if verify_result:
+            written = read_checkpoint(tmp)  # read back through the checkpoint reader
+            ours = GPT(written.config.model)
+            ours.load_state_dict(written.state)
+            verify_with_megatron_core(ours, args, checkpoint.state, checkpoint.zero_centered_gamma, tok, "import")
+        _replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def export_megatron_lm(load: str | Path, out: str | Path, tensor: int = 1, pipeline: int = 1, virtual: int = 1,
+                       ckpt_format: str = "torch", transformer_impl: str = "transformer_engine", dtype: str = "fp32",
+                       overwrite: bool = False, tokenizer: str | None = None, verify_result: bool = True) -> Path:
+    out = Path(out)
+    _refuse_existing(out, overwrite)
+    weights = read_checkpoint(load)
+    config = weights.config.model
+    megatron_lm.check_exportable(config)
+    megatron_lm.check_tensor_parallel(config, tensor)
+    megatron_lm.chunk_layers(config.num_layers, pipeline, virtual)
+    source, tok = _tokenizer_source(weights.config, tokenizer)
+    check_tokenizer(config, weights.path, tok.vocab_size, source)
+    print(f"export: {weights.path} (step {weights.step}) -> {out} as Megatron-LM {ckpt_format}, tensor {tensor} x "
+          f"pipeline {pipeline}" + (f" x {virtual} virtual stages" if virtual > 1 else "")
+          + (f", {transformer_impl} names" if ckpt_format == "torch" else "") + f", {dtype}")
+    state = {k: v.to(DTYPES[dtype]) for k, v in megatron_lm.from_ours(weights.state, config).items()}
+    tmp = _temporary_beside(out)
+    try:
+        path = write_megatron_lm(tmp, state, config, weights.step, ckpt_format, tensor, pipeline, virtual,
+                                 transformer_impl)
+        print(f"export: wrote {out / path.name} and {out / 'latest_checkpointed_iteration.txt'}")
+        if verify_result:
+            ours = GPT(config)  # the same rounded weights in fp32, against what megatron-core reads back
+            ours.load_state_dict({k: v.to(DTYPES[dtype]).float() for k, v in weights.state.items()})
+            written = read_megatron_lm(tmp)
+            verify_with_megatron_core(ours, written.args, written.state, written.zero_centered_gamma, tok, "export")
+        _replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"export: Megatron-LM loads it with --load {out} --no-load-optim --no-load-rng (or --finetune) "
+          f"--make-vocab-size-divisible-by {megatron_lm.vocab_divisor(config, tensor)}"
+          + (f" --transformer-impl {transformer_impl}" if ckpt_format == "torch" else "")
+          + f", the tokenizer {source} and the model flags its args record (--use-checkpoint-args)")
+    return out
+
 
 # --------------------------------------------------------------------------------------------- CLI
 
@@ -343,14 +491,30 @@ def import_checkpoint(hf: str | Path, out: str | Path, overwrite: bool = False, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="checkpoint of ours -> transformers folder")
+    export = commands.add_parser("export", help="checkpoint of ours -> transformers folder or Megatron-LM checkpoint")
     export.add_argument("--load", required=True, help="run, checkpoints or step_N directory")
-    export.add_argument("--out", required=True, help="the transformers folder to write")
+    export.add_argument("--out", required=True, help="the transformers folder or Megatron-LM save folder to write")
+    export.add_argument("--format", choices=["hf", "megatron-lm"], default="hf", help="what to write (default hf)")
     export.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="stored precision")
     export.add_argument("--tokenizer", help="tokenizer file or folder, when the checkpoint's data.tokenizer moved")
-    export.add_argument("--shard-mb", type=int, default=5000, help="largest safetensors shard, in MiB")
-    imp = commands.add_parser("import", help="transformers Llama-architecture folder -> weights-only checkpoint")
-    imp.add_argument("--hf", required=True, help="a folder written by save_pretrained")
+    export.add_argument("--shard-mb", type=int, default=5000, help="hf: largest safetensors shard, in MiB")
+    export.add_argument("--tensor", type=int, default=1, help="megatron-lm: tensor-parallel size to split into")
+    export.add_argument("--pipeline", type=int, default=1, help="megatron-lm: pipeline-parallel size")
+    export.add_argument("--virtual-stages", type=int, default=1,
+                        help="megatron-lm: model chunks per pipeline rank (--num-layers-per-virtual-pipeline-stage)")
+    export.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
+                        help="megatron-lm: the legacy per-rank files (torch) or dist_checkpointing (torch_dist)")
+    export.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default="transformer_engine",
+                        help="megatron-lm, torch format: the layer names of the Megatron-LM run that loads it "
+                             "(its --transformer-impl; torch_dist names are the same for both)")
+    imp = commands.add_parser("import", help="transformers Llama-architecture folder or Megatron-LM checkpoint -> "
+                                             "weights-only checkpoint")
+    source = imp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", help="a folder written by save_pretrained")
+    source.add_argument("--megatron-lm", help="a Megatron-LM save folder (holding latest_checkpointed_iteration.txt)")
+    imp.add_argument("--iteration", type=int, help="megatron-lm: the iteration to read instead of the latest")
+    imp.add_argument("--tokenizer", help="megatron-lm: the run's tokenizer (SentencePiece .model or transformers "
+                                         "folder); default: its --tokenizer-model when that exists here")
     imp.add_argument("--out", required=True, help="the run directory to write")
     for sub in (export, imp):
         sub.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
@@ -358,10 +522,26 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--no-verify", dest="verify", action="store_false",
                          help="skip the logits and greedy-generation check")
     args = parser.parse_args(argv)
+    megatron_only = {"--tensor": args.command == "export" and args.tensor != 1,
+                     "--pipeline": args.command == "export" and args.pipeline != 1,
+                     "--virtual-stages": args.command == "export" and args.virtual_stages != 1,
+                     "--iteration": args.command == "import" and args.iteration is not None,
+                     "--tokenizer": args.command == "import" and args.tokenizer is not None}
+    is_megatron = getattr(args, "format", None) == "megatron-lm" or getattr(args, "megatron_lm", None)
+    given = [flag for flag, set_ in megatron_only.items() if set_]
+    if given and not is_megatron:
+        parser.error(f"{', '.join(given)} only apply to Megatron-LM checkpoints (--format megatron-lm / --megatron-lm)")
     try:
-        if args.command == "export":
+        if args.command == "export" and is_megatron:
+            out = export_megatron_lm(args.load, args.out, args.tensor, args.pipeline, args.virtual_stages,
+                                     args.ckpt_format, args.transformer_impl, args.dtype, args.overwrite,
+                                     args.tokenizer, args.verify)
+        elif args.command == "export":
             out = export_checkpoint(args.load, args.out, args.dtype, args.overwrite, args.tokenizer, args.shard_mb,
                                     args.verify)
+        elif is_megatron:
+            out = import_megatron_lm(args.megatron_lm, args.out, args.tokenizer, args.iteration, args.overwrite,
+                                     args.verify)
         else:
             out = import_checkpoint(args.hf, args.out, args.overwrite, args.verify)
     except VerificationFailed as e:
