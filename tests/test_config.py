@@ -10,7 +10,8 @@ def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  preset: tiny\n  hidden_size: 96\ntrain:\n  steps: 5\n"
                     "data:\n  tokenizer: t.model\n  sources:\n    - {name: code, prefix: /p/code, weight: 0.25}\n")
-    config = load_config(path, ["--train.steps=7", "--optim.lr=1e-3", "--model.tie_embeddings=false"])
+    config = load_config(path, ["--train.steps=7", "--optim.warmup_steps=1", "--optim.lr=1e-3",
+                                "--model.tie_embeddings=false"])
     assert config.train.steps == 7 and config.optim.lr == 1e-3
     assert config.model.hidden_size == 96  # explicit field beats the preset
     assert config.model.num_layers == PRESETS["tiny"]["num_layers"]

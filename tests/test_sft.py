@@ -244,7 +244,8 @@ def pretrained(tiny_corpus, tiny_indexed, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pretrained")
     sources = ", ".join(f"{{name: {n}, prefix: '{p}'}}" for n, p in tiny_indexed.items())
     Trainer(load_config(None, ["--model.preset=tiny", f"--data.sources=[{sources}]", "--data.seq_length=64",
-                               f"--data.tokenizer={tiny_corpus.tokenizer}", "--train.steps=2", "--train.progress=false",
+                               f"--data.tokenizer={tiny_corpus.tokenizer}", "--train.steps=2", "--optim.warmup_steps=1",
+                               "--train.progress=false",
                                "--train.global_batch_size=2", "--train.micro_batch_size=2", "--train.eval_interval=0",
                                f"--train.output_dir={out}"])).train()
     return out

@@ -70,16 +70,19 @@ class Stateful(Protocol):
 
 
 class TrainState:
-    """The step counter, a plain-data state of its own."""
+    """The step counter, a plain-data state of its own, and the step the run started at (not 0
+    for a run continued from another's checkpoint: checkpoint.continue_from)."""
 
     def __init__(self) -> None:
         self.step = 0
+        self.first_step = 0
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "first_step": self.first_step}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.first_step = int(state.get("first_step", 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,14 +321,15 @@ class Checkpointer:
             if old != just_written:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: str | Path, weights_only: bool = False) -> bool:
+    def load(self, path: str | Path, weights_only: bool = False, continue_run: bool = False) -> bool:
         """Load a checkpoint into the components in place. With `weights_only` (or a weights-only
-        checkpoint) only the model's weights; returns whether everything was resumed."""
+        checkpoint) only the model's weights; with `continue_run` the sharded states (model and
+        optimizer) but no plain state nor RNG. Returns whether everything was resumed."""
         step_dir = resolve(path)
         saved = json.loads((step_dir / "trainer_state.json").read_text())
         weights_only = weights_only or saved.get("weights_only", False)
         names = ["model"] if weights_only else list(self.sharded)
-        if not weights_only:  # plain states first: the data pipeline checks that its order can continue
+        if not (weights_only or continue_run):  # plain states first: the data pipeline checks that its order can continue
             missing = [name for name in self.plain if name not in saved]
             if missing:
                 raise CheckpointError(f"{step_dir} has no {missing} state: an older format; start from its weights "
@@ -345,7 +349,7 @@ class Checkpointer:
                 state[outer][inner] = loaded[key]
         for name in names:
             self.sharded[name].load_state_dict(state[name])
-        if weights_only:
+        if weights_only or continue_run:
             return False
         rng_file = step_dir / f"rng_rank{dist.get_rank()}.json"
         if rng_file.is_file():  # absent when resuming on more ranks than saved

@@ -1,7 +1,5 @@
-"""AdamW with decoupled weight decay on matrices only, and the LR schedules."""
+"""AdamW with decoupled weight decay on matrices only (the LR plan: lr_schedule.py)."""
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -27,33 +25,6 @@ def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device)
                              fused=device.type == "cuda")
 
 
-def lr_at(step: int, total_steps: int, config: OptimConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then the schedule.
-
-    cosine: half-cosine from lr to min_lr over the remaining steps.
-    wsd: constant lr, then a linear decay to min_lr over the last `decay_fraction` of steps.
-    linear: linear anneal from lr to min_lr (Cohere's cooldown).
-    constant: lr after warmup.
-    """
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
-        return config.lr
-    if config.schedule == "wsd":
-        decay_steps = max(1, round(config.decay_fraction * total_steps))
-        decay_start = total_steps - decay_steps
-        if step < decay_start:
-            return config.lr
-        progress = (step - decay_start + 1) / decay_steps
-    else:
-        span = max(1, total_steps - config.warmup_steps)
-        progress = (step - config.warmup_steps + 1) / span
-    progress = min(1.0, progress)
-    if config.schedule == "cosine":
-        return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
-    return config.lr + (config.min_lr - config.lr) * progress
-
-
 class Optimizers:
     """One AdamW per model part (pipeline stage) of this rank, stepped together; the
     checkpointer's "optimizer" state, keyed by parameter names."""
@@ -61,6 +32,17 @@ class Optimizers:
     def __init__(self, parts: list[nn.Module], config: OptimConfig, device: torch.device):
         self.parts = parts
         self.optimizers = [build_optimizer(part, config, device) for part in parts]
+
+    def set_hyperparameters(self, config: OptimConfig) -> float:
+        """This config's weight decay, betas and eps over those a loaded checkpoint brought (a
+        continued run's optimizer settings are its own); returns the LR the checkpoint left."""
+        last_lr = self.optimizers[0].param_groups[0]["lr"]
+        for optimizer in self.optimizers:
+            decay, _ = optimizer.param_groups  # build_optimizer's order: matrices, then norms and biases
+            decay["weight_decay"] = config.weight_decay
+            for group in optimizer.param_groups:
+                group["betas"], group["eps"] = (config.beta1, config.beta2), config.eps
+        return last_lr
 
     def set_lr(self, lr: float) -> None:
         for optimizer in self.optimizers:

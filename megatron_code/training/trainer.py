@@ -21,11 +21,12 @@ from megatron_code.evaluation.multiple_choice import score_multiple_choice
 from megatron_code.evaluation.tasks import load_eval_tasks
 from megatron_code.parallel.distributed import Runtime, build_runtime, launched_world_size
 from megatron_code.parallel.model import ParallelModel, build_model
-from megatron_code.training.checkpoint import (Checkpointer, TrainState, check_checkpoint_matches, read_trainer_state,
-                                               starting_point, tokenizer_record)
+from megatron_code.training.checkpoint import (Checkpointer, CheckpointError, TrainState, check_checkpoint_matches,
+                                               read_trainer_state, starting_point, tokenizer_record)
 from megatron_code.training.loss import LossTotals
 from megatron_code.training.metrics import MetricsLogger, flops_per_token, peak_flops
-from megatron_code.training.optim import Optimizers, lr_at
+from megatron_code.training.lr_schedule import check_lr_plan, lr_plan
+from megatron_code.training.optim import Optimizers
 
 
 @dataclass
@@ -56,10 +57,15 @@ class Trainer:
         self.tokenizer = load_tokenizer(config.data.tokenizer)
         ckpt = config.checkpoint
         self.run_dir = Path(config.train.output_dir)
-        start_from, weights_only = starting_point(ckpt.load, ckpt.init_from, self.run_dir)
+        # continue_from starts a run as init_from does (a relaunch resumes the run's own checkpoints)
+        start_from, weights_only = starting_point(ckpt.load, ckpt.init_from or ckpt.continue_from, self.run_dir)
+        continuing = weights_only and bool(ckpt.continue_from)
         if start_from is not None:
             saved = read_trainer_state(start_from)
             check_checkpoint_matches(saved, config.model, self.tokenizer, config.data.tokenizer, start_from)
+            if continuing and saved.get("weights_only", False):
+                raise CheckpointError(f"checkpoint.continue_from={ckpt.continue_from}: {start_from} holds model weights "
+                                      "only (no optimizer state to continue): start from it with checkpoint.init_from")
             weights_only = weights_only or saved.get("weights_only", False)
             if not weights_only and "data" in saved:
                 check_resumable(saved["data"], config, self.tokenizer)
@@ -69,7 +75,8 @@ class Trainer:
         device, main = self.runtime.device, self.runtime.is_main
         if main and start_from is not None and not ckpt.load and not weights_only:
             print(f"resuming from {start_from}, the latest checkpoint in train.output_dir"
-                  + (f" (checkpoint.init_from={ckpt.init_from} only seeds a run's first start)" if ckpt.init_from else ""))
+                  + "".join(f" (checkpoint.{name}={value} only seeds a run's first start)" for name, value in
+                            (("init_from", ckpt.init_from), ("continue_from", ckpt.continue_from)) if value))
         use_bf16 = device.type == "cuda" and config.train.dtype in ("auto", "bf16")
         self.autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16
                          else contextlib.nullcontext)
@@ -79,6 +86,8 @@ class Trainer:
         np.random.seed(config.train.seed)
         self.data = build_data(config, self.tokenizer, self.runtime)
         config.train.steps = self.data.total_steps  # set by the data when train.epochs is
+        lr_warnings = check_lr_plan(config.optim, config.train.steps)  # the steps are known now
+        self.lr_plan = lr_plan(config.optim, config.train.steps)
         empty_valid = [s.name for s in self.data.sources if s.valid is None]
         if empty_valid and main and config.train.eval_interval:
             print(f"note: sources {empty_valid} have no validation documents with data.split={config.data.split}; "
@@ -92,8 +101,23 @@ class Trainer:
             plain={"train": self.train_state, "data": self.data},
             metadata={"config": config.to_dict(), "layout": self.runtime.layout,
                       "tokenizer": tokenizer_record(self.tokenizer)})
-        if start_from is not None and not self.checkpointer.load(start_from, weights_only=weights_only) and main:
-            print(f"model weights from {start_from}; fresh optimizer, LR schedule and data position")
+        if start_from is not None:
+            resumed = self.checkpointer.load(start_from, weights_only=weights_only and not continuing,
+                                             continue_run=continuing)
+            if continuing:
+                self.train_state.step = self.train_state.first_step = int(saved["step"])
+                last_lr = self.optimizer.set_hyperparameters(config.optim)
+                if main:
+                    print(f"continuing from {start_from} at step {self.step}: its model weights and optimizer state "
+                          f"(AdamW moments and step counts; its last LR {last_lr:.3g}), this config's LR plan, "
+                          f"optimizer settings and data from their start, for train.steps={config.train.steps} "
+                          "more steps")
+            elif not resumed and main:
+                print(f"model weights from {start_from}; fresh optimizer, LR schedule and data position")
+        if main:
+            for warning in lr_warnings:
+                print(f"warning: {warning} (optim.allow_incomplete_schedule=true)")
+            print(self.lr_plan.describe(self.train_state.first_step))
         self.metrics = MetricsLogger(self.run_dir, main, config.train.tensorboard, {"layout": self.runtime.layout},
                                      start_step=self.step)
         if main:
@@ -120,7 +144,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg = self.config
-        lr = lr_at(self.step, cfg.train.steps, cfg.optim)
+        lr = self.lr_plan.lr(self.step - self.train_state.first_step)
         self.optimizer.set_lr(lr)
         data = self.data.next_step()
         totals = LossTotals(len(self.data.names), self.runtime.device)
@@ -166,15 +190,16 @@ class Trainer:
 
     def train(self) -> TrainResult:
         cfg, main = self.config, self.runtime.is_main
+        end = self.train_state.first_step + cfg.train.steps
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
         flops_per_gpu_step = flops_per_token(cfg.model, cfg.data.seq_length) * tokens_per_step / self.runtime.world_size
         peak = peak_flops(self.runtime.device)
         result = TrainResult(self.run_dir, self.step)
-        bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not (main and cfg.train.progress),
+        bar = tqdm(total=end, initial=self.step, disable=not (main and cfg.train.progress),
                    desc="train", unit="step", dynamic_ncols=True)
         self.model.train()
         checkpoint = None
-        while self.step < cfg.train.steps:
+        while self.step < end:
             start = time.perf_counter()
             metrics = self.train_step()
             seconds = time.perf_counter() - start
@@ -185,7 +210,7 @@ class Trainer:
             result.losses.append(metrics["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            last = self.step == cfg.train.steps
+            last = self.step == end
             if last or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                 checkpoint = self.save()  # before evaluating: a failing evaluation loses no training
             if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or last):
