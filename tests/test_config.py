@@ -102,8 +102,9 @@ def test_presets_are_valid_and_sized():
     # Parameter counts of the named sizes, from the config alone (meta device: no memory).
     with torch.device("meta"):
         counts = {n: GPT(ModelConfig(**PRESETS[n], vocab_size=32000)).num_parameters() / 1e9
-                  for n in ("125m", "1.3b", "2.6b-pangu", "7b")}
+                  for n in ("125m", "1.3b", "2.6b-pangu", "2.8b", "7b", "13b-pangu")}
     assert 0.10 < counts["125m"] < 0.16
     assert 1.2 < counts["1.3b"] < 1.5
     assert 2.5 < counts["2.6b-pangu"] < 2.8
     assert 6.5 < counts["7b"] < 7.0
+    assert 2.6 < counts["2.8b"] < 2.9 and 12.5 < counts["13b-pangu"] < 13.3
