@@ -113,7 +113,7 @@ def test_the_cooldown_chain_runs_tiny_from_its_starting_checkpoints(tiny_corpus,
         return result, printed, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
     init, _, _ = run("cohere_code_50", 8, 2)
-    balanced, printed, logged = run("cohere_balanced_to_text", 8, 2, init.checkpoint)
+    balanced, printed, logged = run("cohere_balanced_to_text", 8, 2, tmp_path / "cohere_code_50")  # a run folder
     assert f"continuing from {init.checkpoint} at step 8" in printed
     assert "learning rate over steps 8..15: 0.00015 at step 8, 0.0003 at step 9 (end of warmup), 3e-05 at step 15 " \
            "(end of cosine)" in printed
