@@ -4,8 +4,8 @@
 
 code_stage (Ma et al., ICLR 2024): pretrain NL (text only) and CODE (2:1 text:code) from the
 recipes ma_nl.yaml and ma_code.yaml; instruction-tune NN, NC, CC and CC with stepwise increasing
-and decreasing code from sft/ma_sft_*.yaml (CC is the uniform strategy, 5:3 all run); evaluate
-every model on the offline tasks of megatron_code.evaluation (arithmetic and logic multiple
+and decreasing code from sft/ma_sft_*.yaml (CC at the data's 5:3 text:code, one shuffle, as the
+released code tunes it); evaluate every model on the offline tasks of megatron_code.evaluation (arithmetic and logic multiple
 choice, Python functions by pass@1 and BLEU), the pretrained arms with raw prompts and the tuned
 arms through the chat template of their instruction data; print one comparison table per prompt
 format and write plots. The recipes are examples/recipes/ of the checkout, installed with the
