@@ -133,6 +133,9 @@ def test_a_record_of_the_wrong_set_stops_with_its_file_and_line(released_files, 
     (released_files / "logic_val.csv").write_text(CEVAL_LOGIC.replace(',A,"1.', ',E,"1.'), encoding="utf-8")
     with pytest.raises(TaskError, match=r"logic_val.csv:2: answer 'E' is not one of the option letters A, B, C, D"):
         convert_paper_set("logic", released_files / "logic_val.csv", tmp_path)
+    (released_files / "broken.jsonl").write_text(json.dumps(COSQA[0]) + "\n" + json.dumps(COSQA[1])[:-9] + "\n")
+    with pytest.raises(TaskError, match=r"broken.jsonl:2: not JSON"):
+        convert_paper_set("cosqa", released_files / "broken.jsonl", tmp_path)
     with pytest.raises(TaskError, match="evaluation set .*nope.json does not exist"):
         convert_paper_set("cosqa", released_files / "nope.json", tmp_path)
     assert not list(tmp_path.glob("*.jsonl"))  # nothing half-written

@@ -50,7 +50,12 @@ def _records(path: Path) -> Iterator[tuple[str, dict]]:
     else:
         for line_no, line in enumerate(text.splitlines(), start=1):
             if line.strip():
-                yield f"{path}:{line_no}", json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskError(f"{path}:{line_no}: not JSON ({e.msg}): expected JSONL, a JSON list or object, "
+                                    "or a .csv") from None
+                yield f"{path}:{line_no}", record
 
 
 def _need(record: dict, where: str, *fields: str) -> None:
