@@ -70,6 +70,11 @@ HUMANEVAL = {
     "entry_point": "has_close_elements",
 }
 
+MBPP = {"task_id": 11, "text": "Write a python function to remove first and last occurrence of a given character "
+        "from the string.", "code": "def remove_Occ(s,ch): \r\n    return s.replace(ch, '', 1)[::-1].replace(ch, '', 1)[::-1]",
+        "test_list": ['assert remove_Occ("hello","l") == "heo"', 'assert remove_Occ("abcda","a") == "bcd"'],
+        "test_setup_code": "", "challenge_test_list": []}
+
 
 @pytest.fixture
 def released_files(tmp_path):
@@ -81,6 +86,7 @@ def released_files(tmp_path):
     (folder / "ekar.jsonl").write_text(json.dumps(E_KAR[0], ensure_ascii=False) + "\n")
     (folder / "cosqa-train.json").write_text(json.dumps(COSQA, indent=2))
     (folder / "HumanEval.jsonl").write_text(json.dumps(HUMANEVAL) + "\n")
+    (folder / "mbpp.jsonl").write_text(json.dumps(MBPP) + "\n")
     return folder
 
 
@@ -95,11 +101,12 @@ def test_make_tasks_converts_each_papers_set_as_released(evaluate_tool, released
                                "--scienceqa", str(released_files / "problems.json"),
                                "--e-kar", str(released_files / "ekar.jsonl"),
                                "--cosqa", str(released_files / "cosqa-train.json"),
-                               "--humaneval", str(released_files / "HumanEval.jsonl")]) == 0
+                               "--humaneval", str(released_files / "HumanEval.jsonl"),
+                               "--mbpp", str(released_files / "mbpp.jsonl")]) == 0
     printed = capsys.readouterr().out
     assert f"{out / 'jec_qa.jsonl'}: 1 items; 1 left out (with several correct options)" in printed
     assert f"{out / 'scienceqa.jsonl'}: 2 items; 2 left out (with an image or of another split)" in printed
-    assert f"{out / 'logic.jsonl'}: 2 items\n" in printed
+    assert f"{out / 'logic.jsonl'}: 2 items\n" in printed and f"{out / 'mbpp.jsonl'}: 1 items\n" in printed
 
     assert choices(load_task(out / "logic.jsonl")) == [
         ("0", "所有的鸟都会飞，企鹅是鸟，所以企鹅会飞。以下哪项最能指出上述推理的错误？\n答案：",
@@ -121,6 +128,8 @@ def test_make_tasks_converts_each_papers_set_as_released(evaluate_tool, released
     (item,) = load_task(out / "humaneval.jsonl").items
     assert item.id == "HumanEval/0" and item.prompt == HUMANEVAL["prompt"]
     assert run_python(item.prompt + item.reference, "\n".join(item.tests), LIMITS).passed
+    (mbpp,) = load_task(out / "mbpp.jsonl").items
+    assert run_python(mbpp.prompt + mbpp.reference, "\n".join(mbpp.tests), LIMITS).passed
     wrong = item.prompt + "    return False\n"  # fails the first assert of check(), which the tests must call
     assert not run_python(wrong, "\n".join(item.tests), LIMITS).passed
 
