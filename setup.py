@@ -23,7 +23,8 @@ setup(
     # examples/recipes installs as megatron_code.recipes (package data) for the studies, which
     # must run from an installed package with no checkout around it.
     package_dir={"megatron_code.recipes": "examples/recipes"},
-    package_data={"megatron_code.recipes": ["*.yaml", "sft/*.yaml"]},
+    package_data={"megatron_code.recipes": ["*.yaml", "cohere_2.8b/*.yaml", "extensions/*.yaml", "sft/*.yaml",
+                                            "sft/extensions/*.yaml"]},
     install_requires=[
         "torch>=2.4,<2.14",
         "megatron-core>=0.16,<0.17",

@@ -48,7 +48,7 @@ def overrides_for(args, tokenizer: Path, prefixes: dict[str, str]) -> list[str]:
         f"--train.dtype={args.dtype}",
         f"--train.output_dir={run_dir_for(args.out, args.size)}",
         f"--train.progress={not args.no_progress}",
-        "--optim.lr=2e-3", "--optim.min_lr=2e-4", f"--optim.warmup_steps={max(1, args.steps // 10)}",
+        "--optim.lr=2e-3", "--optim.min_lr=2e-4", f"--optim.warmup_steps={max(1, args.steps // 10) if args.steps > 1 else 0}",
         "--checkpoint.keep_last=1",
     ]
 

@@ -4,9 +4,9 @@
 
 code_stage (Ma et al., ICLR 2024): pretrain NL (text only) and CODE (2:1 text:code) from the
 recipes ma_nl.yaml and ma_code.yaml, and beside them ADAPTIVE (ours: CODE's sources with the
-weights set online from the run's losses by Online Data Mixing, adaptive_code.yaml);
+weights set online from the run's losses by Online Data Mixing, extensions/adaptive_code.yaml);
 instruction-tune NN, NC, CC and CC with stepwise increasing
-and decreasing code from sft/ma_sft_*.yaml (CC is the uniform strategy, 5:3 all run); evaluate
+and decreasing code from sft/ma_sft_*.yaml (CC at the data's 5:3 text:code, one shuffle, as the released code tunes it); evaluate
 every model on the offline tasks of megatron_code.evaluation (arithmetic and logic multiple
 choice, Python functions by pass@1 and BLEU), the pretrained arms with raw prompts and the tuned
 arms through the chat template of their instruction data; print one comparison table per prompt
@@ -45,7 +45,7 @@ from megatron_code.cli import user_errors
 
 RECIPES = "megatron_code.recipes"
 """The package the recipes install as (from examples/recipes)."""
-PRETRAIN_ARMS = {"NL": "ma_nl", "CODE": "ma_code", "ADAPTIVE": "adaptive_code"}
+PRETRAIN_ARMS = {"NL": "ma_nl", "CODE": "ma_code", "ADAPTIVE": "extensions/adaptive_code"}
 TUNE_ARMS = {"NN": ("sft/ma_sft_nn", "NL"), "NC": ("sft/ma_sft_nc", "NL"), "CC": ("sft/ma_sft_cc", "CODE"),
              "CC_stepwise_increase": ("sft/ma_sft_cc_stepwise_increase", "CODE"),
              "CC_stepwise_decrease": ("sft/ma_sft_cc_stepwise_decrease", "CODE")}

@@ -180,7 +180,7 @@ def test_init_from_and_weights_only_checkpoints(train_args, tmp_path):
     checkpoint's weights, a fresh optimizer and a fresh data position."""
     from megatron_code.training.trainer import Trainer
 
-    first = Trainer(load_config(None, train_args(tmp_path / "first", "--train.steps=2")))
+    first = Trainer(load_config(None, train_args(tmp_path / "first", "--train.steps=2", "--optim.warmup_steps=1")))
     saved = first.train().checkpoint
     weights = load_model_state(saved)
     imported = tmp_path / "imported"
@@ -201,7 +201,7 @@ def test_checkpoint_loads_under_another_vocab_padding(train_args, tmp_path):
     the weight and of the Adam moments come back; the extra rows are padding."""
     from megatron_code.training.trainer import Trainer
 
-    saved = Trainer(load_config(None, train_args(tmp_path / "a", "--train.steps=2"))).train()
+    saved = Trainer(load_config(None, train_args(tmp_path / "a", "--train.steps=2", "--optim.warmup_steps=1"))).train()
     resumed = Trainer(load_config(None, train_args(tmp_path / "b", "--train.steps=3",
                                                    "--model.pad_vocab_to_multiple_of=96",
                                                    f"--checkpoint.load={saved.checkpoint}")))
@@ -220,7 +220,7 @@ def test_resume_refuses_another_model(train_args, tmp_path):
     from megatron_code.training.checkpoint import CheckpointError
     from megatron_code.training.trainer import Trainer
 
-    saved = Trainer(load_config(None, train_args(tmp_path / "a", "--train.steps=1"))).train()
+    saved = Trainer(load_config(None, train_args(tmp_path / "a", "--train.steps=1", "--optim.warmup_steps=0"))).train()
     with pytest.raises(CheckpointError, match=r"model.hidden_size: checkpoint 64, this config 96"):
         Trainer(load_config(None, train_args(tmp_path / "b", "--model.hidden_size=96",
                                              f"--checkpoint.load={saved.checkpoint}")))
@@ -235,7 +235,8 @@ def saved(train_args, tmp_path_factory):
     from megatron_code.training.trainer import Trainer
 
     run = tmp_path_factory.mktemp("saved") / "run"
-    return Trainer(load_config(None, train_args(run, "--train.steps=2", "--train.eval_interval=0"))).train().checkpoint
+    return Trainer(load_config(None, train_args(run, "--train.steps=2", "--optim.warmup_steps=1",
+                                                "--train.eval_interval=0"))).train().checkpoint
 
 
 def test_a_start_that_does_not_fit_the_checkpoint_stops_before_any_work(saved, train_args, tiny_corpus, tmp_path,
@@ -315,5 +316,6 @@ def test_the_checkpoint_is_saved_before_evaluation(train_args, tmp_path, monkeyp
         raise RuntimeError("evaluation failed")
     monkeypatch.setattr(Trainer, "evaluate_tasks", failing)
     with pytest.raises(RuntimeError, match="evaluation failed"):
-        Trainer(load_config(None, train_args(tmp_path / "run", "--train.steps=2", "--train.eval_interval=2"))).train()
+        Trainer(load_config(None, train_args(tmp_path / "run", "--train.steps=2", "--optim.warmup_steps=1",
+                                             "--train.eval_interval=2"))).train()
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_0000002"

@@ -10,7 +10,8 @@ def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  preset: tiny\n  hidden_size: 96\ntrain:\n  steps: 5\n"
                     "data:\n  tokenizer: t.model\n  sources:\n    - {name: code, prefix: /p/code, weight: 0.25}\n")
-    config = load_config(path, ["--train.steps=7", "--optim.lr=1e-3", "--model.tie_embeddings=false"])
+    config = load_config(path, ["--train.steps=7", "--optim.warmup_steps=1", "--optim.lr=1e-3",
+                                "--model.tie_embeddings=false"])
     assert config.train.steps == 7 and config.optim.lr == 1e-3
     assert config.model.hidden_size == 96  # explicit field beats the preset
     assert config.model.num_layers == PRESETS["tiny"]["num_layers"]
@@ -101,8 +102,9 @@ def test_presets_are_valid_and_sized():
     # Parameter counts of the named sizes, from the config alone (meta device: no memory).
     with torch.device("meta"):
         counts = {n: GPT(ModelConfig(**PRESETS[n], vocab_size=32000)).num_parameters() / 1e9
-                  for n in ("125m", "1.3b", "2.6b-pangu", "7b")}
+                  for n in ("125m", "1.3b", "2.6b-pangu", "2.8b", "7b", "13b-pangu")}
     assert 0.10 < counts["125m"] < 0.16
     assert 1.2 < counts["1.3b"] < 1.5
     assert 2.5 < counts["2.6b-pangu"] < 2.8
     assert 6.5 < counts["7b"] < 7.0
+    assert 2.6 < counts["2.8b"] < 2.9 and 12.5 < counts["13b-pangu"] < 13.3

@@ -285,7 +285,8 @@ def test_export_of_a_tensor_parallel_checkpoint(convert_tool, tiny_corpus, train
     from distributed_utils import run_distributed
 
     tokens = text_tokens(load_tokenizer(tiny_corpus.tokenizer), n=48)
-    args = train_args(tmp_path / "tp2", "--parallel.tensor=2", "--train.steps=2", "--train.global_batch_size=2",
+    args = train_args(tmp_path / "tp2", "--parallel.tensor=2", "--train.steps=2", "--optim.warmup_steps=1",
+                      "--train.global_batch_size=2",
                       "--train.eval_interval=0", "--model.vocab_size=1100")
     (checkpoint, sums), _ = run_distributed(_train_and_score, world_size=2, timeout_s=600, args=(args, tokens))
     assert json.loads((Path(checkpoint) / "trainer_state.json").read_text())["layout"] == "tp2-pp1-dp1"

@@ -24,7 +24,7 @@ def pipeline_config(tiny_corpus, prefixes, tmp_path, *extra, weights=(2, 1)):
     sources = ", ".join(source_yaml(n, p, w) for (n, p), w in zip(prefixes.items(), weights))
     return load_config(None, [f"--data.sources=[{sources}]", f"--data.tokenizer={tiny_corpus.tokenizer}",
                               "--data.seq_length=32", "--data.split=80,20,0", "--train.micro_batch_size=4",
-                              "--train.global_batch_size=8", "--train.steps=40", "--train.eval_batches=2",
+                              "--train.global_batch_size=8", "--train.steps=40", "--optim.warmup_steps=4", "--train.eval_batches=2",
                               f"--train.output_dir={tmp_path}", *extra])
 
 
@@ -421,7 +421,8 @@ def _draw_on_rank(rank, world_size, tokenizer, prefixes, out_dir, schedule_file)
     sources = ", ".join(f"{{name: {n}, prefix: '{p}'}}" for n, p in prefixes.items())
     config = load_config(None, [f"--data.sources=[{sources}]", f"--data.tokenizer={tokenizer}", "--data.seq_length=32",
                                 "--data.split=80,20,0", "--train.micro_batch_size=2", "--train.global_batch_size=8",
-                                "--train.steps=40", f"--train.output_dir={out_dir}", f"--data.schedule_file={mine}"])
+                                "--train.steps=40", "--optim.warmup_steps=4", f"--train.output_dir={out_dir}",
+                                f"--data.schedule_file={mine}"])
     pipeline = DataPipeline(config, load_tokenizer(tokenizer), dp_rank=rank, dp_size=world_size, log=lambda _: None)
     head = draw(pipeline, 6)
     if rank == 0:

@@ -1,11 +1,15 @@
-"""LR schedules against their closed forms, and which parameters get weight decay."""
+"""LR plans against their closed forms (float64, written out per step), the start-up checks of a
+plan the run cannot complete, and which parameters get weight decay."""
 import math
 
 import pytest
 
-from megatron_code.config import OptimConfig, PRESETS, ModelConfig
+from megatron_code.config import PRESETS, ConfigError, LRPhaseConfig, ModelConfig, OptimConfig, load_config
 from megatron_code.model import GPT
-from megatron_code.training.optim import build_optimizer, lr_at, lr_plan_notes
+from megatron_code.training.lr_schedule import check_lr_plan, lr_at, lr_plan, lr_plan_notes
+from megatron_code.training.optim import build_optimizer
+
+BASE = ["--data.sources=[{name: text, prefix: /x/text}]", "--data.tokenizer=/x/spm.model"]
 
 
 def test_cosine():
@@ -55,13 +59,80 @@ def test_lr_plan_notes_say_what_a_resume_changes():
     assert "(optim.lr 1.0 -> 0.5): step 50 ran at LR 1, the new plan gives 0.5 at step 51" in note
 
 
-def test_a_warmup_the_run_never_finishes_is_noted():
-    # the README's 125M recipe shrunk to 30 steps, before its command set a shorter warmup
-    (note,) = lr_plan_notes(OptimConfig(lr=6e-4, min_lr=6e-5, warmup_steps=500), 30, 0, None)
-    assert note == ("note: optim.warmup_steps=500 is not shorter than the run's 30 steps: the LR only climbs, to "
-                    f"{6e-4 * 30 / 500:.3g} of optim.lr=0.0006, and the cosine schedule never starts; shorten the "
-                    "warmup")
-    assert lr_plan_notes(OptimConfig(lr=6e-4, min_lr=6e-5, warmup_steps=3), 30, 0, None) == []
+def test_phases_compose_a_cosine_then_a_linear_anneal():
+    """[{until: 0.9, kind: cosine}, {kind: linear, to: 1e-6}] over 200 steps after a 20-step
+    warmup: cosine from lr to min_lr over steps 20..179, then linear from min_lr to 1e-6."""
+    config = load_config(None, BASE + ["--train.steps=200", "--optim.lr=3e-4", "--optim.min_lr=3e-5",
+                                       "--optim.warmup_steps=20",
+                                       "--optim.schedule=[{until: 0.9, kind: cosine}, {kind: linear, to: 1.0e-6}]"])
+    assert config.optim.schedule == [LRPhaseConfig("cosine", 0.9), LRPhaseConfig("linear", None, 1e-6)]
+    plan = lr_plan(config.optim, 200)
+    for step in range(200):
+        if step < 20:
+            expected = 3e-4 * (step + 1) / 20
+        elif step < 180:
+            expected = 3e-5 + 0.5 * (3e-4 - 3e-5) * (1 + math.cos(math.pi * (step - 19) / 160))
+        else:
+            expected = 3e-5 + (1e-6 - 3e-5) * (step - 179) / 20
+        assert plan.lr(step) == pytest.approx(expected, rel=1e-12), step
+    assert plan.lr(500) == pytest.approx(1e-6)  # past the plan: its last value
+    # the start-up line: the first step and the end of every segment, as steps of the whole training
+    assert plan.describe(first_step=1000) == (
+        "learning rate over steps 1000..1199: 1.5e-05 at step 1000, 0.0003 at step 1019 (end of warmup), "
+        "3e-05 at step 1179 (end of cosine), 1e-06 at step 1199 (end of linear)")
+    # a constant phase holds the LR it starts with; `to` moves a phase elsewhere than min_lr
+    held = OptimConfig(lr=1.0, min_lr=0.5, warmup_steps=0,
+                       schedule=[LRPhaseConfig("constant", 10), LRPhaseConfig("cosine", 20, 0.2),
+                                 LRPhaseConfig("constant", 30), LRPhaseConfig("linear")])
+    assert [lr_at(s, 40, held) for s in (0, 9, 19, 29, 39)] == pytest.approx([1.0, 1.0, 0.2, 0.2, 0.5])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--train.steps=1562", "--optim.warmup_steps=2000"],
+     "optim.warmup_steps=2000 is longer than the run's 1,562 steps (train.steps): the LR never reaches optim.lr=0.0003 "
+     "and never decays"),
+    (["--train.steps=50", "--optim.warmup_steps=50"],
+     "the cosine decay of optim.schedule=cosine gets no step of the run's 50 steps (train.steps) after "
+     "optim.warmup_steps=50: the LR never decays from 0.0003 to 3e-05"),
+    (["--train.steps=100", "--optim.warmup_steps=95", "--optim.schedule=wsd"],
+     "the linear decay of optim.schedule=wsd starts at step 80, inside optim.warmup_steps=95: the LR jumps from the "
+     "warmup into the middle of the decay"),
+    (["--train.steps=100", "--optim.warmup_steps=10", "--optim.schedule=[{until: 5, kind: cosine}, {kind: constant}]"],
+     "the cosine decay of optim.schedule[0] gets no step of the run's 100 steps (train.steps) after "
+     "optim.warmup_steps=10"),
+])
+def test_a_plan_the_run_cannot_complete_stops_with_one_line(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, BASE + overrides)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert str(error.value).startswith("override --")  # where the value came from
+    # explicitly allowed: the same sentences come back as warnings, and the run may start
+    config = load_config(None, BASE + overrides + ["--optim.allow_incomplete_schedule=true"])
+    assert any(message in warning for warning in check_lr_plan(config.optim, config.train.steps))
+
+
+def test_a_plan_the_run_completes_has_no_warning():
+    for steps, warmup in ((51, 50), (1, 0), (2, 1)):
+        config = load_config(None, BASE + [f"--train.steps={steps}", f"--optim.warmup_steps={warmup}"])
+        assert check_lr_plan(config.optim, steps) == []
+    constant = load_config(None, BASE + ["--train.steps=5", "--optim.warmup_steps=5", "--optim.schedule=constant"])
+    assert check_lr_plan(constant.optim, 5) == []  # reaches the peak on its last step, and nothing was to decay
+
+
+@pytest.mark.parametrize("schedule, message", [
+    ("[]", "optim.schedule is an empty list"),
+    ("[{until: 0.5, kind: cosine}]", "optim.schedule[0].until: the last phase runs to the end of the run"),
+    ("[{kind: cosine}, {kind: linear}]", "optim.schedule[0].until: empty, but only the last phase"),
+    ("[{until: 0.5, kind: step}, {kind: linear}]", "optim.schedule[0].kind='step' is not one of cosine, linear"),
+    ("[{until: 0.5, kind: constant, to: 1.0e-4}, {kind: linear}]", "optim.schedule[0].to=0.0001: a constant phase"),
+    ("[{until: 60, kind: cosine}, {until: 0.5, kind: linear}, {kind: constant}]",
+     "optim.schedule[1].until is step 50, not after optim.schedule[0].until (step 60) of the run's 100 steps"),
+    ("[{until: 0.9, kind: cosine, too: 1}, {kind: linear}]", "unknown field config.optim.schedule[0].too"),
+])
+def test_bad_phases_are_named(schedule, message):
+    with pytest.raises(ConfigError, match=None) as error:
+        load_config(None, BASE + ["--train.steps=100", "--optim.warmup_steps=0", f"--optim.schedule={schedule}"])
+    assert message in str(error.value)
 
 
 def test_no_weight_decay_on_norms():

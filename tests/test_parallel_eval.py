@@ -47,7 +47,8 @@ def task(eval_task_dir, tmp_path_factory) -> Path:
 
 def test_eval_tasks_under_pipeline_and_sequence_parallel_match_one_process(train_args, task, tmp_path):
     def args(name, *extra):
-        return train_args(tmp_path / name, "--train.steps=1", "--train.eval_interval=1", f"--train.eval_tasks=[{task}]",
+        return train_args(tmp_path / name, "--train.steps=1", "--optim.warmup_steps=0", "--train.eval_interval=1",
+                          f"--train.eval_tasks=[{task}]",
                           *extra)
     reference = train_and_score(args("reference"))
     assert set(reference["tasks"]) == {f"task/arithmetic_12/{m}" for m in ("acc", "acc_norm", "acc_ppl")}

@@ -387,8 +387,9 @@ def test_hf_tokenizer_without_pad_token_preprocesses_and_trains(zoo, tiny_corpus
     config = load_config(None, [
         "--model.preset=tiny", f"--data.sources=[{{name: text, prefix: '{prefix}', weight: 1}}]",
         f"--data.tokenizer={zoo.hf_gpt2}", "--data.seq_length=64", "--data.split=90,10,0",
-        "--train.micro_batch_size=2", "--train.global_batch_size=4", "--train.steps=2", "--train.eval_interval=0",
-        "--train.progress=false", f"--train.output_dir={tmp_path / 'run'}", "--checkpoint.interval=0"])
+        "--train.micro_batch_size=2", "--train.global_batch_size=4", "--train.steps=2", "--optim.warmup_steps=1",
+        "--train.eval_interval=0", "--train.progress=false", f"--train.output_dir={tmp_path / 'run'}",
+        "--checkpoint.interval=0"])
     result = Trainer(config).train()
     assert len(result.losses) == 2 and all(np.isfinite(result.losses))
 

@@ -237,7 +237,8 @@ def pretrained(tiny_corpus, tiny_indexed, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pretrained")
     sources = ", ".join(f"{{name: {n}, prefix: '{p}'}}" for n, p in tiny_indexed.items())
     Trainer(load_config(None, ["--model.preset=tiny", f"--data.sources=[{sources}]", "--data.seq_length=64",
-                               f"--data.tokenizer={tiny_corpus.tokenizer}", "--train.steps=2", "--train.progress=false",
+                               f"--data.tokenizer={tiny_corpus.tokenizer}", "--train.steps=2", "--optim.warmup_steps=1",
+                               "--train.progress=false",
                                "--train.global_batch_size=2", "--train.micro_batch_size=2", "--train.eval_interval=0",
                                f"--train.output_dir={out}"])).train()
     return out
@@ -509,3 +510,21 @@ def test_the_evaluators_prompt_a_tuned_model_through_its_chat_template(tuned_on_
                           template="text", progress=False)["prefix"]
     with pytest.raises(DataError, match="tuned on data made with different chat templates .*: role_tokens, .*: text"):
         chat_template_for(replace(model, tuned_on=(tuned_on_sums.prefix, text)), "auto")
+
+
+def test_an_sft_recipe_whose_warmup_exceeds_the_epoch_stops_when_the_data_sets_the_steps(
+        tiny_corpus, two_sources, pretrained, tmp_path):
+    """Ma et al.'s CC recipe keeps the released code's 2000-step warmup; on 180 examples one
+    epoch is 23 steps, known only once the data is read: the run stops there, with one line."""
+    from megatron_code.config import ConfigError
+    from megatron_code.training.trainer import Trainer
+
+    recipe = Path(__file__).parent.parent / "examples" / "recipes" / "sft" / "ma_sft_cc.yaml"
+    overrides = [a for a in sft_overrides(tiny_corpus, two_sources, tmp_path / "run", pretrained)
+                 if not a.startswith("--optim.warmup_steps")]
+    config = load_config(recipe, overrides)
+    assert (config.optim.warmup_steps, config.train.epochs, config.data.pack) == (2000, 1, False)
+    with pytest.raises(ConfigError) as stop:
+        Trainer(config)
+    assert str(stop.value).startswith("optim.warmup_steps=2000 is longer than the run's 23 steps (train.steps)")
+    assert "\n" not in str(stop.value) and not (tmp_path / "run" / "checkpoints").exists()

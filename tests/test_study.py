@@ -17,29 +17,37 @@ from megatron_code.config import load_config
 from megatron_code.data.schedule import configured_schedule
 
 SFT_RECIPES = sorted((Path(__file__).parent.parent / "examples" / "recipes" / "sft").glob("*.yaml"))
-CODE_SHARE = {  # per phase of four
-    "ma_sft_nn": [0.0], "ma_sft_nc": [3 / 8] * 4, "ma_sft_cc": [3 / 8] * 4,
+CODE_SHARE = {  # Ma et al.'s code share of the examples, per phase (of four, for the dynamic strategies)
+    "ma_sft_nn": [0.0], "ma_sft_nc": [3 / 8], "ma_sft_cc": [3 / 8], "ma_sft_cc_uniform": [3 / 8] * 4,
     "ma_sft_cc_stepwise_increase": [0.3, 0.3, 0.4, 0.5], "ma_sft_cc_stepwise_decrease": [0.5, 0.4, 0.3, 0.3],
-    "zhang_sft_code_0": [0.0], "zhang_sft_code_25": [0.25], "zhang_sft_code_50": [0.5], "zhang_sft_code_100": [1.0],
+    "ma_sft_nn_13b": [0.0], "ma_sft_nc_13b": [3 / 8],
 }
+ZHANG_SHARES = (0, 50, 100)  # Zhang et al.'s three sets, each one source built by megatron_code.data.ift_mixtures
 
 
 def test_one_recipe_per_instruction_tuning_arm():
-    assert {p.stem for p in SFT_RECIPES} == set(CODE_SHARE)
+    assert {p.stem for p in SFT_RECIPES} == {*CODE_SHARE, *(f"zhang_sft_code_{s}" for s in ZHANG_SHARES)}
 
 
 @pytest.mark.parametrize("recipe", SFT_RECIPES, ids=lambda p: p.stem)
 def test_sft_recipe_at_paper_scale_and_tiny(recipe):
     config = load_config(recipe)
-    phases, _ = configured_schedule(config.data, 1000)
-    assert [p.weights.get("code", 0.0) for p in phases] == pytest.approx(CODE_SHARE[recipe.stem])
     assert config.train.stage == "sft" and config.checkpoint.init_from and config.train.epochs >= 1
-    if recipe.stem.startswith("ma_"):  # Ma et al.: PanGu 2.6B, cosine 2e-5 -> 1e-6, one epoch of 32 x 1024
-        assert (config.model.hidden_size, config.optim.lr, config.optim.min_lr) == (2560, 2e-5, 1e-6)
+    assert not config.data.pack  # one example per padded sequence, as the authors tuned
+    if recipe.stem.startswith("ma_"):  # Ma et al.: PanGu 2.6B or 13B, cosine 2e-5 -> 1e-6, one epoch of 32 x 1024
+        phases, _ = configured_schedule(config.data, 1000)
+        assert [p.weights.get("code", 0.0) for p in phases] == pytest.approx(CODE_SHARE[recipe.stem])
+        big = "13b" in recipe.stem
+        assert (config.model.hidden_size, config.optim.lr, config.optim.min_lr) == (5120 if big else 2560, 2e-5, 1e-6)
         assert (config.train.epochs, config.train.global_batch_size, config.data.seq_length) == (1, 32, 1024)
-        assert config.checkpoint.init_from.endswith("ma_code" if "_cc" in recipe.stem else "ma_nl")
+        start = ("ma_code" if "_cc" in recipe.stem else "ma_nl") + ("_13b" if big else "")
+        assert config.checkpoint.init_from.endswith(start)
+    else:  # Zhang et al.: one set per arm, its share counted in conversations
+        (source,) = config.data.sources
+        assert source.prefix.endswith(f"code_{recipe.stem.rsplit('_', 1)[1]}")
     tiny = load_config(recipe, ["--model.preset=tiny", "--data.seq_length=64", "--train.epochs=0",
-                                "--train.steps=40", "--train.global_batch_size=8", "--train.micro_batch_size=8"])
+                                "--train.steps=40", "--train.global_batch_size=8", "--train.micro_batch_size=8",
+                                "--optim.warmup_steps=4"])
     assert tiny.model.hidden_size == 64 and tiny.train.steps == 40
 
 

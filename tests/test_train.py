@@ -117,7 +117,7 @@ def test_longer_runs_say_the_lr_is_replanned_and_wsd_extends_cleanly(tiny_corpus
     step ran at and the LR the new plan gives the next. wsd resumed from a checkpoint before its
     decay continues exactly as a run planned that long (what the note offers)."""
     from megatron_code.config import OptimConfig
-    from megatron_code.training.optim import lr_at
+    from megatron_code.training.lr_schedule import lr_at
 
     wsd = ["--optim.schedule=wsd", "--optim.decay_fraction=0.25", "--train.eval_interval=0"]
     run(overrides(tiny_corpus, datasets, tmp_path / "short", "--train.steps=8", "--checkpoint.interval=6", *wsd))
@@ -158,14 +158,14 @@ def test_readme_training_commands_finish_their_warmup(monkeypatch):
     """Every training command the README shows leaves warmup before its last step: the 125M
     recipe shrunk to 30 steps used to keep its 500 warmup steps and never learn."""
     from megatron_code.train import parse_args
-    from megatron_code.training.optim import lr_plan_notes
+    from megatron_code.training.lr_schedule import check_lr_plan
 
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
     commands = _readme_training_commands()
     assert len(commands) >= 5 and any("--train.steps=30" in c for c in commands)
     for argv in commands:
         config = load_config(*parse_args(argv))
-        assert lr_plan_notes(config.optim, config.train.steps, 0, None) == [], argv
+        assert check_lr_plan(config.optim, config.train.steps) == [], argv
 
 
 def test_checkpoints_keep_last_and_atomic(tiny_corpus, datasets, tmp_path):

@@ -1,7 +1,7 @@
 """Evaluate models on reasoning and code tasks, and compare experiment arms.
 
     python tools/evaluate.py --list                          # tasks, and which need a download
-    python tools/evaluate.py make-tasks --out runs/eval_tasks [--scale 5] [--mbpp mbpp.jsonl]
+    python tools/evaluate.py make-tasks --out runs/eval_tasks [--scale 5] [--mbpp mbpp.jsonl] [--humaneval ...]
     python tools/evaluate.py run --model runs/code_arm       # a run/step dir of ours or an HF folder
     python tools/evaluate.py run --model runs/hf/code_arm --lm-eval local sciq
     python tools/evaluate.py compare runs/text_arm runs/code_arm
@@ -28,6 +28,15 @@ from pathlib import Path
 from megatron_code.cli import add_debug_flag, user_error, user_errors
 
 DEFAULT_TASK_DIR = Path("runs/eval_tasks")
+PAPER_SETS = {  # megatron_code/evaluation/paper_sets.py: each file in the format its authors released
+    "mbpp": "a local MBPP JSONL (text, code, test_list) to mbpp.jsonl",
+    "humaneval": "HumanEval's JSONL (prompt, canonical_solution, test, entry_point)",
+    "logic": "C-Eval's logic CSV (id, question, A-D, answer; Ma et al.'s logic task)",
+    "jec_qa": "a JEC-QA JSONL (statement, option_list, answer)",
+    "scienceqa": "ScienceQA's problems.json (its text-only test questions)",
+    "e_kar": "an E-KAR JSON/JSONL (question, choices, answerKey)",
+    "cosqa": "a CosQA JSON list (doc, code, label) as yes/no questions",
+}
 
 
 def _list() -> None:
@@ -48,12 +57,15 @@ def _list() -> None:
 
 
 def _make_tasks(args) -> None:
-    from megatron_code.evaluation.tasks import convert_mbpp, write_builtin_tasks
+    from megatron_code.evaluation.paper_sets import SKIPPED, convert_paper_set
+    from megatron_code.evaluation.tasks import write_builtin_tasks
 
     for path in write_builtin_tasks(args.out, args.scale):
         print(path)
-    if args.mbpp:
-        print(convert_mbpp(args.mbpp, Path(args.out) / "mbpp.jsonl"))
+    for name in PAPER_SETS:
+        if getattr(args, name):
+            path, kept, left_out = convert_paper_set(name, getattr(args, name), args.out)
+            print(f"{path}: {kept} items" + (f"; {left_out} left out ({SKIPPED[name]})" if left_out else ""))
 
 
 def _default_out(model) -> Path:
@@ -101,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     make = commands.add_parser("make-tasks", help="write the built-in task files")
     make.add_argument("--out", type=Path, default=DEFAULT_TASK_DIR)
     make.add_argument("--scale", type=int, default=1, help="multiply the default sizes")
-    make.add_argument("--mbpp", help="also convert a local MBPP JSONL (text, code, test_list) to mbpp.jsonl")
+    for name, help_text in PAPER_SETS.items():
+        make.add_argument(f"--{name.replace('_', '-')}", metavar="FILE", help=f"also convert {help_text}")
     run = commands.add_parser("run", help="score one model")
     run.add_argument("--model", required=True, help="run/checkpoints/step directory of ours, or a transformers folder")
     run.add_argument("--tasks", nargs="+", help="JSONL task files (default: the built-in ones)")

@@ -9,11 +9,11 @@ from .checkpoint import CheckpointConfig
 from .data import AdaptiveConfig, DataConfig, PhaseConfig, SourceConfig, SourceFileConfig
 from .loader import config_from_dict, load_config, parse_override
 from .model import PRESETS, ModelConfig
-from .optim import OptimConfig
+from .optim import LRPhaseConfig, OptimConfig
 from .parallel import PIPELINE_SCHEDULES, ParallelConfig
 from .train import TrainConfig
 from .tree import Config
 
 __all__ = ["PIPELINE_SCHEDULES", "PRESETS", "AdaptiveConfig", "CheckpointConfig", "Config", "ConfigError",
-           "DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "PhaseConfig", "SourceConfig",
-           "SourceFileConfig", "TrainConfig", "config_from_dict", "load_config", "parse_override"]
+           "DataConfig", "LRPhaseConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "PhaseConfig",
+           "SourceConfig", "SourceFileConfig", "TrainConfig", "config_from_dict", "load_config", "parse_override"]

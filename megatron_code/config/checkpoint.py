@@ -15,7 +15,7 @@ class CheckpointConfig:
     damaged one, or anything older than a damaged one."""
     load: str = ""
     """Resume from this checkpoint directory (a run dir's `checkpoints/` or one `step_N` in it);
-    overrides `init_from`. A weights-only checkpoint (e.g. imported from Hugging Face) starts as
+    overrides `init_from` and `continue_from`. A weights-only checkpoint (e.g. imported from Hugging Face) starts as
     `init_from` does. Without it, a train.output_dir that holds checkpoints resumes from its
     newest intact checkpoint; pointing it at another run while train.output_dir holds checkpoints
     is refused."""
@@ -23,6 +23,14 @@ class CheckpointConfig:
     """Start from this checkpoint's model weights only: fresh optimizer, LR schedule and data
     position, step 0 -- on the run's first start; a relaunch resumes train.output_dir's newest
     intact checkpoint instead. Any parallel layout can read a checkpoint saved under any other."""
+    continue_from: str = ""
+    """Continue training from this checkpoint with a new LR plan: its model weights and optimizer
+    state (AdamW moments and step counts), the step counter from its step, then train.steps more
+    steps under this config's optim.* plan (counted from the continued run's first step), with
+    this config's data from their start and this config's optimizer hyperparameters. Megatron-LM's
+    --load with --override-opt_param-scheduler; the cooldowns and continued runs of Aryabumi et
+    al. On the run's first start only: a relaunch resumes train.output_dir's newest intact
+    checkpoint."""
     save: bool = True
     allow_fresh_start: bool = False
     """Start again from step 0 (or `init_from`) when train.output_dir holds step_N folders of which
@@ -32,3 +40,6 @@ class CheckpointConfig:
     def validate(self) -> None:
         if self.interval < 0 or self.keep_last < 1:
             raise ConfigError("checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
+        if self.init_from and self.continue_from:
+            raise ConfigError(f"checkpoint.init_from={self.init_from} and checkpoint.continue_from={self.continue_from}: "
+                              "give one (init_from: weights only; continue_from: weights and optimizer state)")

@@ -117,5 +117,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "2.6b-pangu": dict(hidden_size=2560, num_layers=32, num_heads=32, num_kv_heads=32,
                        ffn_hidden_size=10240, max_seq_len=1024, norm="layernorm",
                        activation="gelu", position_embedding="learned"),
+    # PanGu-alpha 13B, Ma et al.'s instruction-tuning arms at 13B.
+    "13b-pangu": dict(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40, ffn_hidden_size=20480,
+                      max_seq_len=1024, norm="layernorm", activation="gelu", position_embedding="learned"),
     "7b": _llama(4096, 32, 32, 32, 11008, 4096),
 }

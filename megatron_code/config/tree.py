@@ -30,7 +30,8 @@ class Config:
         if self.data.seq_length > self.model.max_seq_len:
             raise ConfigError(f"data.seq_length={self.data.seq_length} exceeds "
                               f"model.max_seq_len={self.model.max_seq_len}")
-        if self.train.stage == "sft" and not (self.checkpoint.init_from or self.checkpoint.load):
+        if self.train.stage == "sft" and not (self.checkpoint.init_from or self.checkpoint.continue_from
+                                              or self.checkpoint.load):
             raise ConfigError("train.stage=sft tunes a trained model: set checkpoint.init_from to its checkpoint "
                               "(or checkpoint.load to resume a tuning run)")
         if self.data.mix_by == "examples" and self.train.stage != "sft":
@@ -40,6 +41,9 @@ class Config:
             configured_schedule(self.data, self.train.steps, check_end=not self.train.epochs)
         except ScheduleError as e:
             raise ConfigError(str(e)) from None
+        if not self.train.epochs:  # else the data sets the steps, and the Trainer checks the plan then
+            from megatron_code.training.lr_schedule import check_lr_plan
+            check_lr_plan(self.optim, self.train.steps)
         self._validate_layout()
         if world_size is not None:
             self._validate_world(world_size)

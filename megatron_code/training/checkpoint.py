@@ -84,19 +84,23 @@ class Stateful(Protocol):
 
 
 class TrainState:
-    """The step counter, and the trainer's step guard (training/guard.py: skipped steps, the
-    loss-spike window) when given; plain data. A checkpoint saved before the guard existed
-    resumes with a fresh one."""
+    """The step counter, the step the run started at (not 0 for a run continued from another's
+    checkpoint: checkpoint.continue_from), and the trainer's step guard (training/guard.py:
+    skipped steps, the loss-spike window) when given; plain data. A checkpoint saved before the
+    guard existed resumes with a fresh one."""
 
     def __init__(self, guard: Stateful | None = None) -> None:
         self.step = 0
+        self.first_step = 0
         self.guard = guard
 
     def state_dict(self) -> dict:
-        return {"step": self.step, **({"guard": self.guard.state_dict()} if self.guard is not None else {})}
+        return {"step": self.step, "first_step": self.first_step,
+                **({"guard": self.guard.state_dict()} if self.guard is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.first_step = int(state.get("first_step", 0))
         if self.guard is not None and "guard" in state:
             self.guard.load_state_dict(state["guard"])
 
@@ -281,6 +285,8 @@ class Start:
     """Its trainer_state.json."""
     damaged: list[str] = field(default_factory=list)
     """The run's own step folders that failed verification: pruning keeps them and everything older."""
+    continued: bool = False
+    """A run's first start from checkpoint.continue_from: weights and optimizer state, new LR plan."""
 
 
 def starting_point(config: CheckpointConfig, run_dir: Path, fits: Fits | None = None,
@@ -313,9 +319,11 @@ def starting_point(config: CheckpointConfig, run_dir: Path, fits: Fits | None = 
                                     "from step 0 (they are kept)")
         log(f"warning: starting again from step 0, as checkpoint.allow_fresh_start=true, although {own_dir} holds "
             f"checkpoints, none intact (kept): " + "; ".join(f"{d.name}: {why}" for d, why in found.damaged))
-    if config.init_from:
-        found = _open(Path(config.init_from), "checkpoint.init_from", True, distributed, True, fits, log)
-        return Start(found.path, True, found.saved, damaged)
+    seed_field = "continue_from" if config.continue_from else "init_from"  # the config allows one of them
+    seed = getattr(config, seed_field)
+    if seed:  # a run's first start; continue_from also takes the optimizer state (Trainer)
+        found = _open(Path(seed), f"checkpoint.{seed_field}", True, distributed, True, fits, log)
+        return Start(found.path, True, found.saved, damaged, continued=seed_field == "continue_from")
     return Start(damaged=damaged)
 
 
@@ -560,15 +568,17 @@ class Checkpointer:
             if old not in keep and _step(old) > newest_damaged:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, step_dir: Path, weights_only: bool = False, saved: dict | None = None) -> bool:
+    def load(self, step_dir: Path, weights_only: bool = False, saved: dict | None = None,
+             continue_run: bool = False) -> bool:
         """Load a checkpoint (a step directory `starting_point` chose and verified) into the
         components in place. With `weights_only` (or a weights-only checkpoint) only the model's
-        weights; returns whether everything was resumed."""
+        weights; with `continue_run` the sharded states (model and optimizer) but no plain state
+        nor RNG. Returns whether everything was resumed."""
         step_dir = Path(step_dir)
         saved = saved if saved is not None else _read_json(step_dir / "trainer_state.json")
         weights_only = weights_only or saved.get("weights_only", False)
         names = ["model"] if weights_only else list(self.sharded)
-        if not weights_only:  # plain states first: the data pipeline checks that its order can continue
+        if not (weights_only or continue_run):  # plain states first: the data pipeline checks that its order can continue
             missing = [name for name in self.plain if name not in saved]
             if missing:
                 raise CheckpointError(f"{step_dir} has no {missing} state: an older format; start from its weights "
@@ -591,7 +601,7 @@ class Checkpointer:
                 state[outer][inner] = loaded[key]
         for name in names:
             self.sharded[name].load_state_dict(state[name])
-        if weights_only:
+        if weights_only or continue_run:
             return False
         self._restore_rng(step_dir, saved.get("layout", ""))
         self.resumed_from = step_dir

@@ -21,13 +21,14 @@ from megatron_code.evaluation.tasks import load_eval_tasks
 from megatron_code.parallel.distributed import (Runtime, build_runtime, init_distributed, launched_world_size,
                                                  pick_device)
 from megatron_code.parallel.model import ParallelModel, build_model
-from megatron_code.training.checkpoint import (Checkpointer, TrainState, check_checkpoint_matches, starting_point,
-                                               tokenizer_record)
+from megatron_code.training.checkpoint import (Checkpointer, CheckpointError, TrainState, check_checkpoint_matches,
+                                               starting_point, tokenizer_record)
 from megatron_code.training.guard import NonFiniteError, StepGuard, StopRequests, Verdict, read_step
 from megatron_code.training.integrity import write_durably
 from megatron_code.training.loss import LossTotals
 from megatron_code.training.metrics import MetricsLogger, flops_per_token, hardware_flops_per_token, peak_flops
-from megatron_code.training.optim import Optimizers, lr_at, lr_plan_notes
+from megatron_code.training.lr_schedule import check_lr_plan, lr_plan, lr_plan_notes
+from megatron_code.training.optim import Optimizers
 from megatron_code.training.precision import pick_precision
 
 
@@ -68,13 +69,18 @@ class Trainer:
         say = print if init_distributed(config.train.device).is_main else (lambda message: None)
         start = starting_point(ckpt, self.run_dir, self._check_fit, say)
         start_from, weights_only = start.path, start.weights_only
+        continuing = start.continued
+        if continuing and start.saved.get("weights_only", False):
+            raise CheckpointError(f"checkpoint.continue_from={ckpt.continue_from}: {start_from} holds model weights "
+                                  "only (no optimizer state to continue): start from it with checkpoint.init_from")
         self.eval_tasks = load_eval_tasks(config.train.eval_tasks)
 
         self.runtime = build_runtime(config.train.device, config.parallel.tensor, config.parallel.pipeline)
         main = self.runtime.is_main
         if main and start_from is not None and not ckpt.load and not weights_only:
             print(f"resuming from {start_from}, the newest intact checkpoint in train.output_dir"
-                  + (f" (checkpoint.init_from={ckpt.init_from} only seeds a run's first start)" if ckpt.init_from else ""))
+                  + "".join(f" (checkpoint.{name}={value} only seeds a run's first start)" for name, value in
+                            (("init_from", ckpt.init_from), ("continue_from", ckpt.continue_from)) if value))
         if main:
             print(f"precision: {self.precision.reason}")
         self._set_vocab_size(main)
@@ -83,6 +89,8 @@ class Trainer:
         np.random.seed(config.train.seed)
         self.data = build_data(config, self.tokenizer, self.runtime)
         config.train.steps = self.data.total_steps  # set by the data when train.epochs is
+        lr_warnings = check_lr_plan(config.optim, config.train.steps)  # the steps are known now
+        self.lr_plan = lr_plan(config.optim, config.train.steps)
         empty_valid = [s.name for s in self.data.sources if s.valid is None]
         if empty_valid and main and config.train.eval_interval:
             print(f"note: sources {empty_valid} have no validation documents with data.split={config.data.split}; "
@@ -98,15 +106,31 @@ class Trainer:
             metadata={"config": config.to_dict(), "layout": self.runtime.layout,
                       "tokenizer": tokenizer_record(self.tokenizer)},
             layout=self.runtime, damaged=start.damaged)
-        if start_from is not None and not self.checkpointer.load(start_from, weights_only, start.saved) and main:
-            print(f"model weights from {start_from}; fresh optimizer, LR schedule and data position")
+        if start_from is not None:
+            resumed = self.checkpointer.load(start_from, weights_only and not continuing, start.saved,
+                                             continue_run=continuing)
+            if continuing:
+                self.train_state.step = self.train_state.first_step = int(start.saved["step"])
+                last_lr = self.optimizer.set_hyperparameters(config.optim)
+                if main:
+                    print(f"continuing from {start_from} at step {self.step}: its model weights and optimizer state "
+                          f"(AdamW moments and step counts; its last LR {last_lr:.3g}), this config's LR plan, "
+                          f"optimizer settings and data from their start, for train.steps={config.train.steps} "
+                          "more steps")
+            elif not resumed and main:
+                print(f"model weights from {start_from}; fresh optimizer, LR schedule and data position")
         self.last_checkpoint = start_from if start_from is not None and not weights_only else None
+        if main:
+            for warning in lr_warnings:
+                print(f"warning: {warning} (optim.allow_incomplete_schedule=true)")
+            print(self.lr_plan.describe(self.train_state.first_step))
         self.metrics = MetricsLogger(self.run_dir, main, config.train.tensorboard, {"layout": self.runtime.layout},
                                      start_step=self.step)
         if main:
             write_durably(self.run_dir / "config.json", json.dumps(config.to_dict(), indent=1))
-            saved_config = start.saved["config"] if start.saved else None
-            for note in lr_plan_notes(config.optim, config.train.steps, self.step, saved_config):
+            saved_config = start.saved["config"] if start.saved and not weights_only else None  # a resume's
+            for note in lr_plan_notes(config.optim, config.train.steps, self.step - self.train_state.first_step,
+                                      saved_config):
                 print(note)
 
     def _check_fit(self, path: Path, saved: dict, weights_only: bool) -> None:
@@ -137,7 +161,7 @@ class Trainer:
     def train_step(self) -> tuple[dict, Verdict, str | None]:
         """One optimizer step: (its metrics, what the guard decided, why the run stops here)."""
         cfg = self.config
-        lr = lr_at(self.step, cfg.train.steps, cfg.optim)
+        lr = self.lr_plan.lr(self.step - self.train_state.first_step)
         self.optimizer.set_lr(lr)
         data = self.data.next_step()
         for event in data.events:  # schedule changes, logged between the records of steps data.step and data.step + 1
@@ -214,6 +238,7 @@ class Trainer:
 
     def _train(self) -> TrainResult:
         cfg, main = self.config, self.runtime.is_main
+        end = self.train_state.first_step + cfg.train.steps
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
         model_flops = flops_per_token(cfg.model, cfg.data.seq_length) * tokens_per_step / self.runtime.world_size
         hardware_flops = (hardware_flops_per_token(cfg.model, cfg.data.seq_length, cfg.parallel.activation_checkpointing)
@@ -222,11 +247,11 @@ class Trainer:
         if main and (peak or self.runtime.device.type != "cpu"):
             print(peak_note)
         result = TrainResult(self.run_dir, self.step)
-        bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not (main and cfg.train.progress),
+        bar = tqdm(total=end, initial=self.step, disable=not (main and cfg.train.progress),
                    desc="train", unit="step", dynamic_ncols=True)
         self.model.train()
         checkpoint = None
-        while self.step < cfg.train.steps:
+        while self.step < end:
             start = time.perf_counter()
             metrics, verdict, result.stopped = self.train_step()
             seconds = time.perf_counter() - start
@@ -244,7 +269,7 @@ class Trainer:
                 raise NonFiniteError(f"{verdict.failure}; nothing saved: {self._last_good()}")
             if main and verdict.note:
                 bar.write(verdict.note)
-            last = self.step == cfg.train.steps
+            last = self.step == end
             if last or result.stopped or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                 checkpoint = self.save()  # before evaluating: a failing evaluation loses no training
             if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or last) and not result.stopped:
