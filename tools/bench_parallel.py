@@ -46,7 +46,7 @@ import torch
 from megatron_code.config import PRESETS, Config, DataConfig, ModelConfig, ParallelConfig, SourceConfig, TrainConfig
 
 _WORKER_OPTIONS = ("preset", "vocab_size", "seq_length", "micro_batch_size", "global_batch_size", "schedule",
-                   "virtual_stages", "dp_shard", "activation_checkpointing", "device", "warmup", "steps", "cores")
+                   "virtual_stages", "dp_shard", "grad_reduce", "activation_checkpointing", "device", "warmup", "steps", "cores")
 _COMM_OP = re.compile(r"^(c10d::|_c10d_functional::|nccl|ncclDevKernel)")
 
 
@@ -60,7 +60,8 @@ def build_config(args, t: int, p: int, world: int) -> Config:
                            "max_seq_len": max(args.seq_length, PRESETS[args.preset]["max_seq_len"])})
     parallel = ParallelConfig(tensor=t, pipeline=p, virtual_stages=args.virtual_stages if p > 1 else 1,
                               schedule=args.schedule if p > 1 else "1f1b", sequence_parallel=args.sequence_parallel and t > 1,
-                              dp_shard=args.dp_shard, activation_checkpointing=args.activation_checkpointing)
+                              dp_shard=args.dp_shard, activation_checkpointing=args.activation_checkpointing,
+                              grad_reduce=args.grad_reduce if args.dp_shard != "none" else "micro_batch")
     data = DataConfig(sources=[SourceConfig("random", "(random tokens)")], tokenizer="(none)", seq_length=args.seq_length)
     config = Config(model=model, parallel=parallel, data=data,
                     train=TrainConfig(micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size))
@@ -288,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--virtual-stages", type=int, default=1)
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--dp-shard", default="none", choices=("none", "zero2", "zero3"))
+    parser.add_argument("--grad-reduce", default="micro_batch", choices=("micro_batch", "step"),
+                        help="zero2/zero3: reduce-scatter after every micro batch, or once per step")
     parser.add_argument("--activation-checkpointing", default="none", choices=("none", "selective", "full"))
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--warmup", type=int, default=2)
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"preset={args.preset} vocab={args.vocab_size} seq={args.seq_length} micro={args.micro_batch_size} "
           f"global={args.global_batch_size} schedule={args.schedule} V={args.virtual_stages} "
-          f"dp_shard={args.dp_shard} cores={args.cores} rounds={args.rounds} torch={torch.__version__}", flush=True)
+          f"dp_shard={args.dp_shard} grad_reduce={args.grad_reduce} cores={args.cores} rounds={args.rounds} torch={torch.__version__}", flush=True)
     rounds = {layout: [] for layout in args.layouts}
     for _ in range(args.rounds):  # layouts take turns, so slow drifts in machine load hit all alike
         for layout in args.layouts:
