@@ -3,6 +3,7 @@ FLOP estimate behind MFU. Only rank 0 writes."""
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 
 import torch
@@ -33,6 +34,25 @@ def flops_per_token(config: ModelConfig, seq_length: int) -> float:
     matmul_params = L * (qkv + attn_out + mlp) + head
     attention = L * 2 * 2 * config.num_heads * hd * seq_length / 2  # QK^T and AV, causal half
     return 6 * matmul_params + 3 * attention
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This rank's peak memory since it started, in GiB: on a GPU the caching allocator's peak
+    of tensors (`max_memory_allocated`) and of what it holds from the driver (`max_memory_reserved`,
+    what out-of-memory is about); on CPU the process's maximum resident set (`ru_maxrss`, which
+    also counts the interpreter and libraries: compare ranks against an idle process)."""
+    if device.type == "cuda":
+        return {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "memory/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}  # KiB on Linux
+
+
+def format_peak_memory(metrics: dict) -> str:
+    """The log line's part for `peak_memory`'s numbers."""
+    if "memory/peak_allocated_gib" in metrics:
+        return (f"peak mem {metrics['memory/peak_allocated_gib']:.2f} GiB allocated, "
+                f"{metrics['memory/peak_reserved_gib']:.2f} GiB reserved")
+    return f"peak mem {metrics['memory/peak_rss_gib']:.2f} GiB RSS"
 
 
 def _record_step(line: str) -> float:

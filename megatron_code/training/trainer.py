@@ -24,7 +24,7 @@ from megatron_code.parallel.model import ParallelModel, build_model
 from megatron_code.training.checkpoint import (Checkpointer, TrainState, check_checkpoint_matches, read_trainer_state,
                                                starting_point, tokenizer_record)
 from megatron_code.training.loss import LossTotals
-from megatron_code.training.metrics import MetricsLogger, flops_per_token, peak_flops
+from megatron_code.training.metrics import MetricsLogger, flops_per_token, format_peak_memory, peak_flops, peak_memory
 from megatron_code.training.optim import Optimizers, lr_at
 
 
@@ -182,6 +182,7 @@ class Trainer:
             metrics["tokens_per_s_per_gpu"] = metrics["tokens_per_s"] / self.runtime.world_size
             if peak:
                 metrics["mfu"] = flops_per_gpu_step / seconds / peak
+            metrics.update(peak_memory(self.runtime.device))  # rank 0's: under PP the first stage holds the most
             result.losses.append(metrics["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -199,7 +200,7 @@ class Trainer:
             if main and (self.step % cfg.train.log_interval == 0 or last):
                 bar.write(f"step {self.step}: loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
                           f"grad norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f}"
-                          + (f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""))
+                          + (f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "") + f" {format_peak_memory(metrics)}")
         bar.close()
         result.step = self.step
         result.checkpoint = checkpoint or self.save()
