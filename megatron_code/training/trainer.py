@@ -182,7 +182,7 @@ class Trainer:
             metrics["tokens_per_s_per_gpu"] = metrics["tokens_per_s"] / self.runtime.world_size
             if peak:
                 metrics["mfu"] = flops_per_gpu_step / seconds / peak
-            metrics.update(peak_memory(self.runtime.device))  # rank 0's: under PP the first stage holds the most
+            metrics.update(peak_memory(self.runtime.device))  # each rank its own; rank 0 logs
             result.losses.append(metrics["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
