@@ -24,8 +24,8 @@ _PROBE = textwrap.dedent("""
 
 def test_peak_memory_grows_with_a_big_tensor_and_matches_the_kernel():
     # a fresh process: the test runner's own peak (earlier tests) would hide the growth
-    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=600, check=True)
     gib = json.loads(out.stdout.splitlines()[-1])
-    assert 0.45 <= gib["after"] - gib["before"] <= 0.6  # the 0.5 GiB tensor, not more
-    assert abs(gib["before"] - gib["reference_before"]) < 0.02 and abs(gib["after"] - gib["reference_after"]) < 0.02
-    assert gib["after_free"] == gib["after"]  # a peak: freeing the tensor does not lower it
+    assert 0.45 <= gib["after"] - gib["before"] <= 0.6, gib  # the 0.5 GiB tensor, not more
+    assert abs(gib["before"] - gib["reference_before"]) < 0.02 and abs(gib["after"] - gib["reference_after"]) < 0.02, gib
+    assert gib["after_free"] == gib["after"], gib  # a peak: freeing the tensor does not lower it
