@@ -39,12 +39,19 @@ def flops_per_token(config: ModelConfig, seq_length: int) -> float:
 def peak_memory(device: torch.device) -> dict[str, float]:
     """This rank's peak memory since it started, in GiB: on a GPU the caching allocator's peak
     of tensors (`max_memory_allocated`) and of what it holds from the driver (`max_memory_reserved`,
-    what out-of-memory is about); on CPU the process's maximum resident set (`ru_maxrss`, which
-    also counts the interpreter and libraries: compare ranks against an idle process)."""
+    what out-of-memory is about); on CPU the process's maximum resident set, which also counts the
+    interpreter and libraries (compare ranks against an idle process). On Linux that is VmHWM:
+    `ru_maxrss` also keeps the resident size of the process it was forked from (a test runner,
+    a launcher) until exec, so a small rank started from a big parent would report the parent's."""
     if device.type == "cuda":
         return {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
                 "memory/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
-    return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}  # KiB on Linux
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))  # KiB
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; no /proc elsewhere
+    return {"memory/peak_rss_gib": peak * 1024 / 2**30}
 
 
 def format_peak_memory(metrics: dict) -> str:
