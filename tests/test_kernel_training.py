@@ -6,7 +6,7 @@ import torch
 from megatron_code.config import PRESETS, ModelConfig
 from megatron_code.kernels.ops import KernelUnavailable, build_attention, build_ops
 from megatron_code.model import GPT
-from megatron_code.training.loss import sample_losses
+from megatron_code.model.loss import sample_losses
 
 
 def train_losses(kernels: str, attention: str, arch: dict, steps: int = 20) -> list[float]:

@@ -23,7 +23,7 @@ from megatron_code.data.sft import SFTDataset, check_sft_dataset, preprocess_sft
 from megatron_code.data.tokenizer import load_tokenizer
 from megatron_code.kernels.ops import TORCH_OPS, build_attention
 from megatron_code.model import GPT
-from megatron_code.training.loss import sample_losses
+from megatron_code.model.loss import sample_losses
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

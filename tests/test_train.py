@@ -31,9 +31,10 @@ def run(args):
     return trainer, trainer.train()
 
 
-def test_resume_is_exact(tiny_corpus, datasets, tmp_path):
+def test_resume_is_exact(tiny_corpus, datasets, tmp_path, capsys):
     full_trainer, full = run(overrides(tiny_corpus, datasets, tmp_path / "full", "--train.steps=8",
-                                       "--checkpoint.interval=4", "--checkpoint.keep_last=2"))
+                                       "--checkpoint.interval=4", "--checkpoint.keep_last=2", "--train.log_interval=4"))
+    full_log = capsys.readouterr().out
     assert len(full.losses) == 8 and full.losses[-1] < full.losses[0]
     halfway = tmp_path / "full" / "checkpoints" / "step_0000004"
     assert json.loads((halfway / "trainer_state.json").read_text())["step"] == 4
@@ -50,7 +51,12 @@ def test_resume_is_exact(tiny_corpus, datasets, tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == list(range(1, 9))
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "valid_loss/text", "valid_loss/code", "samples/text",
-            "tokens/code", "weight/text", "loss/text", "loss/code"} <= set(lines[3])
+            "tokens/code", "weight/text", "loss/text", "loss/code", "memory/peak_rss_gib"} <= set(lines[3])
+    peaks = [l["memory/peak_rss_gib"] for l in lines]  # this process's peak so far: never falls, and in the log line
+    assert peaks == sorted(peaks) and peaks[0] > 0.1
+    for step in (4, 8):
+        assert f"step {step}: loss {lines[step - 1]['loss']:.4f}" in full_log
+        assert f"peak mem {lines[step - 1]['memory/peak_rss_gib']:.2f} GiB RSS" in full_log
     for line in lines:  # the per-source losses split the batch loss (every sample has 64 loss tokens)
         assert line["samples/text"] + line["samples/code"] == 4 and line["weight/text"] == pytest.approx(2 / 3)
         assert (line["loss/text"] * line["samples/text"] + line["loss/code"] * line["samples/code"]) / 4 == \

@@ -14,7 +14,7 @@ Ours runs as the trainer builds it: kernels and attention from `build_ops` / `bu
 (`--kernels`, `--attention`, default auto: on CPU that is `TORCH_OPS` and torch SDPA). Loss: by
 default each model uses its own training path -- ours the per-token `ops.cross_entropy`
 (`TORCH_OPS.cross_entropy` on CPU) over flattened logits with a masked mean, through
-`training.loss.sample_losses` (the trainer's loss), HF `torch.nn.functional.cross_entropy`
+`model.loss.sample_losses` (the trainer's loss), HF `torch.nn.functional.cross_entropy`
 (mean). `--loss torch` uses `F.cross_entropy` for both. CPU threads: the machine's core count (`--threads`).
 
 Run it:
@@ -39,7 +39,7 @@ from megatron_code.config import PRESETS, ModelConfig
 from megatron_code.kernels.ops import KernelOps, build_attention, build_ops
 from megatron_code.model import GPT
 from megatron_code.model.hf import to_hf_model
-from megatron_code.training.loss import sample_losses
+from megatron_code.model.loss import sample_losses
 from megatron_code.training.precision import pick_precision
 
 

@@ -5,7 +5,10 @@ trainer's own model, step and optimizer (`parallel.model.build_model`, `Parallel
 AdamW) on random tokens: warm-up steps, then timed steps. Per layout it reports
 
   step time (median), tokens/s (all ranks) and per rank, model FLOP/s per rank (and MFU on a GPU
-  with a known peak), peak memory per rank (CUDA allocator peak on GPU, process max RSS on CPU);
+  with a known peak), peak memory per rank (CUDA allocator peak on GPU, process max RSS on CPU),
+  and, read from outside by a sampler of /proc/<pid>/status (`RssSampler`), each rank's peak
+  resident memory above the same process idle (torch imported, process group up, no model):
+  the worst rank's, and that over the one-process run's ("x 1 proc", the first layout 1x1x1);
   comm share: the time ranks spend in collectives and pipeline send/recv (CPU: self time of the
   c10d ops on the calling thread, waits included; GPU: NCCL kernel time), over the step time;
   for pipeline layouts, the schedule's theoretical bubble -- (P - 1) / (V m + P - 1) for
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import resource
@@ -33,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,7 +46,7 @@ import torch
 from megatron_code.config import PRESETS, Config, DataConfig, ModelConfig, ParallelConfig, SourceConfig, TrainConfig
 
 _WORKER_OPTIONS = ("preset", "vocab_size", "seq_length", "micro_batch_size", "global_batch_size", "schedule",
-                   "virtual_stages", "dp_shard", "activation_checkpointing", "device", "warmup", "steps", "cores")
+                   "virtual_stages", "dp_shard", "grad_reduce", "activation_checkpointing", "device", "warmup", "steps", "cores")
 _COMM_OP = re.compile(r"^(c10d::|_c10d_functional::|nccl|ncclDevKernel)")
 
 
@@ -55,7 +60,8 @@ def build_config(args, t: int, p: int, world: int) -> Config:
                            "max_seq_len": max(args.seq_length, PRESETS[args.preset]["max_seq_len"])})
     parallel = ParallelConfig(tensor=t, pipeline=p, virtual_stages=args.virtual_stages if p > 1 else 1,
                               schedule=args.schedule if p > 1 else "1f1b", sequence_parallel=args.sequence_parallel and t > 1,
-                              dp_shard=args.dp_shard, activation_checkpointing=args.activation_checkpointing)
+                              dp_shard=args.dp_shard, activation_checkpointing=args.activation_checkpointing,
+                              grad_reduce=args.grad_reduce if args.dp_shard != "none" else "micro_batch")
     data = DataConfig(sources=[SourceConfig("random", "(random tokens)")], tokenizer="(none)", seq_length=args.seq_length)
     config = Config(model=model, parallel=parallel, data=data,
                     train=TrainConfig(micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size))
@@ -79,6 +85,84 @@ def random_micro_batches(args, dp_rank: int, dp_size: int, device: torch.device)
     return out
 
 
+def status_bytes(pid: int | str, field: str) -> int | None:
+    """`field` (VmRSS: resident now; VmHWM: the kernel's resident high-water mark) of
+    /proc/<pid>/status in bytes, or None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
+
+
+class RssSampler:
+    """Peak resident memory of every rank of a torchrun job, read from outside: a thread polls
+    /proc/<pid>/status of torchrun's descendants that carry RANK in their environment, keeping
+    each rank's largest VmHWM (exact: the kernel's own high-water mark, whatever the polling
+    interval) and largest sampled VmRSS."""
+
+    def __init__(self, root_pid: int, interval_s: float = 0.1, rescan_s: float = 1.0):
+        self.root_pid, self.interval_s, self.rescan_s = root_pid, interval_s, rescan_s
+        self.hwm: dict[int, int] = {}
+        self.rss: dict[int, int] = {}
+        self._ranks: dict[int, int | None] = {}  # pid -> rank (None: not a rank)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _descendants(self) -> list[int]:
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+        found, pending = [], [self.root_pid]
+        while pending:
+            pid = pending.pop()
+            found.append(pid)
+            pending.extend(children.get(pid, []))
+        return found
+
+    def _rank_of(self, pid: int) -> int | None:
+        if pid not in self._ranks:
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+            except OSError:
+                return None
+            # torchrun's workers carry RANK and the run id; torchrun itself does not
+            self._ranks[pid] = int(env[b"RANK"]) if b"RANK" in env and b"TORCHELASTIC_RUN_ID" in env else None
+        return self._ranks[pid]
+
+    def _run(self) -> None:
+        ranks: dict[int, int] = {}
+        last_scan = -math.inf
+        while not self._stop.is_set():
+            if time.monotonic() - last_scan > self.rescan_s:
+                ranks = {pid: rank for pid in self._descendants() if (rank := self._rank_of(pid)) is not None}
+                last_scan = time.monotonic()
+            for pid, rank in ranks.items():
+                for field, peaks in (("VmHWM", self.hwm), ("VmRSS", self.rss)):
+                    value = status_bytes(pid, field)
+                    if value is not None:
+                        peaks[rank] = max(peaks.get(rank, 0), value)
+            self._stop.wait(self.interval_s)
+
+
 def worker(args) -> None:
     """One rank of one layout, under torchrun; rank 0 writes every rank's numbers to --out."""
     import torch.distributed as dist
@@ -98,7 +182,9 @@ def worker(args) -> None:
     device = runtime.device
     precision = pick_precision("auto", device)  # what train.dtype=auto runs here
     torch.manual_seed(0)
+    idle = status_bytes("self", "VmRSS")  # torch imported, process group up, no model yet
     model = build_model(config, runtime, precision.autocast)
+    built = status_bytes("self", "VmHWM")
     optimizer = Optimizers(model.parts, config.optim)
     batches = random_micro_batches(args, runtime.coordinate("dp"), runtime.size("dp"), device)
 
@@ -140,7 +226,7 @@ def worker(args) -> None:
     tokens = args.global_batch_size * args.seq_length
     flops_per_rank = flops_per_token(config.model, args.seq_length) * tokens / world / median
     mine = {"rank": runtime.rank, "median_step_s": median, "comm_share": comm / profiled, "peak_memory_bytes": peak,
-            "model_flops_per_s": flops_per_rank}
+            "idle_rss_bytes": idle, "build_peak_rss_bytes": built, "model_flops_per_s": flops_per_rank}
     peak_rate = peak_flops(device, precision.dtype)[0]
     if peak_rate:
         mine["mfu"] = flops_per_rank / peak_rate
@@ -176,11 +262,20 @@ def run_layout(args, layout: str) -> dict:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                    __file__, "--worker", f"--layout={layout}", f"--out={out}", *forwarded,
                    *(["--sequence-parallel"] if args.sequence_parallel else [])]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"layout {layout} failed:\n{done.stderr[-4000:]}")
+        with tempfile.TemporaryFile("w+") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+            with RssSampler(process.pid) as sampler:
+                returncode = process.wait()
+            if returncode != 0:
+                log.seek(0)
+                raise RuntimeError(f"layout {layout} failed:\n{log.read()[-4000:]}")
         with open(out) as f:
-            return json.load(f)
+            result = json.load(f)
+    for rank in result["ranks"]:  # peaks as seen from outside the process
+        rank["peak_rss_bytes"] = sampler.hwm[rank["rank"]]
+        rank["peak_rss_sampled_bytes"] = sampler.rss[rank["rank"]]
+        rank["peak_above_idle_bytes"] = rank["peak_rss_bytes"] - rank["idle_rss_bytes"]
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--virtual-stages", type=int, default=1)
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--dp-shard", default="none", choices=("none", "zero2", "zero3"))
+    parser.add_argument("--grad-reduce", default="micro_batch", choices=("micro_batch", "step"),
+                        help="zero2/zero3: reduce-scatter after every micro batch, or once per step")
     parser.add_argument("--activation-checkpointing", default="none", choices=("none", "selective", "full"))
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--warmup", type=int, default=2)
@@ -214,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"preset={args.preset} vocab={args.vocab_size} seq={args.seq_length} micro={args.micro_batch_size} "
           f"global={args.global_batch_size} schedule={args.schedule} V={args.virtual_stages} "
-          f"dp_shard={args.dp_shard} cores={args.cores} rounds={args.rounds} torch={torch.__version__}", flush=True)
+          f"dp_shard={args.dp_shard} grad_reduce={args.grad_reduce} cores={args.cores} rounds={args.rounds} torch={torch.__version__}", flush=True)
     rounds = {layout: [] for layout in args.layouts}
     for _ in range(args.rounds):  # layouts take turns, so slow drifts in machine load hit all alike
         for layout in args.layouts:
@@ -230,13 +327,17 @@ def main(argv: list[str] | None = None) -> int:
                               if baseline and p > 1 else None)
         results.append(r)
     print(f"{'layout':<8} {'step ms':>8} {'tok/s':>8} {'tok/s/rank':>10} {'GFLOP/s/rank':>12} {'peak MiB/rank':>13} "
-          f"{'comm':>6} {'bubble theory':>13} {'idle measured':>13}")
+          f"{'RSS>idle MiB':>12} {'x 1 proc':>8} {'comm':>6} {'bubble theory':>13} {'idle measured':>13}")
     for r in results:
         ranks = r["ranks"]
+        above_idle = max(x["peak_above_idle_bytes"] for x in ranks)
+        baseline = results[0] if results[0]["world_size"] == 1 else None
+        ratio = above_idle / max(x["peak_above_idle_bytes"] for x in baseline["ranks"]) if baseline else None
         print(f"{r['layout']:<8} {1e3 * r['median_step_s']:>8.1f} {r['tokens_per_s']:>8.0f} "
               f"{r['tokens_per_s_per_rank']:>10.0f} "
               f"{statistics.mean(x['model_flops_per_s'] for x in ranks) / 1e9:>12.2f} "
               f"{max(x['peak_memory_bytes'] for x in ranks) / 2**20:>13.0f} "
+              f"{above_idle / 2**20:>12.0f} " + (f"{ratio:>8.2f} " if ratio is not None else f"{'':>8} ") +
               f"{statistics.mean(x['comm_share'] for x in ranks):>6.1%} "
               + (f"{r['theoretical_bubble']:>13.1%} {r['measured_idle']:>13.1%}" if r["measured_idle"] is not None
                  else f"{'':>13} {'':>13}"))

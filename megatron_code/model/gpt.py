@@ -58,6 +58,11 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(config.hidden_size))
         self.bias = nn.Parameter(torch.zeros(config.hidden_size)) if config.norm == "layernorm" else None
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
     def forward(self, x, residual=None):
         """norm(x), or with `residual`: (norm(x + residual), x + residual) in one fused pass."""
         if self.kind == "rmsnorm":
@@ -150,6 +155,13 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
             self.rope_cos = self.rope_sin = None
+
+    def reset_parameters(self) -> None:
+        """This module's own tensors (the RoPE tables), for a model built on the meta device."""
+        if self.rope_cos is not None:
+            cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:

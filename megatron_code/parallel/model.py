@@ -1,18 +1,20 @@
 """The model as one rank holds it under any (tensor, pipeline, data) layout, and how a step's
 micro batches run through it.
 
-`build_model` applies the parallelisms from outside, in order: tensor parallel (the injected layer
-factory and kernel ops), the pipeline split, layout-free initialization, activation
-checkpointing, data parallel. `ParallelModel` then runs forward and backward over this rank's
-micro batches (a pipeline schedule when P > 1, a plain accumulation loop otherwise), evaluates
-batches under any layout, clips gradients globally and is the checkpointer's "model" state,
-keyed by the single-process model's parameter names.
+`build_model` applies the parallelisms from outside, to a model built on the meta device (no
+memory): tensor parallel (the injected layer factory and kernel ops, then `apply_tp`), the
+pipeline split, activation checkpointing, data parallel; only then `materialize` allocates this
+rank's shards and initializes them, one parameter at a time, as one process would.
+`ParallelModel` then runs forward and backward over this rank's micro batches (a pipeline
+schedule when P > 1, a plain accumulation loop otherwise), evaluates batches under any layout,
+clips gradients globally and is the checkpointer's "model" state, keyed by the single-process
+model's parameter names.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -23,18 +25,26 @@ from torch.distributed.fsdp import FSDPModule
 from megatron_code.config import Config
 from megatron_code.kernels.ops import build_attention, build_ops, describe_attention
 from megatron_code.model import GPT
+from megatron_code.model.loss import StepLoss, sample_losses
 from megatron_code.parallel.activation_checkpointing import apply_ac
 from megatron_code.parallel.clipping import global_grad_norm
 from megatron_code.parallel.data_parallel import apply_dp
 from megatron_code.parallel.distributed import Runtime
 from megatron_code.parallel.pipeline_parallel import (TiedEmbedding, apply_pp, build_schedule, build_stages,
                                                       local_stage_ids, stage_layers)
-from megatron_code.parallel.tensor_parallel import (ParallelLayerFactory, TensorParallel, init_parameters, local,
-                                                    tensor_parallel_ops)
-from megatron_code.training.loss import LossTotals, pack_target, sample_losses, unpack_target
+from megatron_code.parallel.tensor_parallel import (ParallelLayerFactory, TensorParallel, apply_tp, local, materialize,
+                                                    reduce_replicated_grads, tensor_parallel_ops)
 
 EVAL_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids")
 """What `evaluate` reads of a batch."""
+
+
+class LossTotals(Protocol):
+    """Where a step's per-sample losses go (training/loss.py's LossTotals)."""
+
+    def add(self, sample_losses: torch.Tensor, sample_tokens: torch.Tensor, source: torch.Tensor) -> None: ...
+
+    def all_reduce(self, counted_here: bool) -> None: ...
 
 
 def build_model(config: Config, runtime: Runtime, autocast: Callable[[], contextlib.AbstractContextManager]
@@ -46,12 +56,18 @@ def build_model(config: Config, runtime: Runtime, autocast: Callable[[], context
     if runtime.is_main:
         print(f"kernels: {ops.name}; attention: {describe_attention(attention)}")
     stage_ids = local_stage_ids(runtime.coordinate("pp"), p)
-    parts = apply_pp(lambda: GPT(config.model, ParallelLayerFactory(tp=tp), ops, attention), stage_ids,
-                     stage_layers(config.model.num_layers, p))
+
+    def build_on_meta() -> GPT:
+        with torch.device("meta"):
+            return GPT(config.model, ParallelLayerFactory(tp=tp), ops, attention)
+
+    parts = apply_pp(build_on_meta, stage_ids, stage_layers(config.model.num_layers, p))
     for part in parts:
-        init_parameters(part, config.train.seed, runtime.device, tp)
+        apply_tp(part, tp)
+        names = {module: name for name, module in part.named_modules()}  # before wrappers rename them
         apply_ac(part, p.activation_checkpointing)
         apply_dp(part, runtime.mesh["dp"], p.dp_shard)
+        materialize(part, names, config.train.seed, runtime.device)
     tied = (TiedEmbedding(parts, stage_ids, p.num_stages, runtime)
             if config.model.tie_embeddings and p.pipeline > 1 else None)
     return ParallelModel(config, runtime, parts, stage_ids, ops, tp, tied, autocast)
@@ -68,11 +84,10 @@ class ParallelModel:
         self.last = parts[stage_ids.index(num_stages - 1)] if num_stages - 1 in stage_ids else None
         self.pipelined = config.parallel.pipeline > 1
         self.micro_batch_size = config.train.micro_batch_size
-        # Where the loss of each micro batch goes: per-sample (loss sum, token count, source) to a
-        # sink, and the loss to backward divided by the global token count. Set per call, because
-        # the pipeline schedule calls the loss as loss_fn(output, target).
-        self._sink: Callable | None = None
-        self._token_count: torch.Tensor | None = None
+        # zero2/zero3 reduce-scatter after every micro batch unless told to accumulate unsharded
+        # gradients; DDP (dp_shard=none) all-reduces once per step: its gradients are full-size anyway
+        parallel = config.parallel
+        self.reduce_every_micro_batch = parallel.dp_shard != "none" and parallel.grad_reduce == "micro_batch"
         self._eval_schedules: dict[int, object] = {}
         if self.pipelined:
             dp = runtime.size("dp")
@@ -89,24 +104,27 @@ class ParallelModel:
         the global batch's loss-token count (one all-reduce), and `totals` gets each micro
         batch's per-source loss sums on this rank (the trainer sums them over ranks, counting
         the ranks that `reports_loss`)."""
-        token_count = torch.stack([mb["loss_mask"].sum() for mb in micro_batches]).sum()
+        batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
+        token_count = batch["loss_mask"].sum()
         if self.runtime.size("dp") > 1:
             dist.all_reduce(token_count, group=self.runtime.group("dp"))
-        self._sink, self._token_count = totals.add, token_count.clamp(min=1.0)
+        loss = StepLoss(batch["labels"], batch["loss_mask"], batch["source"], token_count.clamp(min=1.0), totals.add)
         if self.pipelined:
-            batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
+            rows = torch.arange(len(batch["tokens"]), device=batch["tokens"].device)
             with self.autocast():
-                self.schedule.step(*self._pipeline_args(batch), target=pack_target(batch) if self.last else None,
-                                   return_outputs=False, **self._stage_kwargs(batch))
+                self.schedule.step(*self._pipeline_args(batch), target=rows if self.last else None,
+                                   loss_kwargs={"loss": loss} if self.last else None, return_outputs=False,
+                                   **self._stage_kwargs(batch))
         else:
-            model = self.parts[0]
+            model, start = self.parts[0], 0
             for i, mb in enumerate(micro_batches):
-                if isinstance(model, FSDPModule):  # reduce gradients once, after the last micro batch
-                    model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+                if isinstance(model, FSDPModule) and not self.reduce_every_micro_batch:
+                    model.set_requires_gradient_sync(i == len(micro_batches) - 1)  # reduce once, at the end
+                rows, start = slice(start, start + len(mb["tokens"])), start + len(mb["tokens"])
                 with self.autocast():
                     hidden = model(mb["tokens"], **self._stage_kwargs(mb))
-                    loss = self._loss(model, hidden, mb["labels"], mb["loss_mask"], mb["source"])
-                loss.backward()
+                    self._loss(model, hidden, rows, loss).backward()
+        reduce_replicated_grads(self.parameters(), self.tp)
         if self.tied is not None:
             self.tied.sync_grads()
 
@@ -116,14 +134,14 @@ class ParallelModel:
         rank of each last pipeline stage (the others computed the same numbers)."""
         return self.last is not None and self.tp.rank == 0
 
-    def _loss(self, model: GPT, hidden, labels, loss_mask, source) -> torch.Tensor:
-        losses = sample_losses(model, hidden, labels, loss_mask, self.ops, self.tp)
-        self._sink(losses.detach(), loss_mask.sum(1), source)
-        return losses.sum() / self._token_count
+    def _loss(self, model: GPT, hidden: torch.Tensor, rows: torch.Tensor | slice, loss: StepLoss) -> torch.Tensor:
+        losses = sample_losses(model, hidden, loss.labels[rows], loss.loss_mask[rows], self.ops, self.tp)
+        return loss(losses, rows)
 
-    def _pipeline_loss(self, hidden, target) -> torch.Tensor:
-        labels, loss_mask, source = unpack_target(target)
-        return self._loss(self.last, hidden, labels, loss_mask, source)
+    def _pipeline_loss(self, hidden: torch.Tensor, rows: torch.Tensor, loss: StepLoss) -> torch.Tensor:
+        """The schedule's loss_fn: `rows` is the micro batch's share of the step's row indices (the
+        schedule splits the target into micro batches), `loss` comes per step through loss_kwargs."""
+        return self._loss(self.last, hidden, rows, loss)
 
     def _pipeline_args(self, batch: dict) -> tuple:
         return (batch["tokens"],) if self.first is not None else ()
@@ -137,7 +155,8 @@ class ParallelModel:
     def _stages(self):
         cfg = self.config
         return build_stages(self.parts, self.stage_ids, cfg.parallel.num_stages, self.runtime, self.micro_batch_size,
-                            cfg.data.seq_length, self.tp.sequence_shard(cfg.data.seq_length), cfg.model.hidden_size)
+                            cfg.data.seq_length, self.tp.sequence_shard(cfg.data.seq_length), cfg.model.hidden_size,
+                            self.reduce_every_micro_batch)
 
     def grad_norm(self) -> torch.Tensor:
         """The global L2 norm of the gradients over every rank, the same on every rank."""
@@ -220,24 +239,29 @@ class ParallelModel:
         """(2, n) sums and counts of this rank's samples, on every rank of its pipeline."""
         n, mbs = batch["tokens"].shape[0], self.micro_batch_size
         rows = []
-        self._sink, self._token_count = (lambda losses, tokens, _: rows.append(torch.stack([losses, tokens]))), 1.0
-        batch["source"] = torch.zeros(n, dtype=torch.long, device=batch["tokens"].device)
+        source = torch.zeros(n, dtype=torch.long, device=batch["tokens"].device)
         if not self.pipelined:
+            loss = StepLoss(batch["labels"], batch["loss_mask"], source, 1.0,
+                            lambda losses, tokens, _: rows.append(torch.stack([losses, tokens])))
             model = self.parts[0]
             for s in range(0, n, mbs):
                 mb = {k: v[s:s + mbs] for k, v in batch.items()}
                 with self.autocast():
                     hidden = model(mb["tokens"], **self._stage_kwargs(mb))
-                    self._loss(model, hidden, mb["labels"], mb["loss_mask"], mb["source"])
+                    self._loss(model, hidden, slice(s, s + mbs), loss)
             return torch.cat(rows, 1).double()
         n_micro = math.ceil(n / mbs)
         index = torch.arange(n_micro * mbs, device=batch["tokens"].device).clamp(max=n - 1)  # whole micro batches
         full = {k: v[index] for k, v in batch.items()}
+        loss = StepLoss(full["labels"], full["loss_mask"], source[index], 1.0,
+                        lambda losses, tokens, _: rows.append(torch.stack([losses, tokens])))
         if n_micro not in self._eval_schedules:
             self._eval_schedules[n_micro] = build_schedule(self._stages(), "eval", n_micro, self._pipeline_loss)
+        rows_of_full = torch.arange(len(index), device=index.device)
         with self.autocast():  # the loss runs inside the schedule, while FSDP still holds the full head
-            target = pack_target(full) if self.last else None
-            self._eval_schedules[n_micro].eval(*self._pipeline_args(full), target=target, **self._stage_kwargs(full))
+            self._eval_schedules[n_micro].eval(*self._pipeline_args(full), target=rows_of_full if self.last else None,
+                                               loss_kwargs={"loss": loss} if self.last else None,
+                                               **self._stage_kwargs(full))
         out = torch.cat(rows, 1)[:, :n].double() if self.last is not None else torch.zeros(
             2, n, dtype=torch.float64, device=index.device)
         dist.broadcast(out, src=self.runtime.mesh["pp"].mesh[-1].item(), group=self.runtime.group("pp"))

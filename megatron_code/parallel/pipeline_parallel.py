@@ -56,15 +56,35 @@ def apply_pp(build_model: Callable[[], GPT], stage_ids: list[int], layers: list[
     return parts
 
 
+class OwnBackward(torch.nn.Module):
+    """A stage's model as the pipeline schedule sees it when FSDP is to reduce gradients after
+    every micro batch. torch's stages (2.13) special-case an FSDP module: every micro batch's
+    backward runs with gradient sync and resharding off (`backward_maybe_with_nosync`), one
+    reduction at the step's end, and the multi-stage schedules all-gather whole stages (UNSHARD
+    actions). A rank then holds its stages' unsharded parameters and gradients for the whole step.
+    Behind this plain module the schedule runs an ordinary backward, and FSDP's own hooks
+    reduce-scatter each layer's gradient as soon as it is computed and reshard its parameters,
+    as in a loop without pipelining."""
+
+    def __init__(self, part: GPT):
+        super().__init__()
+        self.part = part
+
+    def forward(self, *args, **kwargs):
+        return self.part(*args, **kwargs)
+
+
 def build_stages(parts: list[torch.nn.Module], stage_ids: list[int], num_stages: int, runtime: Runtime,
-                 micro_batch_size: int, seq_length: int, stream_length: int, hidden_size: int) -> list[PipelineStage]:
+                 micro_batch_size: int, seq_length: int, stream_length: int, hidden_size: int,
+                 reduce_every_micro_batch: bool) -> list[PipelineStage]:
     """PipelineStages with static shapes (no inference pass): token ids (micro, seq) into the first
-    stage, hidden states (micro, stream_length, hidden) fp32 between stages and out of the last."""
+    stage, hidden states (micro, stream_length, hidden) fp32 between stages and out of the last.
+    With `reduce_every_micro_batch` each part runs behind `OwnBackward`."""
     device = runtime.device
     hidden = torch.empty(micro_batch_size, stream_length, hidden_size, device="meta", requires_grad=True)
     tokens = torch.empty(micro_batch_size, seq_length, dtype=torch.long, device="meta")
-    return [PipelineStage(part, stage, num_stages, device, input_args=tokens if stage == 0 else hidden,
-                          output_args=hidden, group=runtime.group("pp"))
+    return [PipelineStage(OwnBackward(part) if reduce_every_micro_batch else part, stage, num_stages, device,
+                          input_args=tokens if stage == 0 else hidden, output_args=hidden, group=runtime.group("pp"))
             for part, stage in zip(parts, stage_ids)]
 
 

@@ -18,12 +18,41 @@ activation collectives of Megatron's "regions" are DTensor redistributions of lo
           backward: identity, or all-gather under SP
 
 Under sequence parallelism the residual stream between layers, the norms and the activations sent
-between pipeline stages hold 1/T of the sequence (dim 1) per rank; a replicated norm weight then
-sees only this rank's tokens, so its gradient is a partial sum that `replicated_weight` reduces.
+between pipeline stages hold 1/T of the sequence (dim 1) per rank.
 
-Initialization does not depend on the layout: layers are created empty (meta device) and
-`init_parameters` draws each weight in full from a generator seeded by (seed, parameter name),
-then keeps this rank's shard. Every layout, and a pipeline stage holding only some layers, gets
+Where each parameter's gradient is reduced, and why (T tensor-parallel ranks, SP = sequence
+parallel; the activation collectives above are not repeated here):
+
+  parameter                          placement   gradient on a rank after backward      reduced
+  ---------------------------------  ----------  -------------------------------------  ---------------------------
+  column-parallel weight (qkv, MLP   Shard(out)  complete for its output slice: the     never over tp
+  up, untied output head)                        full input was gathered first
+  row-parallel weight (attention     Shard(in)   complete for its input slice: its      never over tp
+  out, MLP down)                                 input features live only here
+  vocab-parallel embedding (and the  Shard(0)    complete for its rows (other ranks'    never over tp
+  tied head)                                     ids give zero rows)
+  replicated weight (norm weight     Replicate   without SP: complete and equal on      never over tp
+  and bias), no SP                               every rank (every rank saw every
+                                                 token)
+  replicated weight under SP         Replicate   PARTIAL: a sum over this rank's        `reduce_replicated_grads`:
+                                                 sequence shard only (marked            one all-reduce over tp per
+                                                 Replicate, not yet true)               step, all of them in one
+                                                                                        flat bucket, after the last
+                                                                                        micro batch, before clipping
+  every parameter, over dp           --          this rank's micro batches              FSDP2 / replicate: per layer
+                                                                                        in backward (data_parallel.py)
+  tied embedding under PP            --          one stage's share                      `TiedEmbedding.sync_grads`
+
+The partial norm gradients are Megatron's choice too (its layernorm grads are all-reduced once,
+after accumulation): reducing them in the backward instead costs 2L + 1 small blocking
+all-reduces per micro batch.
+
+Initialization does not depend on the layout, and never holds the whole model: the model is
+built on the meta device, `apply_tp` gives each parameter its placement, the pipeline split,
+activation checkpointing and FSDP follow, and only then `materialize` allocates this rank's
+shards and fills them one parameter at a time: each factory weight is drawn in full from a
+generator seeded by (seed, parameter name), this rank's shard kept and the rest dropped; every
+other module sets its own tensors (`reset_parameters`: norms, RoPE tables). Every layout gets
 the same values as one process.
 """
 from __future__ import annotations
@@ -33,6 +62,7 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -68,6 +98,10 @@ class TensorParallel:
         """The process group vocab-parallel losses reduce over (None without TP)."""
         return self.mesh.get_group() if self.mesh is not None else None
 
+    @staticmethod
+    def local(tensor: torch.Tensor) -> torch.Tensor:
+        return local(tensor)
+
     @property
     def _activation_placement(self):
         return Shard(1) if self.sequence_parallel else Replicate()
@@ -92,13 +126,9 @@ class TensorParallel:
         return summed.to_local()
 
     def replicated_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """Local view of a replicated weight. Under SP each rank's gradient covers only its tokens:
-        the backward all-reduces it, so every rank steps with the full gradient."""
-        if not isinstance(weight, DTensor):
-            return weight
-        if not self.sequence_parallel:
-            return weight.to_local()  # every rank saw every token: the gradients already agree
-        return weight.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial()])
+        """Local view of a replicated weight. Its gradient keeps the Replicate placement; under SP
+        it is only this rank's tokens' share until `reduce_replicated_grads` sums it."""
+        return local(weight)
 
     def shard(self, full: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's slice of a full tensor every rank holds alike (no communication)."""
@@ -157,7 +187,7 @@ class VocabParallelEmbedding(nn.Module):
 
 @dataclass(frozen=True)
 class ParallelLayerFactory(LayerFactory):
-    """The trainer's layer factory: empty layers, filled by `init_parameters`, split over `tp`."""
+    """The trainer's layer factory: empty layers, split by `apply_tp`, filled by `materialize`."""
     tp: TensorParallel = dataclasses.field(default_factory=lambda: TensorParallel(None))
 
     def linear(self, in_features: int, out_features: int, parallel: str, init_std: float,
@@ -183,25 +213,64 @@ def tensor_parallel_ops(ops: KernelOps, tp: TensorParallel) -> KernelOps:
     return dataclasses.replace(ops, rms_norm=rms_norm, layer_norm=layer_norm)
 
 
+def apply_tp(model: nn.Module, tp: TensorParallel) -> None:
+    """Give every parameter of a model built on the meta device its place on the tensor-parallel
+    mesh: the factory's layers sharded along their split dimension, everything else replicated."""
+    if tp.mesh is None:
+        return
+    for module in model.modules():
+        split = isinstance(module, (ParallelLinear, VocabParallelEmbedding))
+        for name, param in list(module.named_parameters(recurse=False)):
+            placed = tp.shard(param, module.shard_dim) if split else tp.replicate(param)
+            setattr(module, name, nn.Parameter(placed, requires_grad=param.requires_grad))
+
+
 def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def _shard_of(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `full` laid out as `param` (a DTensor over any mesh: tp, dp or both)."""
+    if not isinstance(param, DTensor):
+        return full
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+
+
 @torch.no_grad()
-def init_parameters(model: nn.Module, seed: int, device: torch.device, tp: TensorParallel) -> None:
-    """Fill the factory's empty layers with N(0, init_std), each drawn in full from its own
-    (seed, name) generator and then sharded; move the rest (norms, RoPE tables) to `device`;
-    under TP, every other parameter becomes a replicated DTensor."""
-    for name, module in model.named_modules():
+def materialize(model: nn.Module, module_names: dict[nn.Module, str], seed: int, device: torch.device) -> None:
+    """Allocate this rank's shards of a model built on the meta device and fill them, one
+    parameter at a time: the factory's layers N(0, init_std), each drawn in full from its own
+    (seed, name) generator and cut to this rank's shard; every other module through its
+    `reset_parameters`. `module_names` are the single-process model's names, taken before
+    activation checkpointing or FSDP wrapped anything."""
+    model.to_empty(device=device)
+    for module, name in module_names.items():
         if isinstance(module, (ParallelLinear, VocabParallelEmbedding)):
             full = torch.empty(module.weight.shape, device=device)
             full.normal_(0.0, module.init_std, generator=_generator(seed, f"{name}.weight", device))
-            module.weight = nn.Parameter(tp.shard(full, module.shard_dim))
-    model.to(device)
-    if tp.mesh is None:
+            local(module.weight).copy_(_shard_of(full, module.weight))
+            del full
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+def replicated_over_tp(param: torch.Tensor) -> bool:
+    """A weight every tensor-parallel rank holds whole (a norm's), whatever else shards it."""
+    if not isinstance(param, DTensor) or "tp" not in (param.device_mesh.mesh_dim_names or ()):
+        return False
+    return param.placements[param.device_mesh.mesh_dim_names.index("tp")].is_replicate()
+
+
+def reduce_replicated_grads(params: list[torch.Tensor], tp: TensorParallel) -> None:
+    """Under SP, sum the gradients of the replicated weights (each rank's covers only its sequence
+    shard) over the tensor-parallel ranks: one all-reduce of one flat bucket, once per step."""
+    if not tp.sequence_parallel:
         return
-    for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if not isinstance(param, DTensor):
-                setattr(module, name, nn.Parameter(tp.replicate(param), requires_grad=param.requires_grad))
+    grads = [local(p.grad) for p in params if p.grad is not None and replicated_over_tp(p)]
+    if not grads:
+        return
+    bucket = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(bucket, group=tp.group)
+    for grad, summed in zip(grads, bucket.split([g.numel() for g in grads])):
+        grad.copy_(summed.view_as(grad))

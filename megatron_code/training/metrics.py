@@ -22,6 +22,7 @@ model FLOPs by the GPU's dense bf16 peak, HFU hardware FLOPs.
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 
 import torch
@@ -79,6 +80,32 @@ def _layer_matmul_params(config: ModelConfig) -> int:
     attention_out = config.num_heads * d * h
     mlp = h * config.ffn_size * (3 if config.activation == "swiglu" else 2)
     return config.num_layers * (qkv + attention_out + mlp)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This rank's peak memory since it started, in GiB: on a GPU the caching allocator's peak
+    of tensors (`max_memory_allocated`) and of what it holds from the driver (`max_memory_reserved`,
+    what out-of-memory is about); on CPU the process's maximum resident set, which also counts the
+    interpreter and libraries (compare ranks against an idle process). On Linux that is VmHWM:
+    `ru_maxrss` also keeps the resident size of the process it was forked from (a test runner,
+    a launcher) until exec, so a small rank started from a big parent would report the parent's."""
+    if device.type == "cuda":
+        return {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "memory/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))  # KiB
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; no /proc elsewhere
+    return {"memory/peak_rss_gib": peak * 1024 / 2**30}
+
+
+def format_peak_memory(metrics: dict) -> str:
+    """The log line's part for `peak_memory`'s numbers."""
+    if "memory/peak_allocated_gib" in metrics:
+        return (f"peak mem {metrics['memory/peak_allocated_gib']:.2f} GiB allocated, "
+                f"{metrics['memory/peak_reserved_gib']:.2f} GiB reserved")
+    return f"peak mem {metrics['memory/peak_rss_gib']:.2f} GiB RSS"
 
 
 def _attention_flops(config: ModelConfig, seq_length: int) -> int:

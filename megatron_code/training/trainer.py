@@ -26,7 +26,8 @@ from megatron_code.training.checkpoint import (Checkpointer, CheckpointError, Tr
 from megatron_code.training.guard import NonFiniteError, StepGuard, StopRequests, Verdict, read_step
 from megatron_code.training.integrity import write_durably
 from megatron_code.training.loss import LossTotals
-from megatron_code.training.metrics import MetricsLogger, flops_per_token, hardware_flops_per_token, peak_flops
+from megatron_code.training.metrics import (MetricsLogger, flops_per_token, format_peak_memory, hardware_flops_per_token,
+                                             peak_flops, peak_memory)
 from megatron_code.training.lr_schedule import check_lr_plan, lr_plan, lr_plan_notes
 from megatron_code.training.optim import Optimizers
 from megatron_code.training.precision import pick_precision
@@ -260,6 +261,7 @@ class Trainer:
             metrics["tflops_per_gpu"] = model_flops / seconds / 1e12
             if peak:
                 metrics["mfu"], metrics["hfu"] = model_flops / seconds / peak, hardware_flops / seconds / peak
+            metrics.update(peak_memory(self.runtime.device))  # each rank its own; rank 0 logs
             result.losses.append(metrics["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -284,7 +286,8 @@ class Trainer:
                 bar.write(f"step {self.step}: loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
                           f"grad norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f}"
                           + (f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "")
-                          + (f" (hfu {metrics['hfu']:.1%})" if metrics.get("hfu", 0) > metrics.get("mfu", 0) else ""))
+                          + (f" (hfu {metrics['hfu']:.1%})" if metrics.get("hfu", 0) > metrics.get("mfu", 0) else "")
+                          + f" {format_peak_memory(metrics)}")
             if result.stopped:
                 if main:
                     bar.write(f"step {self.step}: stopping ({result.stopped}): "
