@@ -112,11 +112,13 @@ def one_step(layout: dict) -> dict:
     seen = watch_micro_batches(model.parts)
     totals = LossTotals(1, runtime.device)
     model.forward_backward(micro_batches(runtime.coordinate("dp"), runtime.size("dp")), totals)
+    totals.all_reduce(model.reports_loss, torch.zeros(1, dtype=torch.float64))  # as the trainer does
+    sums, counts = totals.totals.sum(1).tolist()
     grads = {name: full(p.grad) for part in model.parts for name, p in part.named_parameters()}
     # numpy crosses the process boundary by value (torch tensors would go through shared memory
     # that the rank's exit takes away)
     return {"grads": {k: v.numpy() for k, v in grads.items()}, "weights": {k: v.numpy() for k, v in weights.items()},
-            "seen": seen, "loss": totals.mean()}
+            "seen": seen, "loss": sums / counts}
 
 
 def _steps(rank: int, world_size: int, layouts: list[dict]) -> list[dict]:
