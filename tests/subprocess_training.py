@@ -51,7 +51,12 @@ def train_and_kill(args: list[str], run_dir: Path, at_step: int) -> None:
         assert proc.returncode == -signal.SIGKILL, f"the run ended by itself ({proc.returncode}): {log.read()[-3000:]}"
 
 
-def records(run_dir: Path, exclude: tuple[str, ...] = ("tokens_per_s", "tokens_per_s_per_gpu", "mfu")) -> list[dict]:
-    """metrics.jsonl's lines, without the timing fields."""
-    return [{k: v for k, v in json.loads(line).items() if k not in exclude}
+TIMING = ("tokens_per_s", "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu", "hfu", "memory/")
+"""What metrics.jsonl measures of the machine rather than the run (a field, or a prefix ending in /)."""
+
+
+def records(run_dir: Path, exclude: tuple[str, ...] = TIMING) -> list[dict]:
+    """metrics.jsonl's lines, without the timing and memory fields."""
+    return [{k: v for k, v in json.loads(line).items()
+             if not any(k == e or (e.endswith("/") and k.startswith(e)) for e in exclude)}
             for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

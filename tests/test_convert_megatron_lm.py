@@ -226,7 +226,8 @@ def test_training_continues_from_a_megatron_import(megatron_tp1layernorm, conver
     assert convert_tool.main(["import", "--megatron-lm", str(megatron_tp1layernorm[0] / "torch"), "--tokenizer",
                               str(tiny_corpus.tokenizer), "--out", str(run), "--no-verify"]) == 0
     # as the README runs it: the model and tokenizer come from the import's config.yaml alone
-    overrides = [a for a in train_args(tmp_path / "continued", "--train.steps=2", f"--checkpoint.init_from={run}")
+    overrides = [a for a in train_args(tmp_path / "continued", "--train.steps=2", "--optim.warmup_steps=1",
+                                       f"--checkpoint.init_from={run}")
                  if not a.startswith(("--model.preset=", "--data.tokenizer="))]
     trainer = Trainer(load_config(run / "config.yaml", overrides))
     assert trainer.config.model.norm == "layernorm" and trainer.config.model.position_embedding == "learned"

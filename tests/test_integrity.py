@@ -220,7 +220,7 @@ def test_a_full_disk_at_the_next_launch_names_the_file(train_args, tmp_path, mon
     from megatron_code.train import main
 
     out = tmp_path / "run"
-    args = train_args(out, "--train.steps=2", "--checkpoint.interval=1", "--train.eval_interval=0")
+    args = train_args(out, "--train.steps=2", "--optim.warmup_steps=1", "--checkpoint.interval=1", "--train.eval_interval=0")
     main(args)
     shutil.rmtree(out / "checkpoints" / "step_0000002")  # resumes from step 1: metrics.jsonl is cut
 

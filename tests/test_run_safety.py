@@ -342,7 +342,7 @@ def _faults_on_one_rank(rank: int, world_size: int, runs: dict[str, list[str]]) 
 def faulty_runs(train_args, tmp_path_factory) -> tuple[dict, dict, Path]:
     root = tmp_path_factory.mktemp("faults")
     base = ("--train.micro_batch_size=2", "--train.eval_interval=0")
-    runs = {"pp2": train_args(root / "pp2", *base, "--train.steps=2", "--parallel.pipeline=2"),
+    runs = {"pp2": train_args(root / "pp2", *base, "--train.steps=2", "--optim.warmup_steps=1", "--parallel.pipeline=2"),
             "tp2": train_args(root / "tp2", *base, "--train.steps=4", "--parallel.tensor=2"),
             "zero2": train_args(root / "zero2", *base, "--train.steps=5", "--parallel.dp_shard=zero2"),
             "sigusr1": train_args(root / "sigusr1", *base, "--train.steps=5", "--parallel.dp_shard=zero2")}

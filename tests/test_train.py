@@ -151,6 +151,9 @@ def _readme_training_commands() -> list[list[str]]:
     root = Path(__file__).resolve().parent.parent
     blocks = re.findall(r"```bash\n(.*?)```", (root / "README.md").read_text(), re.S)
     text = "\n".join(line for block in blocks for line in block.splitlines() if not line.startswith("#"))
+    variables = dict(re.findall(r'^(\w+)="([^"]*)"$', text, re.M))  # the shell variables the commands use
+    for name, value in variables.items():
+        text = text.replace(f"${name}", value)
     commands = [shlex.split(command, comments=True) for command in text.replace("\\\n", " ").splitlines()]
     out = []
     for words in commands:
