@@ -9,7 +9,7 @@ from megatron_code.model import GPT
 from megatron_code.model.loss import sample_losses
 
 
-def train_losses(kernels: str, attention: str, arch: dict, steps: int = 20) -> list[float]:
+def train_losses(kernels: str, attention: str, arch: dict, steps: int = 12) -> list[float]:
     config = ModelConfig(**{**PRESETS["tiny"], "vocab_size": 96, "max_seq_len": 16, **arch})
     device = torch.device("cpu")
     ops = build_ops(kernels, device)
