@@ -147,7 +147,7 @@ def test_longer_runs_say_the_lr_is_replanned_and_wsd_extends_cleanly(tiny_corpus
 
 def _readme_training_commands() -> list[list[str]]:
     """The arguments of every README command that trains (`megatron_code.train`, directly, under
-    torchrun or through a launcher) from a config file of the checkout."""
+    torchrun or through a launcher) from a config file of the checkout (not one a run writes under runs/)."""
     root = Path(__file__).resolve().parent.parent
     blocks = re.findall(r"```bash\n(.*?)```", (root / "README.md").read_text(), re.S)
     text = "\n".join(line for block in blocks for line in block.splitlines() if not line.startswith("#"))
@@ -158,7 +158,7 @@ def _readme_training_commands() -> list[list[str]]:
     out = []
     for words in commands:
         start = next((i + 1 for i, w in enumerate(words) if w == "megatron_code.train" or w.endswith(".sh")), None)
-        if start is not None and "--config" in words and (root / words[words.index("--config") + 1]).is_file():
+        if start is not None and "--config" in words and not words[words.index("--config") + 1].startswith("runs/"):
             out.append(words[start:])
     return out
 
