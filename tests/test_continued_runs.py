@@ -103,3 +103,29 @@ def test_continue_from_needs_an_optimizer_state(start, train_args, tmp_path):
     with pytest.raises(ConfigError, match="give one"):
         load_config(None, train_args(tmp_path / "run", f"--checkpoint.continue_from={start}",
                                      f"--checkpoint.init_from={start}"))
+
+
+def test_a_schedule_edit_in_a_continued_run_is_an_event_between_its_steps_records(start, train_args, tmp_path):
+    """The data of a continued run count their steps from its start, the records from the first
+    run's: an edit saved before the continued run's 3rd batch (data step 2) is an event between
+    the records of steps 6 and 7 (4 + 2 done), and record 7 is the first with code only."""
+    from megatron_code.training.trainer import Trainer
+
+    schedule = tmp_path / "schedule.yaml"
+    schedule.write_text("- {start: 0, weights: {text: 1}}\n")
+    out = tmp_path / "continued"
+    trainer = Trainer(load_config(None, train_args(out, f"--checkpoint.continue_from={start}", *COOLDOWN[:-2],
+                                                   "--train.steps=4", f"--data.schedule_file={schedule}",
+                                                   "--train.eval_interval=0")))
+    next_step = trainer.data.next_step
+
+    def editing():
+        if trainer.data.cursor.step == 2:
+            schedule.write_text("- {start: 0, weights: {text: 1}}\n- {start: 2, weights: {code: 1}}\n")
+        return next_step()
+    trainer.data.next_step = editing
+    trainer.train()
+    lines = metrics(out)
+    assert [(line["step"], line.get("event")) for line in lines] == [
+        (5, None), (6, None), (6, "schedule"), (7, None), (8, None)]
+    assert [line["samples/code"] for line in lines if "event" not in line] == [0, 0, 8, 8]

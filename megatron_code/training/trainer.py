@@ -166,7 +166,8 @@ class Trainer:
         self.optimizer.set_lr(lr)
         data = self.data.next_step()
         for event in data.events:  # schedule changes, logged between the records of steps data.step and data.step + 1
-            self.metrics.event(event)
+            # the data count their steps from this run's start, the records from the first run's
+            self.metrics.event({**event, "step": event["step"] + self.train_state.first_step})
         totals = LossTotals(len(self.data.names), self.runtime.device)
         self.model.forward_backward(data.micro_batches, totals)
         # The step's one all-reduce over all ranks carries the stop votes with the loss totals, and
