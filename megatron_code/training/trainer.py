@@ -26,9 +26,9 @@ from megatron_code.training.checkpoint import (Checkpointer, CheckpointError, Tr
 from megatron_code.training.guard import NonFiniteError, StepGuard, StopRequests, Verdict, read_step
 from megatron_code.training.integrity import write_durably
 from megatron_code.training.loss import LossTotals
+from megatron_code.training.lr_schedule import check_lr_plan, lr_plan, lr_plan_notes
 from megatron_code.training.metrics import (MetricsLogger, flops_per_token, format_peak_memory, hardware_flops_per_token,
                                              peak_flops, peak_memory)
-from megatron_code.training.lr_schedule import check_lr_plan, lr_plan, lr_plan_notes
 from megatron_code.training.optim import Optimizers
 from megatron_code.training.precision import pick_precision
 
